@@ -1,0 +1,48 @@
+"""R1-AQA's prompt templates (SPEC 1), the chat message, and SFT targets.
+
+The choices are rendered with Python's str(list) -- "['a', 'b']" -- exactly as R1-AQA's
+f-string does, quotes and all; the model was trained and evaluated on that rendering.
+"""
+
+_BASE = "{question} Please choose the answer from the following options: {choices}."
+_SUFFIX = {
+    1: "",
+    2: " Output the final answer in <answer> </answer>.",
+    3: " Output the thinking process in <think> </think> and final answer in <answer> </answer>.",
+}
+
+# what the audio part of the user message carries; the chat template only checks the type
+AUDIO_PLACEHOLDER = "<audio>"
+
+
+def template_id(template):
+    """1/2/3 or "1"/"2"/"3" -> int; anything else is a ValueError."""
+    if isinstance(template, bool) or str(template) not in ("1", "2", "3"):
+        raise ValueError(f"prompt template must be 1, 2 or 3, got {template!r}")
+    return int(template)
+
+
+def format_prompt(question, choices, template):
+    t = template_id(template)
+    return _BASE.format(question=question, choices=str(list(choices))) + _SUFFIX[t]
+
+
+def build_messages(text, audio_url=AUDIO_PLACEHOLDER):
+    """One user turn: the audio, then the text. The Qwen2-Audio chat template renders the audio
+    part as "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\\n" and adds the default system line."""
+    return [{"role": "user", "content": [
+        {"type": "audio", "audio_url": audio_url},
+        {"type": "text", "text": text},
+    ]}]
+
+
+def answer_target(answer, template):
+    """SFT target for a prompt template: <1> the bare answer (R1-AQA's SFT baselines),
+    <2> "<answer>a</answer>" (R1-AQA's `solution` field), <3> an empty think block then the
+    answer, so the target also earns the <3> format reward."""
+    t = template_id(template)
+    if t == 1:
+        return answer
+    if t == 2:
+        return f"<answer>{answer}</answer>"
+    return f"<think></think><answer>{answer}</answer>"

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+
+from data.collate import IGNORE_INDEX, collate_prompts, collate_sft
+from data.datasets import Sample
+from data.prompts import format_prompt
+from data.synthetic import synthetic_corpus
+
+SR = 16000
+WINDOW_S = 3  # the tiny processor's audio window
+
+pytestmark = pytest.mark.slow  # builds a tiny checkpoint (a few seconds on 2 cores)
+
+
+def _fallback_processor():
+    """A throwaway Qwen2-Audio processor (byte-level tokenizer) if models.tiny is unavailable."""
+    from transformers import Qwen2AudioProcessor, Qwen2Tokenizer, WhisperFeatureExtractor
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tok.add_special_tokens({"additional_special_tokens":
+                            ["<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]})
+    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=SR, hop_length=160, chunk_length=WINDOW_S, n_fft=400)
+    return Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    try:
+        from models.loading import load_processor
+        from models.tiny import build_tiny_checkpoint
+    except ImportError:
+        return _fallback_processor()
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0, corpus=synthetic_corpus(),
+                                 audio_seconds=WINDOW_S)
+    return load_processor(path)
+
+
+def _samples(n):
+    qs = ["Is the tone high or low?", "How many beeps are there?", "Which tone is louder, the first or the second?"]
+    cs = [["high", "low"], ["three", "one", "five"], ["second", "first"]]
+    return [Sample(id=str(i), audio_path=f"/x/{i}.wav", question=qs[i % 3], choices=cs[i % 3],
+                   answer=cs[i % 3][0], task=None, meta={}) for i in range(n)]
+
+
+def _expected_audio_tokens(n_samples):
+    frames = min(n_samples, WINDOW_S * SR) // 160  # mel frames of real audio (100 per second)
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1  # encoder conv stride 2, then pooling stride 2
+
+
+def test_collate_prompts_left_pads_and_expands_audio(processor):
+    processor.tokenizer.padding_side = "right"  # collate must force left padding anyway
+    seconds = [0.5, 2.9, 1.0, 2.0]  # the longest clip need not have the longest question
+    waves = [np.random.default_rng(i).standard_normal(int(s * SR)).astype(np.float32) * 0.1
+             for i, s in enumerate(seconds)]
+    samples = _samples(4)
+    b = collate_prompts(samples, waves, processor, template=2)
+    assert set(b) == {"input_ids", "attention_mask", "input_features", "feature_attention_mask"}
+    B, P = b["input_ids"].shape
+    assert B == 4 and b["attention_mask"].shape == (4, P)
+    assert b["input_features"].shape == (4, 128, WINDOW_S * 100)
+    assert b["feature_attention_mask"].shape == (4, WINDOW_S * 100)
+    assert b["feature_attention_mask"].sum(1).tolist() == [int(s * 100) for s in seconds]
+
+    tok = processor.tokenizer
+    audio_id = tok.convert_tokens_to_ids("<|AUDIO|>")
+    n_audio = (b["input_ids"] == audio_id).sum(1).tolist()
+    assert n_audio == [_expected_audio_tokens(len(w)) for w in waves] == [12, 72, 25, 50]
+    lengths = b["attention_mask"].sum(1)
+    assert lengths.max() == P and lengths.min() < P
+    for i in range(B):
+        L = int(lengths[i])
+        # left padding: zeros then ones, pad ids on the left, the real tokens flush right
+        assert b["attention_mask"][i].tolist() == [0] * (P - L) + [1] * L
+        assert (b["input_ids"][i, :P - L] == tok.pad_token_id).all()
+        text = tok.decode(b["input_ids"][i, P - L:])
+        assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                               "Audio 1: <|audio_bos|><|AUDIO|>")
+        assert text.endswith("<|audio_eos|>\n" + format_prompt(samples[i].question, samples[i].choices, 2)
+                             + "<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError):
+        collate_prompts(samples, waves[:3], processor, template=2)
+
+
+def test_collate_sft_labels_only_the_target(processor):
+    samples = _samples(3)
+    waves = [np.zeros(int(s * SR), np.float32) for s in (1.0, 0.5, 2.0)]
+    b = collate_sft(samples, waves, processor, template=2)
+    prompts = collate_prompts(samples, waves, processor, template=2)
+    tok = processor.tokenizer
+    assert b["labels"].shape == b["input_ids"].shape == b["attention_mask"].shape
+    torch.testing.assert_close(b["input_features"], prompts["input_features"])
+    for i, s in enumerate(samples):
+        L = int(b["attention_mask"][i].sum())
+        assert b["attention_mask"][i, :L].all() and not b["attention_mask"][i, L:].any()  # right padded
+        prompt = prompts["input_ids"][i][prompts["attention_mask"][i].bool()]
+        assert torch.equal(b["input_ids"][i, :len(prompt)], prompt)
+        assert (b["labels"][i, :len(prompt)] == IGNORE_INDEX).all() and (b["labels"][i, L:] == IGNORE_INDEX).all()
+        target = b["labels"][i, len(prompt):L]
+        assert torch.equal(target, b["input_ids"][i, len(prompt):L])
+        assert tok.decode(target) == f"<answer>{s.answer}</answer><|im_end|>"
+    b1 = collate_sft(samples, waves, processor, template=1, targets=["x", "y", "z"])
+    assert [tok.decode(r[r != IGNORE_INDEX]) for r in b1["labels"]] == ["x<|im_end|>", "y<|im_end|>", "z<|im_end|>"]
+    with pytest.raises(ValueError, match="answer=None"):
+        collate_sft([Sample("a", "/a.wav", "q", ["x", "y"], None, None, {})], waves[:1], processor, template=2)

@@ -1,0 +1,214 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.policy import (completion_logprobs, generate, prompt_embeddings, set_trainable, suppressed_token_ids)
+
+SR = 16000
+G = 3
+
+
+def tone(seconds, freq):
+    t = np.arange(int(seconds * SR)) / SR
+    return (0.3 * np.sin(2 * np.pi * freq * t) * np.exp(-t)).astype(np.float32)
+
+
+@pytest.fixture
+def batch(tiny_processor):
+    """2 clips of different lengths, prompts of different lengths, left padded."""
+    texts = ["What is it?", "Which tone is louder, the first or the second one? Answer in <answer> </answer>."]
+    prompts = [tiny_processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "audio", "audio_url": "x"}, {"type": "text", "text": t}]}],
+        add_generation_prompt=True, tokenize=False) for t in texts]
+    inputs = tiny_processor(text=prompts, audio=[tone(1.0, 440), tone(2.3, 880)], return_tensors="pt", padding=True,
+                              sampling_rate=SR)
+    assert inputs["attention_mask"][0, 0] == 0  # the first prompt really is left padded
+    return dict(inputs)
+
+
+def ids_of(processor, *tokens):
+    return [processor.tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
+def completions(processor, n_rows, T=7, seed=0):
+    """[n_rows, T] ordinary tokens, each row ending (<|im_end|>, then pads) at a different length."""
+    im_end, pad = ids_of(processor, "<|im_end|>", "<|endoftext|>")
+    ids = torch.randint(0, 300, (n_rows, T), generator=torch.Generator().manual_seed(seed))
+    for row in range(n_rows):
+        end = 2 + row % (T - 2)
+        ids[row, end], ids[row, end + 1:] = im_end, pad
+    return ids
+
+
+def reference_logprobs(model, batch, completion_ids, temperature):
+    """The plain HF forward on G-times repeated inputs (features included), gathered at completion positions."""
+    P, T = batch["input_ids"].shape[1], completion_ids.shape[1]
+    rep = {k: v.repeat_interleave(G, dim=0) for k, v in batch.items()}
+    input_ids = torch.cat([rep["input_ids"], completion_ids], dim=1)
+    mask = torch.cat([rep["attention_mask"], torch.ones_like(completion_ids)], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=mask, input_features=rep["input_features"],
+                   feature_attention_mask=rep["feature_attention_mask"]).logits[:, P - 1:P + T - 1]
+    return F.log_softmax(logits / temperature, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+
+
+def policy_logprobs(model, batch, completion_ids, temperature, **kw):
+    embeds = prompt_embeddings(model, batch["input_ids"], batch["attention_mask"], batch["input_features"],
+                               batch["feature_attention_mask"])
+    return completion_logprobs(model, embeds.repeat_interleave(G, 0), batch["attention_mask"].repeat_interleave(G, 0),
+                               completion_ids, temperature=temperature, **kw)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_and_grads_match_plain_forward(tiny_model, tiny_processor, batch, temperature):
+    model = tiny_model
+    completion_ids = completions(tiny_processor, 2 * G)
+    weights = torch.randn(completion_ids.shape, generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    ref = reference_logprobs(model, batch, completion_ids, temperature)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), params)
+    ours = policy_logprobs(model, batch, completion_ids, temperature, chunk_size=5)
+    grads = torch.autograd.grad((ours * weights).sum(), params)
+
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for p, g, r in zip(params, grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in grads[:5])  # the audio encoder gets gradient
+
+
+def test_encoder_runs_once_per_clip(tiny_model, batch):
+    clips = []
+    tiny_model.model.audio_tower.register_forward_hook(lambda m, args, out: clips.append(args[0].shape[0]))
+    prompt_embeddings(tiny_model, **batch)
+    assert clips == [2]  # B clips, not B * G
+
+
+def test_audio_token_mismatch_is_a_clear_error(tiny_model, batch):
+    ids = batch["input_ids"].clone()
+    ids[0, -1] = tiny_model.config.audio_token_id  # one <|AUDIO|> too many
+    with pytest.raises(ValueError, match="AUDIO"):
+        prompt_embeddings(tiny_model, ids, batch["attention_mask"], batch["input_features"],
+                          batch["feature_attention_mask"])
+
+
+def test_chunking_gives_identical_results_and_bounded_memory(tiny_model, tiny_processor, batch):
+    completion_ids = completions(tiny_processor, 2 * G)
+    N, T = completion_ids.shape
+    V = tiny_model.config.text_config.vocab_size
+    big, big_entropy = policy_logprobs(tiny_model, batch, completion_ids, 1.0, chunk_size=4096, with_entropy=True)
+
+    # nothing vocabulary-wide with more than chunk_size rows is kept for backward
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t.shape), t)[1], lambda t: t):
+        small, small_entropy = policy_logprobs(tiny_model, batch, completion_ids, 1.0, chunk_size=4,
+                                               with_entropy=True)
+        small.sum().backward()
+    assert max((s.numel() for s in saved if s[-1] == V and s.numel() > V), default=0) <= 4 * V < N * T * V
+
+    torch.testing.assert_close(small, big, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(small_entropy, big_entropy, atol=1e-6, rtol=1e-6)
+    assert (big_entropy > 0).all() and (big_entropy <= np.log(V) + 1e-4).all()
+
+
+def test_set_trainable(tiny_model):
+    total = sum(p.numel() for p in tiny_model.parameters())
+    frozen_positions = tiny_model.model.audio_tower.embed_positions.weight.numel()
+    assert set_trainable(tiny_model) == total - frozen_positions
+    n = set_trainable(tiny_model, audio_encoder=False, projector=False)
+    assert not any(p.requires_grad for p in tiny_model.model.audio_tower.parameters())
+    assert n == sum(p.numel() for p in tiny_model.model.language_model.parameters()) + tiny_model.lm_head.weight.numel()
+    assert set_trainable(tiny_model, audio_encoder=False, projector=False, decoder=False) == 0
+
+
+def test_suppressed_token_ids(tiny_processor):
+    expected = ids_of(tiny_processor, "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|im_start|>")
+    assert suppressed_token_ids(tiny_processor.tokenizer) == sorted(expected)
+    assert suppressed_token_ids(tiny_processor, vocab_size=len(tiny_processor.tokenizer) + 2)[-2:] == \
+        [len(tiny_processor.tokenizer), len(tiny_processor.tokenizer) + 1]
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+def gen_inputs(model, batch):
+    with torch.no_grad():
+        embeds = prompt_embeddings(model, **batch)
+    return embeds.repeat_interleave(G, 0), batch["attention_mask"].repeat_interleave(G, 0)
+
+
+def gen_kwargs(processor, **kw):
+    im_end, pad = ids_of(processor, "<|im_end|>", "<|endoftext|>")
+    return {**dict(max_new_tokens=6, end_token_ids=[im_end, pad], pad_token_id=pad,
+                   suppress_token_ids=suppressed_token_ids(processor)), **kw}
+
+
+def bias_logits(model, token_ids, rows=None, amount=1e4):
+    """Make `token_ids` the argmax of the lm_head output (for `rows`, default all)."""
+    def hook(module, args, out):
+        out = out.clone()
+        index = (slice(None) if rows is None else rows, ..., token_ids)
+        out[index] += amount
+        return out
+    return model.lm_head.register_forward_hook(hook)
+
+
+def test_suppressed_tokens_are_never_produced(tiny_model, tiny_processor, batch):
+    embeds, mask = gen_inputs(tiny_model, batch)
+    audio, im_start = ids_of(tiny_processor, "<|AUDIO|>", "<|im_start|>")
+    bias_logits(tiny_model, [audio, im_start])
+    kw = gen_kwargs(tiny_processor)
+    unguarded = generate(tiny_model, embeds, mask, **{**kw, "suppress_token_ids": []}, greedy=True)
+    assert torch.isin(unguarded[:, 0], torch.tensor([audio, im_start])).all()  # the bias works
+    suppressed = torch.tensor(kw["suppress_token_ids"])
+    for greedy, top_k, top_p in ((True, 0, 1.0), (False, 0, 1.0), (False, 50, 0.9)):
+        out = generate(tiny_model, embeds, mask, **kw, greedy=greedy, top_k=top_k, top_p=top_p,
+                       temperature=1.5, generator=torch.Generator().manual_seed(0))
+        assert not torch.isin(out, suppressed).any()
+
+
+def test_padded_after_first_end_and_early_stop(tiny_model, tiny_processor, batch):
+    embeds, mask = gen_inputs(tiny_model, batch)
+    kw = gen_kwargs(tiny_processor)
+    im_end, pad = kw["end_token_ids"]
+    handle = bias_logits(tiny_model, [im_end], rows=[0, 3])
+    out = generate(tiny_model, embeds, mask, **kw, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2 * G, 6)
+    assert out[0].tolist() == [im_end] + [pad] * 5 and out[3].tolist() == [im_end] + [pad] * 5
+    handle.remove()
+    bias_logits(tiny_model, [im_end])  # every row ends at once: one step only
+    assert generate(tiny_model, embeds, mask, **kw).tolist() == [[im_end]] * (2 * G)
+
+
+def test_sampling_is_reproducible_and_ends_are_padded(tiny_model, tiny_processor, batch):
+    embeds, mask = gen_inputs(tiny_model, batch)
+    kw = gen_kwargs(tiny_processor, max_new_tokens=12, temperature=1.0, top_k=50)
+    a = generate(tiny_model, embeds, mask, **kw, generator=torch.Generator().manual_seed(7))
+    b = generate(tiny_model, embeds, mask, **kw, generator=torch.Generator().manual_seed(7))
+    c = generate(tiny_model, embeds, mask, **kw, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    for row in a.tolist():  # pads only (and always) after the first end token
+        ended = [i for i, t in enumerate(row) if t in kw["end_token_ids"]]
+        if ended:
+            assert all(t == kw["pad_token_id"] for t in row[ended[0] + 1:])
+
+
+def test_greedy_matches_hf_generate(tiny_model, tiny_processor, batch):
+    embeds, mask = gen_inputs(tiny_model, batch)
+    kw = gen_kwargs(tiny_processor, max_new_tokens=5)
+    ours = generate(tiny_model, embeds[::G], mask[::G], **kw, greedy=True)
+    hf = tiny_model.generate(**batch, max_new_tokens=5, do_sample=False, eos_token_id=kw["end_token_ids"],
+                             pad_token_id=kw["pad_token_id"], suppress_tokens=kw["suppress_token_ids"])
+    hf = hf[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(ours, hf[:, :ours.shape[1]])
+
+
+def test_kv_cache_logprobs_match_completion_logprobs(tiny_model, tiny_processor, batch):
+    embeds, mask = gen_inputs(tiny_model, batch)
+    kw = gen_kwargs(tiny_processor, max_new_tokens=10, temperature=0.7, top_k=50)
+    ids, logp = generate(tiny_model, embeds, mask, **kw, generator=torch.Generator().manual_seed(3),
+                         return_logprobs=True)
+    with torch.no_grad():
+        full = completion_logprobs(tiny_model, embeds, mask, ids, temperature=0.7)
+    ended = torch.isin(ids, torch.tensor(kw["end_token_ids"])).long()
+    live = (ended.cumsum(1) - ended) == 0  # tokens up to and including the first end token
+    torch.testing.assert_close(logp[live], full[live], atol=1e-5, rtol=1e-5)

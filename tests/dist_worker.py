@@ -1,0 +1,399 @@
+"""Two-process checks of models/distributed.py, run by tests/test_distributed.py under torchrun.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py \
+        --checkpoint TINY_CHECKPOINT_DIR --out OUT_DIR [--scenarios grads,reference,...]
+
+Every process runs on the CPU with gloo. Each rank builds the unsharded model too and computes
+the single-process answer itself (the whole batch), so no second launch is needed. Each scenario
+writes ``OUT_DIR/<scenario>.json`` from rank 0: ``{"ok": true, ...numbers}`` or
+``{"ok": false, "error": traceback}``; the test reads those files. A scenario that hangs leaves
+no file, and the test's timeout names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import policy  # noqa: E402
+from models.distributed import (  # noqa: E402
+    export_checkpoint,
+    gathered_params,
+    init_distributed,
+    set_gradient_sync,
+    shard_model,
+)
+from models.loading import end_token_ids, load_generation_config, load_model, load_processor  # noqa: E402
+
+PROMPTS_PER_RANK = 2
+GROUP = 2  # completions per prompt
+COMPLETION_LEN = 6
+QUESTIONS = [
+    "What is the main sound source in the audio?",
+    "Which animal makes the sound?",
+    "How many times does the sound repeat? Please choose the answer from the following options.",
+    "Is the pitch rising?",
+]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def make_batch(processor, n_prompts: int, seed: int = 0) -> dict:
+    """A left-padded batch of prompts with clips of different lengths (so the audio token
+    counts and the prompt lengths differ)."""
+    rng = np.random.default_rng(seed)
+    texts, waves = [], []
+    for i in range(n_prompts):
+        messages = [{"role": "user", "content": [
+            {"type": "audio", "audio_url": f"clip{i}.wav"},
+            {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
+        ]}]
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        waves.append(rng.standard_normal(16000 * (1 + i % 3)).astype(np.float32) * 0.1)
+    out = processor(text=texts, audio=waves, sampling_rate=16000, return_tensors="pt", padding=True)
+    return {k: out[k] for k in ("input_ids", "attention_mask", "input_features", "feature_attention_mask")}
+
+
+def make_completions(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random completion ids [n, T] (plain BPE ids of the tiny tokenizer, no special token)
+    and a mask that ends each row after a different number of tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 200, (n, COMPLETION_LEN), generator=g)
+    lengths = 1 + torch.arange(n) % COMPLETION_LEN
+    mask = (torch.arange(COMPLETION_LEN)[None, :] < lengths[:, None]).float()
+    return ids, mask
+
+
+def select(batch: dict, lo: int, hi: int) -> dict:
+    return {k: v[lo:hi] for k, v in batch.items()}
+
+
+def token_mean_loss(model, batch, ids, mask, advantages, total_tokens) -> torch.Tensor:
+    """A GRPO-like loss through the policy functions: sum over this part's completion tokens of
+    -A * log pi, divided by the number of completion tokens of the *whole* batch."""
+    embeds = policy.prompt_embeddings(model, **batch).repeat_interleave(GROUP, dim=0)
+    pmask = batch["attention_mask"].repeat_interleave(GROUP, dim=0)
+    logp = policy.completion_logprobs(model, embeds, pmask, ids)
+    return -(logp * advantages[:, None] * mask).sum() / total_tokens
+
+
+def full_grads(model) -> dict[str, torch.Tensor]:
+    """Parameter name -> the full gradient (DTensor shards gathered; a collective)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        out[name.replace("_checkpoint_wrapped_module.", "")] = g.detach().clone()
+    return out
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if isinstance(p, DTensor) else p
+        out[name.replace("_checkpoint_wrapped_module.", "")] = t.detach().clone()
+    return out
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    """max |a - b| / (max |b| + 1e-12) per tensor, then the max over tensors."""
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    return max(float((a[k] - b[k]).abs().max() / (b[k].abs().max() + 1e-12)) for k in a)
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+class CollectiveCounter:
+    """Counts calls of one torch.distributed collective (FSDP2 looks them up on the module
+    at each call: ``all_gather_into_tensor`` to unshard, ``reduce_scatter_tensor`` for grads)."""
+
+    def __init__(self, name: str):
+        self.name, self.count = name, 0
+        self._original = getattr(dist, name)
+
+    def __enter__(self):
+        def counting(*args, **kwargs):
+            self.count += 1
+            return self._original(*args, **kwargs)
+
+        setattr(dist, self.name, counting)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(dist, self.name, self._original)
+
+
+class Env:
+    """What every scenario needs: the checkpoint, the processor, the whole batch."""
+
+    def __init__(self, checkpoint: str, out: Path):
+        self.checkpoint, self.out = checkpoint, out
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.processor = load_processor(checkpoint)
+        self.generation_config = load_generation_config(checkpoint)
+        n = PROMPTS_PER_RANK * self.world
+        self.batch = make_batch(self.processor, n)
+        self.ids, self.mask = make_completions(n * GROUP)
+        self.adv = torch.linspace(-1.0, 1.0, n * GROUP)
+        self.total_tokens = self.mask.sum()
+        # this rank's share: its prompts and their G completions each
+        lo, hi = self.rank * PROMPTS_PER_RANK, (self.rank + 1) * PROMPTS_PER_RANK
+        self.local_batch = select(self.batch, lo, hi)
+        c = slice(lo * GROUP, hi * GROUP)
+        self.local_ids, self.local_mask, self.local_adv = self.ids[c], self.mask[c], self.adv[c]
+
+    def load(self):
+        model = load_model(self.checkpoint, dtype=torch.float32, device="cpu")
+        policy.set_trainable(model)  # as the trainer does: the encoder's position table is frozen
+        return model
+
+    def reference_grads(self) -> dict:
+        """The single-process gradient of the whole batch's loss."""
+        model = self.load()
+        token_mean_loss(model, self.batch, self.ids, self.mask, self.adv, self.total_tokens).backward()
+        return full_grads(model)
+
+
+def scenario_grads(env: Env) -> dict:
+    """(a) Sharded forward + backward on half the batch per rank == the whole-batch gradient,
+    for mean and sum reduction, with activation checkpointing, with gradient accumulation."""
+    expected = env.reference_grads()
+    results = {}
+    variants = {
+        "mean": dict(grad_reduce="mean"),
+        "sum": dict(grad_reduce="sum"),
+        "checkpointing": dict(grad_reduce="mean", activation_checkpointing=True),
+        "no_reshard": dict(grad_reduce="mean", reshard_after_forward=False),
+        "accumulation": dict(grad_reduce="mean"),
+    }
+    for name, kwargs in variants.items():
+        model = shard_model(env.load(), **kwargs)
+        scale = env.world if kwargs["grad_reduce"] == "mean" else 1.0
+        if name == "accumulation":
+            # one prompt per micro-batch; reduce-scatter only after the last one
+            reduce_scatters = []
+            for i in range(PROMPTS_PER_RANK):
+                set_gradient_sync(model, i == PROMPTS_PER_RANK - 1)
+                c = slice(i * GROUP, (i + 1) * GROUP)
+                with CollectiveCounter("reduce_scatter_tensor") as counter:
+                    loss = token_mean_loss(model, select(env.local_batch, i, i + 1), env.local_ids[c],
+                                           env.local_mask[c], env.local_adv[c], env.total_tokens)
+                    (loss * scale).backward()
+                reduce_scatters.append(counter.count)
+            results["accumulation_reduce_scatters"] = reduce_scatters
+        else:
+            loss = token_mean_loss(model, env.local_batch, env.local_ids, env.local_mask, env.local_adv,
+                                   env.total_tokens)
+            (loss * scale).backward()
+        got = full_grads(model)
+        results[name] = {"max_abs": max_diff(got, expected), "max_rel": max_rel_diff(got, expected)}
+    results["n_params_with_grad"] = len(expected)
+    return results
+
+
+def scenario_reference(env: Env) -> dict:
+    """(d) A frozen reference sharded the same way: same log-probs as the policy at init, no grads."""
+    policy_model = shard_model(env.load())
+    reference = shard_model(env.load(), frozen=True)
+    embeds = policy.prompt_embeddings(policy_model, **env.local_batch).repeat_interleave(GROUP, dim=0)
+    pmask = env.local_batch["attention_mask"].repeat_interleave(GROUP, dim=0)
+    logp = policy.completion_logprobs(policy_model, embeds, pmask, env.local_ids)
+    with torch.no_grad():
+        ref_embeds = policy.prompt_embeddings(reference, **env.local_batch).repeat_interleave(GROUP, dim=0)
+        ref_logp = policy.completion_logprobs(reference, ref_embeds, pmask, env.local_ids)
+    (-(logp * env.local_mask).sum()).backward()
+    return {
+        "logp_max_abs": float((logp.detach() - ref_logp).abs().max()),
+        "ref_requires_grad": any(p.requires_grad for p in reference.parameters()),
+        "ref_has_grad": any(p.grad is not None for p in reference.parameters()),
+        "ref_training": any(m.training for m in reference.modules()),
+        "policy_has_grad": all(p.grad is not None for p in policy_model.parameters() if p.requires_grad),
+    }
+
+
+def _train_steps(model, env: Env, local: bool, steps: int = 2) -> list[float]:
+    """AdamW steps with clipping; returns the pre-clip gradient norms."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-6)
+    norms = []
+    for _ in range(steps):
+        if local:
+            loss = token_mean_loss(model, env.local_batch, env.local_ids, env.local_mask, env.local_adv,
+                                   env.total_tokens) * env.world
+        else:
+            loss = token_mean_loss(model, env.batch, env.ids, env.mask, env.adv, env.total_tokens)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        norms.append(float(norm.full_tensor() if isinstance(norm, DTensor) else norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return norms
+
+
+def scenario_optimizer(env: Env) -> dict:
+    """(e) Two clipped AdamW steps on the sharded model == two on the single-process model;
+    the same with CPU offload of the sharded parameters."""
+    single = env.load()
+    single_norms = _train_steps(single, env, local=False)
+    expected = full_params(single)
+    results = {"single_norms": single_norms}
+    for name, kwargs in {"sharded": {}, "cpu_offload": {"cpu_offload": True}}.items():
+        model = shard_model(env.load(), **kwargs)
+        norms = _train_steps(model, env, local=True)
+        results[name] = {
+            "norms": norms,
+            "param_max_abs": max_diff(full_params(model), expected),
+        }
+    return results
+
+
+def scenario_export(env: Env) -> dict:
+    """(c) Export from the 2-rank sharded model; from_pretrained + AutoProcessor read back the
+    same parameters and a processor that renders and tokenizes the same."""
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    model = env.load()
+    # move the weights away from the checkpoint's, identically on every rank
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    expected = full_params(model)
+    model = shard_model(model, activation_checkpointing=True)  # the wrapper prefix must not leak
+    out_dir = env.out / "export"
+    export_checkpoint(model, env.processor, env.generation_config, out_dir)
+    # the sharded model still trains after the export (it did not disturb the FSDP state)
+    token_mean_loss(model, env.local_batch, env.local_ids, env.local_mask, env.local_adv,
+                    env.total_tokens).backward()
+    if env.rank != 0:
+        return {}
+
+    reloaded = Qwen2AudioForConditionalGeneration.from_pretrained(out_dir, local_files_only=True)
+    got = {n: p.detach() for n, p in reloaded.named_parameters()}
+    processor = AutoProcessor.from_pretrained(out_dir, local_files_only=True)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio_url": "a.wav"},
+                                              {"type": "text", "text": QUESTIONS[0]}]}]
+    text_a = env.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text_b = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    wave = np.random.default_rng(0).standard_normal(24000).astype(np.float32) * 0.1
+    inputs_a = env.processor(text=[text_a], audio=[wave], sampling_rate=16000, return_tensors="pt")
+    inputs_b = processor(text=[text_b], audio=[wave], sampling_rate=16000, return_tensors="pt")
+    leftovers = [p.name for p in out_dir.parent.iterdir() if p.name.startswith(".")]
+    return {
+        "param_max_abs": max_diff(got, expected),
+        "dtype": str(next(reloaded.parameters()).dtype),
+        "same_text": text_a == text_b,
+        "same_inputs": sorted(inputs_a) == sorted(inputs_b)
+        and all(torch.equal(inputs_a[k], inputs_b[k]) for k in inputs_a),
+        "processor_class": type(processor).__name__,
+        "leftover_tmp_dirs": leftovers,
+    }
+
+
+def scenario_generation(env: Env) -> dict:
+    """(b) Generation under sharding with completions of different lengths on the two ranks:
+    rank 0 runs to max_new_tokens, rank 1 ends after its first token. Inside gathered_params
+    no rank waits for another and no all-gather happens per token; with sync_ranks=True and
+    per-layer all-gathers (outside gathered_params) the ranks stay in lockstep."""
+    model = shard_model(env.load())
+    model.eval()
+    tokenizer = env.processor.tokenizer
+    suppress = policy.suppressed_token_ids(tokenizer)
+    pad = env.generation_config.pad_token_id
+    max_new = 8
+    results = {}
+    with torch.no_grad():
+        embeds = policy.prompt_embeddings(model, **env.local_batch)
+        pmask = env.local_batch["attention_mask"]
+
+        def run(end_ids, sync):
+            return policy.generate(model, embeds, pmask, max_new_tokens=max_new, end_token_ids=end_ids,
+                                   pad_token_id=pad, suppress_token_ids=suppress, greedy=True, sync_ranks=sync)
+
+        with gathered_params(model):
+            # the greedy first tokens, to make rank 1 end on them at step 1
+            first = run(end_token_ids(env.generation_config), False)[:, 0].tolist()
+            # rank 0 ends only on <|AUDIO|>, which is never sampled: it reaches max_new_tokens
+            audio_id = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+            end_ids = [audio_id] if env.rank == 0 else sorted(set(first))
+            with CollectiveCounter("all_gather_into_tensor") as counter:
+                ids = run(end_ids, False)
+            results["inside"] = {"width": ids.shape[1], "all_gathers": counter.count}
+
+        with CollectiveCounter("all_gather_into_tensor") as counter:
+            ids = run(end_ids, True)
+        results["sync_ranks"] = {"width": ids.shape[1], "all_gathers": counter.count,
+                                 "padded_after_first": bool((ids[:, 1:] == pad).all())}
+
+    # FSDP is back to normal: a training forward + backward still gives the right gradient
+    model.train()
+    loss = token_mean_loss(model, env.local_batch, env.local_ids, env.local_mask, env.local_adv,
+                           env.total_tokens)
+    (loss * env.world).backward()
+    results["grads_after_max_abs"] = max_diff(full_grads(model), env.reference_grads())
+
+    # gather every rank's numbers onto rank 0
+    gathered = [None] * env.world
+    dist.all_gather_object(gathered, results)
+    return {"ranks": gathered}
+
+
+SCENARIOS = {
+    "grads": scenario_grads,
+    "reference": scenario_reference,
+    "optimizer": scenario_optimizer,
+    "export": scenario_export,
+    "generation": scenario_generation,  # last: the one that could hang
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # two processes share two cores with other work
+
+    start = time.perf_counter()
+    info = init_distributed(device="cpu")
+    out = Path(args.out)
+    env = Env(args.checkpoint, out)
+    if info.rank == 0:
+        (out / "setup.json").write_text(json.dumps({"seconds": round(time.perf_counter() - start, 2)}))
+    for name in args.scenarios.split(","):
+        start = time.perf_counter()
+        try:
+            torch.manual_seed(0)
+            result = {"ok": True, **SCENARIOS[name](env)}
+        except Exception:  # report, and let the other scenarios run
+            result = {"ok": False, "error": traceback.format_exc()}
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        # every rank's failure matters: rank 0 writes the file, the others their own error file
+        if info.rank == 0:
+            (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        elif not result["ok"]:
+            (out / f"{name}.rank{info.rank}.json").write_text(json.dumps(result, indent=2))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""models/distributed.py: FSDP2 sharding, rollout gathering and export, on CPU with gloo.
+
+The two-process checks run once, under torchrun, in tests/dist_worker.py (one launch for all
+scenarios: importing torch and transformers twice costs most of the time); each test below
+reads its scenario's result. The single-process checks run here, in a one-process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from models import distributed as D
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "dist_worker.py"
+LAUNCH_TIMEOUT_S = 300  # the whole two-process run takes about 20 s on two cores
+GRAD_ATOL = 1e-5
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_checkpoint, tmp_path_factory):
+    """Run every scenario of tests/dist_worker.py on 2 CPU processes; return (out_dir, log)."""
+    out = tmp_path_factory.mktemp("dist")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU, even on a GPU machine
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]
+    # a new session, so that a hang can be killed with all of torchrun's children
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+        status = f"exit code {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        log, _ = proc.communicate()
+        status = f"killed after {LAUNCH_TIMEOUT_S} s (a hang?)"
+    return out, f"{status}\n{log[-4000:]}"
+
+
+def result(two_ranks, name: str) -> dict:
+    """The scenario's result from rank 0; fails with the worker's traceback or log."""
+    out, log = two_ranks
+    for path in sorted(out.glob(f"{name}.rank*.json")):
+        pytest.fail(f"{name} failed on another rank:\n{json.loads(path.read_text())['error']}")
+    path = out / f"{name}.json"
+    if not path.exists():
+        pytest.fail(f"scenario {name!r} wrote no result ({log})")
+    data = json.loads(path.read_text())
+    if not data["ok"]:
+        pytest.fail(f"scenario {name!r} failed:\n{data['error']}")
+    return data
+
+
+@pytest.mark.slow
+def test_sharded_gradient_equals_single_process(two_ranks):
+    """(a) Each rank gets half of the batch; the FSDP-reduced full gradient equals the
+    single-process whole-batch gradient, for mean (loss x world size) and sum reduction,
+    with activation checkpointing, without resharding, and with gradient accumulation where
+    only the last micro-batch reduce-scatters."""
+    r = result(two_ranks, "grads")
+    assert r["n_params_with_grad"] > 50
+    first, last = r["accumulation_reduce_scatters"]
+    assert first == 0 and last > 0  # set_gradient_sync(False) skipped the reduce-scatter
+    for variant in ("mean", "sum", "checkpointing", "no_reshard", "accumulation"):
+        assert r[variant]["max_abs"] < GRAD_ATOL, (variant, r[variant])
+        assert r[variant]["max_rel"] < 1e-4, (variant, r[variant])
+
+
+@pytest.mark.slow
+def test_generation_with_different_lengths_does_not_hang(two_ranks):
+    """(b) Rank 0 decodes to max_new_tokens while rank 1 stops after one token: inside
+    gathered_params this needs no lockstep and no all-gather per token; outside it, with
+    sync_ranks, the ranks stay in lockstep. Training is unaffected afterwards."""
+    ranks = result(two_ranks, "generation")["ranks"]
+    inside = [r["inside"] for r in ranks]
+    assert [r["width"] for r in inside] == [8, 1]  # different numbers of decode steps
+    assert [r["all_gathers"] for r in inside] == [0, 0]  # parameters stayed unsharded
+    synced = [r["sync_ranks"] for r in ranks]
+    assert [r["width"] for r in synced] == [8, 8]  # lockstep: rank 1 pads while rank 0 decodes
+    assert synced[1]["padded_after_first"]  # rank 1 still ended at its first token
+    assert all(r["all_gathers"] > 0 for r in synced)  # resharded again after gathered_params
+    assert all(r["grads_after_max_abs"] < GRAD_ATOL for r in ranks)
+
+
+@pytest.mark.slow
+def test_export_from_sharded_model_reloads_unchanged(two_ranks):
+    """(c) export_checkpoint from the 2-rank sharded (and checkpoint-wrapped) model:
+    from_pretrained gives the same parameters, AutoProcessor the same prompts and inputs."""
+    r = result(two_ranks, "export")
+    assert r["param_max_abs"] == 0.0
+    assert r["dtype"] == "torch.float32"
+    assert r["same_text"] and r["same_inputs"]
+    assert r["processor_class"] == "Qwen2AudioProcessor"
+    assert r["leftover_tmp_dirs"] == []
+
+
+@pytest.mark.slow
+def test_sharded_reference_matches_policy_and_has_no_grads(two_ranks):
+    """(d) shard_model(frozen=True): same log-probs as the sharded policy at init, no grads,
+    eval mode."""
+    r = result(two_ranks, "reference")
+    assert r["logp_max_abs"] < 1e-6
+    assert not r["ref_requires_grad"] and not r["ref_has_grad"] and not r["ref_training"]
+    assert r["policy_has_grad"]
+
+
+@pytest.mark.slow
+def test_sharded_optimizer_steps_equal_single_process(two_ranks):
+    """(e) Two clipped AdamW steps on the sharded model (and with CPU offload) end at the
+    single-process parameters; clip_grad_norm_ sees the same global norm."""
+    r = result(two_ranks, "optimizer")
+    for variant in ("sharded", "cpu_offload"):
+        assert r[variant]["norms"] == pytest.approx(r["single_norms"], rel=1e-5), variant
+        # lr 1e-2: Adam turns 1e-7 gradient noise on near-zero gradients into larger steps
+        assert r[variant]["param_max_abs"] < 1e-4, (variant, r[variant])
+
+
+# ----------------------------------------------------------------------------- one process
+
+
+@pytest.fixture
+def single_process_group(monkeypatch):
+    """init_distributed() as a plain (un-launched) script sees it; destroyed afterwards."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this test process")
+    info = D.init_distributed(device="cpu")
+    yield info
+    D.cleanup()
+
+
+def test_init_distributed_unlaunched(single_process_group):
+    info = single_process_group
+    assert (info.rank, info.world_size, info.local_rank) == (0, 1, 0)
+    assert info.device == torch.device("cpu") and info.is_main
+    assert D.is_main_process() and D.get_world_size() == 1
+    D.barrier()
+    assert D.all_reduce_sum(torch.tensor([2.0])).item() == 2.0
+
+
+def test_shard_model_needs_a_process_group(tiny_model):
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this test process")
+    with pytest.raises(RuntimeError, match="init_distributed"):
+        D.shard_model(tiny_model)
+
+
+def test_helpers_are_noops_on_a_plain_model(tiny_model, tiny_checkpoint, tmp_path):
+    """Without FSDP: gathered_params and set_gradient_sync do nothing; the state dict has
+    from_pretrained's names; export writes a loadable checkpoint (replacing an old one)."""
+    from models.loading import load_generation_config, load_model, load_processor
+
+    assert not D.is_sharded(tiny_model)
+    with D.gathered_params(tiny_model) as m:
+        assert m is tiny_model
+    D.set_gradient_sync(tiny_model, False)
+    state = D.full_state_dict(tiny_model)
+    assert set(state) == set(tiny_model.state_dict())
+
+    out = tmp_path / "export"
+    processor, generation_config = load_processor(tiny_checkpoint), load_generation_config(tiny_checkpoint)
+    for _ in range(2):  # the second export replaces the first
+        D.export_checkpoint(tiny_model, processor, generation_config, out, dtype=torch.bfloat16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary leftovers
+    reloaded = load_model(out, dtype=torch.bfloat16)
+    for name, p in reloaded.state_dict().items():
+        assert torch.equal(p, state[name].to(torch.bfloat16)), name
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_single_process_sharding(single_process_group, tiny_checkpoint, tmp_path):
+    """World size 1 runs the same FSDP2 code: same log-probs and gradients as the plain model,
+    with activation checkpointing; gathered_params and export work."""
+    from models import policy
+    from models.loading import load_generation_config, load_model, load_processor
+
+    processor = load_processor(tiny_checkpoint)
+    plain = load_model(tiny_checkpoint, dtype=torch.float32)
+    sharded = D.shard_model(load_model(tiny_checkpoint, dtype=torch.float32), activation_checkpointing=True)
+    assert D.is_sharded(sharded)
+
+    messages = [{"role": "user", "content": [{"type": "audio", "audio_url": "a.wav"},
+                                              {"type": "text", "text": "What is the sound?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    wave = torch.linspace(-0.5, 0.5, 24000).numpy()
+    inputs = processor(text=[text], audio=[wave], sampling_rate=16000, return_tensors="pt")
+    batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "input_features", "feature_attention_mask")}
+    ids = torch.arange(10, 16)[None, :]
+
+    def loss_and_grads(model):
+        embeds = policy.prompt_embeddings(model, **batch)
+        logp = policy.completion_logprobs(model, embeds, batch["attention_mask"], ids)
+        logp.sum().backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            grads[name.replace("_checkpoint_wrapped_module.", "")] = g
+        return logp.detach(), grads
+
+    logp_plain, grads_plain = loss_and_grads(plain)
+    logp_sharded, grads_sharded = loss_and_grads(sharded)
+    torch.testing.assert_close(logp_sharded, logp_plain, atol=1e-6, rtol=0)
+    assert grads_plain.keys() == grads_sharded.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_sharded[name], grads_plain[name], atol=GRAD_ATOL, rtol=1e-4)
+
+    # the root's own forward (Hugging Face's, e.g. for model.generate) still works after the
+    # policy ran submodules directly
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(**inputs).logits, plain(**inputs).logits, atol=1e-5, rtol=0)
+
+    with torch.no_grad(), D.gathered_params(sharded):
+        embeds = policy.prompt_embeddings(sharded, **batch)
+        generated = policy.generate(sharded, embeds, batch["attention_mask"], max_new_tokens=4,
+                                    end_token_ids=[0], pad_token_id=0, suppress_token_ids=[], greedy=True)
+    assert generated.shape == (1, 4)
+
+    out = D.export_checkpoint(sharded, processor, load_generation_config(tiny_checkpoint), tmp_path / "ckpt")
+    reloaded = load_model(out, dtype=torch.float32)
+    for name, p in plain.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], p), name
+
+
+def test_shard_model_refuses_tied_embeddings(single_process_group, tiny_model):
+    tiny_model.lm_head.weight = tiny_model.get_input_embeddings().weight
+    with pytest.raises(NotImplementedError, match="tied"):
+        D.shard_model(tiny_model)
+
+
+def test_failed_export_leaves_nothing_behind(tiny_model, tiny_checkpoint, tmp_path):
+    """A failure while writing raises and leaves neither out_dir nor a temporary directory."""
+    from models.loading import load_generation_config
+
+    with pytest.raises(Exception):
+        D.export_checkpoint(tiny_model, None, load_generation_config(tiny_checkpoint), tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_bidirectional_mask
 
+from models.sampling import gumbel_sample
+
 # Structural tokens that must never be sampled: a sampled <|AUDIO|> breaks the next forward
 # ("Audio features and audio tokens do not match"), the others open turns or audio spans.
 SUPPRESSED_TOKENS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|im_start|>")
@@ -145,11 +147,15 @@ def _all_ranks_done(done, sync_ranks):
 
 @torch.no_grad()
 def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids, pad_token_id, suppress_token_ids,
-             temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None, sync_ranks=False,
-             return_logprobs=False):
+             temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None, row_seeds=None,
+             sync_ranks=False, return_logprobs=False):
     """Sample completions with a KV cache: [N, T <= max_new_tokens] ids, `pad_token_id` after the first end token.
 
     Suppressed ids get -inf before temperature, top-k and top-p, so they are never produced.
+    With `row_seeds` ([N] int64), row n's token at step t is a pure function of
+    (row_seeds[n], t) and its logits (counter-based Gumbel-max, models.sampling), so the
+    draw does not depend on the batch, the chunking or the rank; else torch.multinomial
+    with `generator`.
     With return_logprobs, also [N, T] log pi of each sampled token under the raw logits /
     temperature (no suppression or filtering: the distribution the loss uses); 0 at pads.
     """
@@ -177,7 +183,10 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
             token = logits.argmax(-1)
         else:
             logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
-            token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+            if row_seeds is not None:
+                token = gumbel_sample(logits, row_seeds.to(device), step)
+            else:
+                token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
         token = token.masked_fill(done, pad_token_id)  # [N]
         tokens.append(token)
         if return_logprobs:

@@ -1,0 +1,308 @@
+"""Configuration: YAML files mapped onto dataclasses, one per section.
+
+A config file is a mapping of sections (``run``, ``model``, ``data``, ``rollout``,
+``algorithm``, ``optimizer``, ``logging``, ``checkpointing``, ``distribution``) to
+mappings of keys. Every key is checked: an unknown key or a value of the wrong type is a
+``ConfigError`` that names the key, the file and the closest valid name. Command-line
+overrides are written ``section.key=value`` (the value is read as YAML, so ``3``,
+``1e-6``, ``true``, ``[a, b]`` and ``{accuracy: 1.0}`` mean what they look like).
+
+The config of a run is saved resolved (defaults filled in) in its run directory, so a
+run can always be repeated from its own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key, where it came from, and a fix."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"  # run directory: logs, checkpoints, resolved config
+    seed: int = 0  # seeds data order, sampling and model building
+    steps: int = 1000  # training steps (one rollout, then mu optimizer updates)
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local checkpoint directory (never downloaded)
+    build_tiny: bool = False  # build the tiny Qwen2-Audio at `path` when it is absent
+    tiny_seed: int = 0  # seed of the tiny model's random weights
+    tiny_text_hidden: int = 64  # tiny model: decoder width
+    tiny_text_layers: int = 2  # tiny model: decoder layers
+    tiny_audio_hidden: int = 64  # tiny model: encoder width
+    tiny_audio_layers: int = 2  # tiny model: encoder layers
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32
+    attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2
+    train_audio_encoder: bool = True  # R1-AQA trains the whole model
+    train_projector: bool = True  # audio-to-text projector trainable
+    train_decoder: bool = True  # language model (embeddings, layers, head) trainable
+
+
+@dataclass
+class DataConfig:
+    format: str = "avqa"  # avqa, synthetic, mmau or mmar
+    train_path: str = ""  # training questions (JSONL for avqa/synthetic/mmar, JSON for mmau)
+    audio_root: str | None = None  # base of relative audio paths (default: the file's folder)
+    eval_path: str | None = None  # held-out questions for greedy accuracy during training
+    eval_every: int = 0  # evaluate every N steps (0: only at the end when eval_path is set)
+    eval_samples: int = 0  # evaluate on the first N held-out questions (0: all)
+    prompt_template: int = 2  # R1-AQA prompt <1>, <2> or <3>
+    on_error: str = "raise"  # raise, or skip bad records and unreadable audio (counted)
+    audio_channel: str = "first"  # first channel (as R1-AQA) or mean of channels
+    max_prompt_length: int = 0  # drop (and count) prompts longer than this; 0 means no limit
+    shuffle: bool = True  # reshuffle every epoch (deterministic from run.seed)
+    silence_audio: bool = False  # control experiment: replace every clip by silence
+    synthetic_generate: bool = False  # write the synthetic set when train_path is absent
+    synthetic_tasks: list[str] = field(default_factory=list)  # task mix (empty: all tasks)
+    synthetic_train_size: int = 2000  # synthetic training questions
+    synthetic_eval_size: int = 200  # synthetic held-out questions
+    synthetic_difficulty: str = "easy"  # easy, medium, hard or mixed (drawn per clip)
+    synthetic_seed: int = 0  # seed of the synthetic set
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 16  # prompts per training step, over all ranks
+    group_size: int = 8  # G: completions per prompt
+    generation_batch_prompts: int = 8  # prompts generated together on a rank
+    max_new_tokens: int = 256  # completion length limit
+    temperature: float = 1.0  # sampling temperature (log-probs use the same)
+    top_k: int = 50  # 0 disables top-k
+    top_p: float = 1.0  # nucleus sampling; 1.0 disables it
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"  # grpo, or sft (the supervised baseline)
+    beta: float = 0.04  # KL coefficient; 0 loads no reference model
+    kl_estimator: str = "k3"  # k1, k2 or k3
+    eps_low: float = 0.2  # clip range below 1
+    eps_high: float = 0.2  # clip range above 1 (DAPO clip-higher: 0.28)
+    importance_level: str = "token"  # token (GRPO) or sequence (GSPO)
+    loss_type: str = "grpo"  # grpo, token_mean (DAPO) or dr_grpo
+    advantage_scale: str = "group"  # group, batch or none (Dr. GRPO)
+    advantage_eps: float = 1e-4  # added to the std of the advantage denominator
+    mu: int = 1  # optimizer updates per rollout (mu=1: the ratio is exactly 1)
+    micro_batch_prompts: int = 1  # prompts (each with its G completions) per forward/backward
+    mask_truncated: bool = False  # leave completions cut at max_new_tokens out of the loss
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample
+    max_sampling_rounds: int = 3  # bound on extra rollout rounds with dynamic sampling
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
+    flip_advantage_sign: bool = False  # control experiment: train against the reward
+    format_warmup_steps: int = 0  # label-free SFT steps (random choice as target) before GRPO
+    format_warmup_lr: float = 0.0  # learning rate of the warm-up (0: optimizer.lr)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    adam_eps: float = 1e-8  # AdamW epsilon
+    schedule: str = "linear"  # constant, linear or cosine decay to zero
+    warmup_steps: int = 0  # linear warm-up updates
+    max_grad_norm: float = 1.0  # gradient-norm clip (0 disables)
+    max_nonfinite_steps: int = 3  # stop after this many skipped non-finite steps in a row
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1  # write scalars every N steps
+    sample_every: int = 10  # write sample completions as text every N steps (0: never)
+    num_samples: int = 2  # completions shown each time
+    tensorboard: bool = True  # write TensorBoard events under <run>/tb
+    progress_bar: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class CheckpointingConfig:
+    every: int = 100  # save every N steps (0: only at the end)
+    keep_last: int = 2  # full training states kept (exports are kept)
+    export: bool = True  # also write a transformers-format model for evaluate.py
+    save_on_signal: bool = True  # SIGTERM and SIGINT save a checkpoint before exit
+
+
+@dataclass
+class DistributionConfig:
+    fsdp: str = "auto"  # auto (shard when more than one process), always, never
+    activation_checkpointing: bool = False  # recompute layer activations in backward
+    cpu_offload: bool = False  # keep parameters and optimizer state on the CPU
+    reshard_after_forward: bool = True  # ZeRO-3 style; false keeps parameters gathered
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    distribution: DistributionConfig = field(default_factory=DistributionConfig)
+
+
+# Values that must come from a fixed set: checked after loading, with the choices named.
+CHOICES = {
+    "model.dtype": ("auto", "bfloat16", "float32", "float16"),
+    "data.format": ("avqa", "synthetic", "mmau", "mmar"),
+    "data.on_error": ("raise", "skip"),
+    "data.audio_channel": ("first", "mean"),
+    "data.prompt_template": (1, 2, 3),
+    "data.synthetic_difficulty": ("easy", "medium", "hard", "mixed"),
+    "algorithm.name": ("grpo", "sft"),
+    "algorithm.kl_estimator": ("k1", "k2", "k3"),
+    "algorithm.importance_level": ("token", "sequence"),
+    "algorithm.loss_type": ("grpo", "token_mean", "dr_grpo"),
+    "algorithm.advantage_scale": ("group", "batch", "none"),
+    "optimizer.schedule": ("constant", "linear", "cosine"),
+    "distribution.fsdp": ("auto", "always", "never"),
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(valid)}"
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Return ``value`` converted to ``annotation`` or raise a ConfigError naming ``where``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return {_check_type(k, args[0], where): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _apply(section_obj: Any, updates: dict, source: str, section: str) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    valid = [f.name for f in dataclasses.fields(section_obj)]
+    for key, value in updates.items():
+        if key not in valid:
+            raise ConfigError(f"unknown key '{section}.{key}' in {source}{_closest(str(key), valid)}")
+        setattr(section_obj, key, _check_type(value, hints[key], f"'{section}.{key}' in {source}"))
+
+
+def apply_mapping(config: Config, mapping: dict, source: str) -> None:
+    """Apply ``{section: {key: value}}`` onto ``config``; ``source`` names where it came from."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source} must hold a mapping of sections, got {type(mapping).__name__}")
+    sections = [f.name for f in dataclasses.fields(config)]
+    for section, updates in mapping.items():
+        if section not in sections:
+            raise ConfigError(f"unknown section '{section}' in {source}{_closest(str(section), sections)}")
+        if updates is None:
+            continue
+        if not isinstance(updates, dict):
+            raise ConfigError(f"section '{section}' in {source} must be a mapping, got {updates!r}")
+        _apply(getattr(config, section), updates, source, section)
+
+
+def parse_override(text: str) -> dict:
+    """``"rollout.group_size=4"`` -> ``{"rollout": {"group_size": 4}}`` (value read as YAML)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from None
+    return {section: {key: value}}
+
+
+def validate(config: Config, source: str) -> None:
+    """Check values that must come from a fixed set, and the batch arithmetic."""
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            raise ConfigError(f"'{dotted}' in {source} is {value!r}; choose one of {list(allowed)}")
+    if config.rollout.group_size < 1 or config.rollout.prompts_per_step < 1:
+        raise ConfigError(f"rollout.group_size and rollout.prompts_per_step in {source} must be >= 1")
+    if config.algorithm.mu < 1:
+        raise ConfigError(f"'algorithm.mu' in {source} must be >= 1")
+    if config.algorithm.micro_batch_prompts < 1:
+        raise ConfigError(f"'algorithm.micro_batch_prompts' in {source} must be >= 1")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or only defaults when ``path`` is None) and apply overrides."""
+    config = Config()
+    source = "the defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            mapping = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        apply_mapping(config, mapping, str(path))
+        source = str(path)
+    for text in overrides:
+        apply_mapping(config, parse_override(text), f"command-line override '{text}'")
+    validate(config, source)
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved configuration (defaults filled in) as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,82 @@
+"""Rewards: each maps (completion text, sample) to a number; the trainer sums them, weighted.
+
+R1-AQA's two rewards are ``accuracy`` and ``format`` (SPEC section 1), each 0 or 1.
+``think_format`` is the format reward of prompt <3>; ``mmau_match`` scores the answer
+with the MMAU benchmark's own matching rule, for training on MMAU-style answers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from data.datasets import Sample
+from data.scoring import extract_answer, is_correct
+
+RewardFn = Callable[[str, Sample], float]
+
+_FORMAT = re.compile(r"<answer>.*?</answer>", re.DOTALL)
+_THINK_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+
+
+def accuracy_reward(completion: str, sample: Sample) -> float:
+    """1 if the answer (inside the first <answer> tag on one line, else the whole
+    completion, stripped) equals the correct choice's text exactly, else 0."""
+    return float(extract_answer(completion) == sample.answer)
+
+
+def format_reward(completion: str, sample: Sample) -> float:
+    """1 if the whole completion is ``<answer>...</answer>`` with nothing around it."""
+    return float(_FORMAT.fullmatch(completion) is not None)
+
+
+def think_format_reward(completion: str, sample: Sample) -> float:
+    """1 if the whole completion is ``<think>...</think> <answer>...</answer>``."""
+    return float(_THINK_FORMAT.fullmatch(completion) is not None)
+
+
+def mmau_match_reward(completion: str, sample: Sample) -> float:
+    """1 if the MMAU scorer (SPEC section 5) counts the extracted answer as correct."""
+    return float(is_correct(extract_answer(completion), sample.answer, sample.choices))
+
+
+REWARDS: dict[str, RewardFn] = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+    "think_format": think_format_reward,
+    "mmau_match": mmau_match_reward,
+}
+
+
+class RewardError(RuntimeError):
+    """A reward function failed: the message names the reward and the sample."""
+
+
+def check_reward_names(weights: dict[str, float]) -> None:
+    unknown = sorted(set(weights) - set(REWARDS))
+    if unknown:
+        raise ValueError(f"unknown reward(s) {unknown} in algorithm.rewards; known: {sorted(REWARDS)}")
+
+
+def compute_rewards(
+    completions: list[str], samples: list[Sample], weights: dict[str, float]
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Weighted sum of the configured rewards for each completion.
+
+    Returns the totals ``[N]`` and each reward's unweighted values ``{name: [N]}`` for logging.
+    """
+    per_reward: dict[str, list[float]] = {}
+    for name in weights:
+        fn = REWARDS[name]
+        values = []
+        for completion, sample in zip(completions, samples):
+            try:
+                values.append(float(fn(completion, sample)))
+            except Exception as err:  # name the sample: a bare traceback from deep in a loop helps no one
+                raise RewardError(
+                    f"reward '{name}' failed on sample id={sample.id!r} "
+                    f"(completion {completion[:80]!r}): {type(err).__name__}: {err}"
+                ) from err
+        per_reward[name] = values
+    totals = [sum(weights[n] * per_reward[n][i] for n in weights) for i in range(len(completions))]
+    return totals, per_reward

@@ -1,0 +1,122 @@
+"""Rollout: turn questions into prompts, sample G completions each, read them back as text.
+
+Each clip goes through the audio encoder once per rollout; its prompt embeddings are
+repeated G times for the G completions (R1-AQA's trainer repeats the features G times
+through the encoder instead, SPEC section 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data.collate import collate_prompts
+from data.datasets import Sample
+from grpo.algorithm import completion_mask
+from models.policy import generate, prompt_embeddings
+from models.sampling import row_seed
+
+
+@dataclass
+class SamplingSettings:
+    """What ``generate`` needs besides the prompts: from the config and the checkpoint."""
+
+    max_new_tokens: int
+    end_token_ids: list[int]  # generation stops at any of these (SPEC section 2)
+    pad_token_id: int  # fills completions after their end
+    suppress_token_ids: list[int]  # structural tokens that must never be sampled
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def prompt_batch(samples: list[Sample], waves: list[np.ndarray], processor, template: int, device) -> dict:
+    """Processor inputs for a list of questions, left padded, on ``device``.
+
+    input_ids [B, P], attention_mask [B, P], input_features [B, M, F], feature_attention_mask [B, F]
+    """
+    batch = collate_prompts(samples, waves, processor, template=template)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def slice_prompts(prompts: dict, start: int, stop: int) -> dict:
+    return {k: v[start:stop] for k, v in prompts.items()}
+
+
+def completion_seeds(seed: int, step: int, round_: int, positions: list[int], group_size: int) -> torch.Tensor:
+    """[B*G] int64 seeds, one per completion: a hash of (run seed, step, round, the
+    question's global stream position, completion index), so 1 rank and W ranks sample alike."""
+    return torch.tensor([row_seed(seed, step, round_, pos, g) for pos in positions for g in range(group_size)],
+                        dtype=torch.int64)
+
+
+def pad_right(rows: list[torch.Tensor], pad_value) -> torch.Tensor:
+    """Stack [n_i, T_i] tensors into [sum n_i, max T_i], padding on the right."""
+    width = max(r.shape[1] for r in rows)
+    return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=pad_value) for r in rows])
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    prompts: dict,
+    settings: SamplingSettings,
+    *,
+    group_size: int,
+    chunk_prompts: int,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    row_seeds: torch.Tensor | None = None,
+    sync_ranks: bool = False,
+) -> torch.Tensor:
+    """G completions per prompt, ordered group by group: completion_ids [B*G, T].
+
+    Steps, per chunk of ``chunk_prompts`` prompts:
+      1. encode each clip once and build the prompt embeddings [b, P, H];
+      2. repeat them G times ([b*G, P, H]), the prompt mask with them;
+      3. sample up to max_new_tokens tokens (padded after each completion's end).
+
+    ``row_seeds`` [B*G] gives each completion its own counter-based random stream
+    (``models.sampling``), so what is sampled does not depend on chunking or ranks.
+    """
+    n_prompts = prompts["input_ids"].shape[0]
+    chunks = []
+    for start in range(0, n_prompts, chunk_prompts):
+        part = slice_prompts(prompts, start, start + chunk_prompts)
+        embeds = prompt_embeddings(model, **part)  # [b, P, H]
+        chunks.append(
+            generate(
+                model,
+                embeds.repeat_interleave(group_size, dim=0),  # [b*G, P, H]
+                part["attention_mask"].repeat_interleave(group_size, dim=0),  # [b*G, P]
+                max_new_tokens=settings.max_new_tokens,
+                end_token_ids=settings.end_token_ids,
+                pad_token_id=settings.pad_token_id,
+                suppress_token_ids=settings.suppress_token_ids,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
+                greedy=greedy,
+                generator=generator,
+                row_seeds=None if row_seeds is None else row_seeds[start * group_size : (start + chunk_prompts) * group_size],
+                sync_ranks=sync_ranks,
+            )
+        )
+    return pad_right(chunks, settings.pad_token_id)
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, end_token_ids: list[int]) -> list[str]:
+    """Completion texts, each cut before its first end token.
+
+    Other special tokens stay in the text, so a completion that wanders into them does not
+    look well formatted to the format reward.
+    """
+    mask = completion_mask(completion_ids, end_token_ids)  # [N, T], end token included
+    is_end = torch.isin(completion_ids, torch.as_tensor(end_token_ids, device=completion_ids.device))
+    keep = mask & ~is_end
+    return [
+        tokenizer.decode(row[m].tolist(), skip_special_tokens=False)
+        for row, m in zip(completion_ids.cpu(), keep.cpu())
+    ]

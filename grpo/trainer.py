@@ -1,0 +1,726 @@
+"""The GRPO trainer (and the SFT baseline) for Qwen2-Audio, on one CPU core or many GPUs.
+
+One training step reads top to bottom (``Trainer.train_step``):
+
+    rollout    B prompts -> G completions each -> rewards -> group advantages
+    reference  log pi_ref of the completions (only when beta > 0)
+    update     mu passes of micro-batches, gradients accumulated with the whole
+               batch's normalisation, one clip and one AdamW step per pass
+
+Every rank holds B / world_size prompts with all G of their completions, so each group
+lives on one rank. Gradients are averaged across ranks by FSDP; the loss of each
+micro-batch is its share of the *global* batch loss, times world_size, so that the
+averaged gradient is the gradient of the whole batch (SPEC section 2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data.audio import AudioLoader
+from data.datasets import Sample, read_dataset
+from data.prompts import answer_target
+from grpo.algorithm import completion_mask, group_advantages, policy_loss
+from grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from grpo.config import Config, save_config
+from grpo.rewards import accuracy_reward, check_reward_names, compute_rewards
+from grpo.rollout import (
+    SamplingSettings,
+    completion_seeds,
+    decode_completions,
+    prompt_batch,
+    sample_completions,
+    slice_prompts,
+)
+from grpo.stream import PromptStream
+from models.distributed import DistInfo, export_checkpoint, gathered_params, shard_model
+from models.loading import end_token_ids, load_generation_config, load_model, load_processor
+from models.policy import completion_logprobs, prompt_embeddings, set_trainable, suppressed_token_ids
+
+logger = logging.getLogger(__name__)
+
+
+class Trajectory(NamedTuple):
+    """One rank's share of a rollout; B prompts, G completions each, N = B*G."""
+
+    samples: list[Sample]  # [B] the questions
+    prompts: dict  # input_ids [B, P], attention_mask [B, P], input_features [B, M, F], feature_attention_mask [B, F]
+    completion_ids: torch.Tensor  # [N, T] sampled tokens, padded after the end token
+    mask: torch.Tensor  # [N, T] bool, tokens that enter the loss
+    advantages: torch.Tensor  # [N] A_i
+    old_logp: torch.Tensor | None  # [N, T] log pi_old, only when mu > 1
+    ref_logp: torch.Tensor | None  # [N, T] log pi_ref, only when beta > 0
+    total_tokens: int  # loss tokens of the whole batch, all ranks
+
+
+# --------------------------------------------------------------------------- small pure helpers
+
+
+def lr_at(update: int, total_updates: int, cfg) -> float:
+    """Learning rate of optimizer update ``update`` (0-based): linear warm-up, then the schedule."""
+    if update < cfg.warmup_steps:
+        return cfg.lr * (update + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (update - cfg.warmup_steps) / max(total_updates - cfg.warmup_steps, 1)
+    if cfg.schedule == "linear":
+        return cfg.lr * max(0.0, 1.0 - progress)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # cosine
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    """Negative log-likelihood of the target tokens, this micro-batch's share of the token mean.
+
+    L = -(1 / |all target tokens|) * sum_{i,t} log pi(y_it)     logp, mask: [N, T]
+    """
+    return -(logp * mask).sum() / max(total_tokens, 1)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def prepare_data(cfg: Config) -> None:
+    """Write the synthetic question set when asked to and absent (rank 0 only)."""
+    d = cfg.data
+    if d.format != "synthetic" or not d.synthetic_generate or Path(d.train_path).is_file():
+        return
+    from data.synthetic import generate_synthetic
+
+    out = Path(d.train_path).parent
+    tasks = d.synthetic_tasks or None
+    logger.info("writing the synthetic question set to %s", out)
+    generate_synthetic(out, n=d.synthetic_train_size, seed=d.synthetic_seed, tasks=tasks,
+                       difficulty=d.synthetic_difficulty, split=Path(d.train_path).stem)
+    if d.eval_path:
+        generate_synthetic(Path(d.eval_path).parent, n=d.synthetic_eval_size, seed=d.synthetic_seed + 1,
+                           tasks=tasks, difficulty=d.synthetic_difficulty, split=Path(d.eval_path).stem)
+
+
+def prepare_model(cfg: Config) -> None:
+    """Build the tiny Qwen2-Audio at model.path when asked to and absent (rank 0 only)."""
+    m = cfg.model
+    if not m.build_tiny or (Path(m.path) / "config.json").is_file():
+        return
+    from data.synthetic import synthetic_corpus
+    from models.tiny import build_tiny_checkpoint
+
+    logger.info("building the tiny Qwen2-Audio at %s", m.path)
+    build_tiny_checkpoint(m.path, seed=m.tiny_seed, corpus=synthetic_corpus(),
+                          text_hidden=m.tiny_text_hidden, text_layers=m.tiny_text_layers,
+                          audio_hidden=m.tiny_audio_hidden, audio_layers=m.tiny_audio_layers)
+
+
+def use_fsdp(cfg: Config, info: DistInfo) -> bool:
+    if cfg.distribution.fsdp == "always":
+        return True
+    if cfg.distribution.fsdp == "never":
+        if info.world_size > 1:
+            raise ValueError("distribution.fsdp=never needs a single process")
+        return False
+    return info.world_size > 1 or info.device.type == "cuda"
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Holds what a run needs between steps; each stage is a method listing its steps."""
+
+    def __init__(self, cfg: Config, info: DistInfo, *, resume: str | None = None):
+        """Steps: data -> model(s) -> optimizer -> stream -> logging -> optional resume."""
+        self.cfg, self.info = cfg, info
+        self.device = info.device
+        self.rank, self.world = info.rank, info.world_size
+        self.run_dir = Path(cfg.run.output_dir)
+        self.is_main = self.rank == 0
+        check_reward_names(cfg.algorithm.rewards)
+        if cfg.rollout.prompts_per_step % self.world:
+            raise ValueError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple "
+                             f"of the number of processes ({self.world})")
+        self.local_prompts = cfg.rollout.prompts_per_step // self.world
+
+        # 1. data (built once by rank 0)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            prepare_model(cfg)
+            prepare_data(cfg)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._barrier()
+        d = cfg.data
+        self.train_samples = read_dataset(d.format, d.train_path, audio_root=d.audio_root, on_error=d.on_error)
+        self.eval_samples = []
+        if d.eval_path:
+            self.eval_samples = read_dataset(d.format, d.eval_path, audio_root=d.audio_root, on_error=d.on_error)
+            if d.eval_samples:
+                self.eval_samples = self.eval_samples[: d.eval_samples]
+
+        # 2. model, processor, reference
+        self.processor = load_processor(cfg.model.path)
+        self.tokenizer = self.processor.tokenizer
+        gen_cfg = load_generation_config(cfg.model.path)
+        self.generation_config = gen_cfg
+        self.end_ids = end_token_ids(gen_cfg)
+        pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else self.end_ids[-1]
+        self.sampling = SamplingSettings(
+            max_new_tokens=cfg.rollout.max_new_tokens, end_token_ids=self.end_ids, pad_token_id=pad_id,
+            suppress_token_ids=suppressed_token_ids(self.tokenizer), temperature=cfg.rollout.temperature,
+            top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+        )
+        self.fsdp = use_fsdp(cfg, info)
+        self.model = self._load_model(trainable=True)
+        self.ref_model = None
+        if cfg.algorithm.name == "grpo" and cfg.algorithm.beta > 0:
+            self.ref_model = self._load_model(trainable=False)
+
+        # 3. optimizer: AdamW over what is trainable; the learning rate is set per update
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optimizer
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
+                                           weight_decay=o.weight_decay)
+        self.warmup_steps = cfg.algorithm.format_warmup_steps if cfg.algorithm.name == "grpo" else 0
+        self.total_steps = self.warmup_steps + cfg.run.steps
+        self.total_updates = cfg.run.steps * (cfg.algorithm.mu if cfg.algorithm.name == "grpo" else 1)
+
+        # 4. the data stream of this rank
+        self.load_audio = AudioLoader(max_seconds=self.processor.feature_extractor.chunk_length,
+                                      channel=d.audio_channel)
+        keep = self._prompt_fits if d.max_prompt_length > 0 else None
+        self.stream = PromptStream(self.train_samples, self.load_audio, seed=cfg.run.seed, rank=self.rank,
+                                   world_size=self.world, shuffle=d.shuffle, on_error=d.on_error, keep=keep,
+                                   silence=d.silence_audio)
+
+        # 5. counters, logging, signals
+        self.step, self.update, self.nonfinite_in_a_row, self.nonfinite_total = 0, 0, 0, 0
+        self.stop_requested = False
+        self.writer = None
+        if self.is_main and cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        if cfg.checkpointing.save_on_signal:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+        if resume:
+            path = resolve_resume(self.run_dir, resume)
+            if path is None:
+                logger.info("no checkpoint to resume from in %s: starting fresh", self.run_dir)
+            else:
+                self._resume(path)
+
+    # ----------------------------------------------------------------- set-up helpers
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _load_model(self, trainable: bool):
+        cfg = self.cfg
+        # Under FSDP the master weights stay fp32 and compute runs in bf16 (mixed precision).
+        dtype = torch.float32 if self.fsdp else resolve_dtype(cfg.model.dtype, self.device)
+        model = load_model(cfg.model.path, dtype=dtype, device="cpu" if self.fsdp else self.device,
+                           attn_implementation=cfg.model.attn_implementation)
+        if trainable:
+            set_trainable(model, audio_encoder=cfg.model.train_audio_encoder, projector=cfg.model.train_projector,
+                          decoder=cfg.model.train_decoder)
+            model.train()
+        else:
+            model.requires_grad_(False)
+            model.eval()
+        if self.fsdp:
+            param_dtype = resolve_dtype(cfg.model.dtype, self.device)
+            model = shard_model(
+                model,
+                device=self.device,
+                param_dtype=None if param_dtype == torch.float32 else param_dtype,
+                cpu_offload=cfg.distribution.cpu_offload,
+                activation_checkpointing=cfg.distribution.activation_checkpointing and trainable,
+                reshard_after_forward=cfg.distribution.reshard_after_forward,
+            )
+        elif cfg.distribution.activation_checkpointing and trainable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def _prompt_fits(self, sample: Sample, wave: np.ndarray) -> bool:
+        batch = prompt_batch([sample], [wave], self.processor, self.cfg.data.prompt_template, "cpu")
+        return batch["input_ids"].shape[1] <= self.cfg.data.max_prompt_length
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested:  # a second signal: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        logger.warning("signal %d: saving a checkpoint after this step, then stopping", signum)
+        self.stop_requested = True
+
+    def _all_reduce(self, values: torch.Tensor, op=None) -> torch.Tensor:
+        if dist.is_initialized():
+            values = values.to(self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+        return values
+
+    def _rollout_context(self):
+        return gathered_params(self.model) if self.fsdp else nullcontext()
+
+    # ----------------------------------------------------------------- stage 1: rollout
+
+    @torch.no_grad()
+    def _sample_round(self, step: int, round_: int) -> dict:
+        """Take B questions from the stream, sample G completions each, score them."""
+        cfg, G = self.cfg, self.cfg.rollout.group_size
+        samples, waves = self.stream.take(self.local_prompts)
+        prompts = prompt_batch(samples, waves, self.processor, cfg.data.prompt_template, self.device)
+        with self._rollout_context():
+            ids = sample_completions(
+                self.model, prompts, self.sampling, group_size=G,
+                chunk_prompts=cfg.rollout.generation_batch_prompts,
+                row_seeds=completion_seeds(cfg.run.seed, step, round_, self.stream.positions, G),
+                sync_ranks=self.fsdp,
+            )
+        texts = decode_completions(self.tokenizer, ids, self.end_ids)
+        rewards, per_reward = compute_rewards(texts, [s for s in samples for _ in range(G)], cfg.algorithm.rewards)
+        return {"samples": samples, "waves": waves, "prompts": prompts, "ids": ids, "texts": texts,
+                "rewards": torch.tensor(rewards).view(-1, G), "per_reward": per_reward}
+
+    def _select_groups(self, rounds: list[dict]) -> dict:
+        """Dynamic sampling (DAPO): keep the B groups whose rewards differ first, then fill
+        with all-equal groups (zero advantage) if the rounds ran out. Re-collates the prompts."""
+        G, B = self.cfg.rollout.group_size, self.local_prompts
+        groups = [(r, i) for r in rounds for i in range(len(r["samples"]))]
+        informative = [g for g in groups if g[0]["rewards"][g[1]].std() > 0]
+        rest = [g for g in groups if g[0]["rewards"][g[1]].std() == 0]
+        chosen = (informative + rest)[:B]
+        samples = [r["samples"][i] for r, i in chosen]
+        waves = [r["waves"][i] for r, i in chosen]
+        width = max(r["ids"].shape[1] for r in rounds)
+        pad = self.sampling.pad_token_id
+        ids = torch.cat([torch.nn.functional.pad(r["ids"][i * G : (i + 1) * G], (0, width - r["ids"].shape[1]), value=pad)
+                         for r, i in chosen])
+        return {
+            "samples": samples, "waves": waves, "ids": ids,
+            "prompts": prompt_batch(samples, waves, self.processor, self.cfg.data.prompt_template, self.device),
+            "texts": [t for r, i in chosen for t in r["texts"][i * G : (i + 1) * G]],
+            "rewards": torch.stack([r["rewards"][i] for r, i in chosen]),
+            "per_reward": {k: [v for r, i in chosen for v in r["per_reward"][k][i * G : (i + 1) * G]]
+                           for k in rounds[0]["per_reward"]},
+        }
+
+    @torch.no_grad()
+    def rollout(self, step: int) -> tuple[Trajectory, dict, list[str]]:
+        """Sample and score one batch on this rank.
+
+        Steps:
+          1. take B questions from the stream and build left-padded prompts;
+          2. sample G completions per prompt (each clip encoded once, shared by its G);
+          3. with dynamic sampling, more rounds (all ranks in lockstep, at most
+             max_sampling_rounds extra) until every rank has B groups whose rewards differ;
+          4. completion mask: tokens up to and including the first end token
+             (optionally none for completions cut at the length limit);
+          5. advantages from the rewards, normalised over the group (or the whole batch,
+             gathered from all ranks), sign flipped for the control experiment;
+          6. log pi_old when mu > 1 and log pi_ref when beta > 0 (no gradients);
+          7. count the loss tokens of the whole batch over all ranks.
+        """
+        cfg, a, G = self.cfg, self.cfg.algorithm, self.cfg.rollout.group_size
+        self.model.eval()
+        t0 = time.perf_counter()
+        rounds = [self._sample_round(step, 0)]
+        zero_std_first = (rounds[0]["rewards"].std(dim=1) == 0).float() if G > 1 else torch.ones(self.local_prompts)
+        if a.dynamic_sampling:
+            for extra in range(1, a.max_sampling_rounds + 1):
+                informative = sum(int((r["rewards"].std(dim=1) > 0).sum()) for r in rounds)
+                short = torch.tensor([float(informative < self.local_prompts)])
+                if self._all_reduce(short, dist.ReduceOp.MAX if dist.is_initialized() else None).item() == 0:
+                    break
+                rounds.append(self._sample_round(step, extra))
+        batch = self._select_groups(rounds) if a.dynamic_sampling else rounds[0]
+        samples, prompts, ids, texts = batch["samples"], batch["prompts"], batch["ids"], batch["texts"]
+        # every rank pads to the same width, so micro-batches line up across ranks
+        width = int(self._all_reduce(torch.tensor([ids.shape[1]]), dist.ReduceOp.MAX if dist.is_initialized() else None))
+        ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.sampling.pad_token_id)
+        t_rollout = time.perf_counter() - t0
+
+        mask = completion_mask(ids, self.end_ids)  # [N, T]
+        ended = torch.isin(ids, torch.as_tensor(self.end_ids, device=ids.device)).any(dim=1)  # [N]
+        lengths = mask.sum(dim=1)
+        if a.mask_truncated:
+            mask = mask & ended[:, None]
+
+        # Advantages over the global batch: every rank computes them on the gathered
+        # rewards and keeps its slice (so scale="batch" uses the std of the whole batch).
+        rewards_local = batch["rewards"].reshape(-1).float()  # [N]
+        all_rewards = self._gather(rewards_local)  # [world * N]
+        advantages = group_advantages(all_rewards, G, scale=a.advantage_scale, eps=a.advantage_eps)
+        n_local = rewards_local.numel()
+        advantages = advantages[self.rank * n_local : (self.rank + 1) * n_local]
+        if a.flip_advantage_sign:
+            advantages = -advantages
+
+        t1 = time.perf_counter()
+        old_logp = self._logprobs(self.model, prompts, ids) if a.mu > 1 else None
+        t_old = time.perf_counter() - t1
+        ref_logp = self._logprobs(self.ref_model, prompts, ids) if self.ref_model is not None else None
+        t_ref = time.perf_counter() - t1 - t_old
+        self.model.train()
+
+        total_tokens = int(self._all_reduce(mask.sum().reshape(1).cpu()).item())
+        group_std = all_rewards.view(-1, G).std(dim=1) if G > 1 else torch.zeros(all_rewards.numel())
+        metrics = {
+            "train/reward": all_rewards.mean().item(),
+            "train/reward_std": group_std.mean().item(),
+            "train/frac_reward_zero_std": self._mean(zero_std_first),  # before dynamic sampling
+            "train/completions/mean_length": self._mean(lengths.float()),
+            "train/completions/clipped_ratio": self._mean((~ended).float()),
+            "train/sampling_rounds": float(len(rounds)),
+            "timing/rollout": t_rollout,
+            "timing/old_logp": t_old,
+            "timing/reference": t_ref,
+            "perf/generated_tokens_per_second": self._sum(lengths.float()) / max(t_rollout, 1e-9),
+        }
+        for name, values in batch["per_reward"].items():
+            metrics[f"train/rewards/{name}/mean"] = self._mean(torch.tensor(values))
+        traj = Trajectory(samples, prompts, ids, mask, advantages.to(self.device), old_logp, ref_logp, total_tokens)
+        return traj, metrics, texts
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        if not dist.is_initialized():
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+
+    def _mean(self, x: torch.Tensor) -> float:
+        pair = self._all_reduce(torch.tensor([x.sum().item(), x.numel()], dtype=torch.float64))
+        return (pair[0] / pair[1].clamp(min=1)).item()
+
+    def _sum(self, x: torch.Tensor) -> float:
+        return self._all_reduce(torch.tensor([x.sum().item()], dtype=torch.float64)).item()
+
+    def _micro_batches(self, n_prompts: int):
+        step = self.cfg.algorithm.micro_batch_prompts
+        return [(i, min(i + step, n_prompts)) for i in range(0, n_prompts, step)]
+
+    def _logprobs(self, model, prompts: dict, ids: torch.Tensor) -> torch.Tensor:
+        """log pi(o_t) of given completions under ``model``, micro-batch by micro-batch: [N, T]."""
+        G = ids.shape[0] // prompts["input_ids"].shape[0]
+        out = []
+        for lo, hi in self._micro_batches(prompts["input_ids"].shape[0]):
+            part = slice_prompts(prompts, lo, hi)
+            embeds = prompt_embeddings(model, **part).repeat_interleave(G, dim=0)
+            pmask = part["attention_mask"].repeat_interleave(G, dim=0)
+            out.append(completion_logprobs(model, embeds, pmask, ids[lo * G : hi * G],
+                                           temperature=self.cfg.rollout.temperature))
+        return torch.cat(out)
+
+    # ----------------------------------------------------------------- stage 2: update
+
+    def policy_update(self, traj: Trajectory) -> dict:
+        """mu optimizer updates on one rollout.
+
+        Steps, for each of the mu passes:
+          1. for each micro-batch of prompts: prompt embeddings with gradients (each clip
+             once), repeated G times; log pi_theta of the completions; the GRPO loss share
+             with the global counts; backward (gradients accumulate);
+          2. clip the gradient norm; skip the update if loss or norm is not finite;
+          3. AdamW step at the scheduled learning rate.
+        """
+        cfg, a = self.cfg, self.cfg.algorithm
+        G = cfg.rollout.group_size
+        n_prompts = len(traj.samples)
+        total_sequences = n_prompts * G * self.world
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        trained_tokens = 0
+        for _ in range(a.mu):
+            loss_total = 0.0
+            for lo, hi in self._micro_batches(n_prompts):
+                c = slice(lo * G, hi * G)
+                mask = traj.mask[c]
+                width = max(int(mask.any(dim=0).nonzero().max().item()) + 1, 1) if mask.any() else 1
+                ids, mask = traj.completion_ids[c, :width], mask[:, :width]  # trim padding columns
+                part = slice_prompts(traj.prompts, lo, hi)
+                embeds = prompt_embeddings(self.model, **part).repeat_interleave(G, dim=0)  # [n, P, H]
+                pmask = part["attention_mask"].repeat_interleave(G, dim=0)
+                logp, entropy = completion_logprobs(self.model, embeds, pmask, ids,
+                                                    temperature=cfg.rollout.temperature, with_entropy=True)
+                old = traj.old_logp[c, :width] if traj.old_logp is not None else logp.detach()
+                ref = traj.ref_logp[c, :width] if traj.ref_logp is not None else None
+                loss, stats = policy_loss(
+                    logp, old, traj.advantages[c], mask, ref_logp=ref, beta=a.beta if ref is not None else 0.0,
+                    kl_estimator=a.kl_estimator, eps_low=a.eps_low, eps_high=a.eps_high,
+                    importance_level=a.importance_level, loss_type=a.loss_type,
+                    max_completion_length=cfg.rollout.max_new_tokens,
+                    total_sequences=total_sequences, total_tokens=traj.total_tokens,
+                )
+                # FSDP averages gradients over ranks; the share times world_size makes it a sum.
+                (loss * self.world).backward()
+                loss_total += loss.item()
+                tokens = float(mask.sum().item())
+                trained_tokens += int(pmask.sum().item()) + int(tokens)
+                for key, value in stats.items():
+                    if key != "tokens":
+                        sums[key] = sums.get(key, 0.0) + float(value) * tokens
+                sums["entropy"] = sums.get("entropy", 0.0) + float((entropy.detach() * mask).sum())
+                sums["tokens"] = sums.get("tokens", 0.0) + tokens
+            grad_norm = self._optimizer_step(loss_total)
+        t_update = time.perf_counter() - t0
+
+        keys = sorted(sums)
+        reduced = self._all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        totals = dict(zip(keys, reduced.tolist()))
+        tokens = max(totals.pop("tokens"), 1.0)
+        metrics = {f"train/{k}": v / tokens for k, v in totals.items()}  # token-weighted means
+        metrics.update({
+            "train/loss": float(self._all_reduce(torch.tensor([loss_total], dtype=torch.float64)).item()),
+            "train/grad_norm": grad_norm,
+            "train/learning_rate": self.optimizer.param_groups[0]["lr"],
+            "timing/update": t_update,
+            "perf/train_tokens_per_second": self._sum(torch.tensor([float(trained_tokens)])) / max(t_update, 1e-9),
+        })
+        return metrics
+
+    def _optimizer_step(self, loss_value: float, lr: float | None = None) -> float:
+        """Clip, check for non-finite values, step; returns the gradient norm."""
+        o = self.cfg.optimizer
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        loss_sum = float(self._all_reduce(torch.tensor([loss_value], dtype=torch.float64)).item())
+        if not (math.isfinite(norm) and math.isfinite(loss_sum)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            logger.warning("non-finite loss (%s) or gradient norm (%s): update skipped (%d in a row, %d in all)",
+                           loss_sum, norm, self.nonfinite_in_a_row, self.nonfinite_total)
+            if self.nonfinite_in_a_row >= o.max_nonfinite_steps:
+                raise FloatingPointError(f"{self.nonfinite_in_a_row} non-finite updates in a row: stopping "
+                                         f"(optimizer.max_nonfinite_steps={o.max_nonfinite_steps})")
+            return norm
+        self.nonfinite_in_a_row = 0
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr if lr is not None else lr_at(self.update, self.total_updates, o)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if lr is None:  # warm-up updates do not advance the schedule
+            self.update += 1
+        return norm
+
+    # ----------------------------------------------------------------- SFT
+
+    def sft_step(self, random_targets: bool, lr: float | None = None) -> dict:
+        """One supervised step: the target ``<answer>{answer}</answer>`` plus the end token.
+
+        Steps:
+          1. take B questions; the target is the correct choice, or for the label-free
+             format warm-up a choice drawn at random (accuracy stays at chance);
+          2. for each micro-batch: prompt embeddings, log pi of the target tokens,
+             token-mean NLL share over the whole batch; backward;
+          3. clip and AdamW step.
+        """
+        cfg = self.cfg
+        samples, waves = self.stream.take(self.local_prompts)
+        rng = random.Random(cfg.run.seed * 7919 + self.step * 131 + self.rank)
+        answers = [rng.choice(s.choices) if random_targets else s.answer for s in samples]
+        targets = [self.tokenizer(answer_target(ans, cfg.data.prompt_template), add_special_tokens=False)["input_ids"]
+                   + [self.end_ids[0]] for ans in answers]
+        width = max(len(t) for t in targets)
+        ids = torch.full((len(targets), width), self.sampling.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(targets), width), dtype=torch.bool)
+        for i, t in enumerate(targets):
+            ids[i, : len(t)], mask[i, : len(t)] = torch.tensor(t), True
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        prompts = prompt_batch(samples, waves, self.processor, cfg.data.prompt_template, self.device)
+        total_tokens = int(self._all_reduce(mask.sum().reshape(1).cpu()).item())
+        t0 = time.perf_counter()
+        loss_total = 0.0
+        for lo, hi in self._micro_batches(len(samples)):
+            part = slice_prompts(prompts, lo, hi)
+            embeds = prompt_embeddings(self.model, **part)
+            logp = completion_logprobs(self.model, embeds, part["attention_mask"], ids[lo:hi], temperature=1.0)
+            loss = sft_loss(logp, mask[lo:hi], total_tokens)
+            (loss * self.world).backward()
+            loss_total += loss.item()
+        grad_norm = self._optimizer_step(loss_total, lr=lr)
+        return {
+            "train/loss": float(self._all_reduce(torch.tensor([loss_total], dtype=torch.float64)).item()),
+            "train/grad_norm": grad_norm,
+            "train/learning_rate": self.optimizer.param_groups[0]["lr"],
+            "timing/update": time.perf_counter() - t0,
+        }
+
+    # ----------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def greedy_accuracy(self, samples: list[Sample] | None = None) -> float:
+        """Greedy accuracy (the accuracy reward) on held-out questions, over all ranks.
+
+        Every rank runs the same number of batches (short shards are padded with
+        repeats that do not count), so generation stays in lockstep under FSDP.
+        """
+        samples = self.eval_samples if samples is None else samples
+        if not samples:
+            return float("nan")
+        per_rank = math.ceil(len(samples) / self.world)
+        mine = samples[self.rank :: self.world]
+        weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+        mine = mine + [samples[0]] * (per_rank - len(mine))
+        batch = self.cfg.rollout.generation_batch_prompts
+        correct = 0.0
+        self.model.eval()
+        with self._rollout_context():
+            for lo in range(0, per_rank, batch):
+                chunk = mine[lo : lo + batch]
+                waves = [self.load_audio(s.audio_path) for s in chunk]
+                if self.cfg.data.silence_audio:
+                    waves = [np.zeros_like(w) for w in waves]
+                prompts = prompt_batch(chunk, waves, self.processor, self.cfg.data.prompt_template, self.device)
+                ids = sample_completions(self.model, prompts, self.sampling, group_size=1, chunk_prompts=batch,
+                                         greedy=True, sync_ranks=self.fsdp)
+                texts = decode_completions(self.tokenizer, ids, self.end_ids)
+                correct += sum(w * accuracy_reward(t, s) for t, s, w in zip(texts, chunk, weights[lo : lo + batch]))
+        self.model.train()
+        return self._sum(torch.tensor([correct])) / len(samples)
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def save(self) -> Path:
+        """Full training state plus (optionally) a transformers-format export."""
+        export = None
+        if self.cfg.checkpointing.export:
+            def export(out_dir):
+                export_checkpoint(self.model, self.processor, self.generation_config, out_dir)
+        trainer_state = {
+            "update": self.update,
+            "nonfinite_total": self.nonfinite_total,
+            "world_size": self.world,
+        }
+        path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, trainer_state,
+                               {"stream": self.stream.state_dict()}, rank=self.rank,
+                               keep_last=self.cfg.checkpointing.keep_last, export_fn=export,
+                               extra_models=self._saved_models())
+        if self.is_main:
+            logger.info("checkpoint written: %s", path)
+        return path
+
+    def _saved_models(self) -> dict:
+        # After a format warm-up the reference is a snapshot of the policy, not the
+        # checkpoint on disk, so it must be saved with the run to be restored.
+        return {"reference": self.ref_model} if self.ref_model is not None and self.warmup_steps else {}
+
+    @torch.no_grad()
+    def snapshot_reference(self) -> None:
+        """pi_ref <- pi_theta (after the format warm-up: the KL anchors GRPO to the model that
+        formats, as R1-AQA's reference is the instruction-tuned model it starts from)."""
+        for ref_p, p in zip(self.ref_model.parameters(), self.model.parameters()):
+            ref_p.copy_(p)
+
+    def _resume(self, path: Path) -> None:
+        trainer_state, rank_state = load_checkpoint(path, self.model, self.optimizer, rank=self.rank,
+                                                    extra_models=self._saved_models())
+        if trainer_state.get("world_size", self.world) != self.world:
+            raise ValueError(f"{path} was saved by {trainer_state['world_size']} processes; "
+                             f"resume it with the same number (now {self.world})")
+        self.step, self.update = trainer_state["step"], trainer_state["update"]
+        self.nonfinite_total = trainer_state.get("nonfinite_total", 0)
+        self.stream.load_state_dict(rank_state["stream"])
+        if self.is_main:
+            logger.info("resumed from %s at step %d", path, self.step)
+
+    # ----------------------------------------------------------------- the loop
+
+    def train_step(self) -> dict:
+        """One step: the label-free format warm-up, an SFT step, or a GRPO step."""
+        a = self.cfg.algorithm
+        if a.name == "sft":
+            return self.sft_step(random_targets=False)
+        if self.step < self.warmup_steps:
+            return self.sft_step(random_targets=True, lr=a.format_warmup_lr or self.cfg.optimizer.lr)
+        traj, metrics, texts = self.rollout(self.step)
+        metrics.update(self.policy_update(traj))
+        self._last_texts = (traj.samples, texts)
+        return metrics
+
+    def train(self) -> dict:
+        """Run to ``total_steps``: step, log, evaluate, checkpoint; stop cleanly on a signal."""
+        cfg = self.cfg
+        bar = None
+        if self.is_main and cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        history = []
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            metrics = self.train_step()
+            self.step += 1
+            if self.step == self.warmup_steps:  # GRPO starts from the warmed-up model, fresh AdamW moments
+                self.optimizer.state.clear()
+                if self.ref_model is not None:
+                    self.snapshot_reference()
+            metrics["timing/step"] = time.perf_counter() - t0
+            metrics["perf/peak_memory_gb"] = peak_memory_gb(self.device)
+            metrics["train/phase"] = 0.0 if self.step <= self.warmup_steps and cfg.algorithm.name == "grpo" else 1.0
+            evaluate_now = self.eval_samples and (
+                (cfg.data.eval_every and self.step % cfg.data.eval_every == 0) or self.step == self.total_steps)
+            if evaluate_now:
+                metrics["eval/greedy_accuracy"] = self.greedy_accuracy()
+            self._log(metrics)
+            history.append({"step": self.step, **metrics})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in
+                                 ("train/reward", "train/kl", "train/loss", "eval/greedy_accuracy") if k in metrics})
+            stop = self._all_reduce(torch.tensor([float(self.stop_requested)]),
+                                    dist.ReduceOp.MAX if dist.is_initialized() else None).item() > 0
+            every = cfg.checkpointing.every
+            if stop or self.step == self.total_steps or (every and self.step % every == 0):
+                self.save()
+            if stop:
+                logger.warning("stopped by a signal at step %d; continue with --resume", self.step)
+                break
+        if bar is not None:
+            bar.close()
+        if self.is_main:
+            (self.run_dir / "history.jsonl").open("a").write("".join(json.dumps(h) + "\n" for h in history))
+        if self.writer is not None:
+            self.writer.flush()
+        return history[-1] if history else {}
+
+    def _log(self, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        lg = self.cfg.logging
+        if self.writer is not None and self.step % lg.log_every == 0:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, self.step)
+        if lg.sample_every and self.step % lg.sample_every == 0 and getattr(self, "_last_texts", None):
+            samples, texts = self._last_texts
+            G = self.cfg.rollout.group_size
+            shown = "\n\n".join(f"**{samples[i // G].question}** (answer: {samples[i // G].answer})\n\n    {texts[i]!r}"
+                                for i in range(0, min(len(texts), lg.num_samples * G), G))
+            if self.writer is not None:
+                self.writer.add_text("samples", shown, self.step)
+            logger.info("step %d samples:\n%s", self.step, shown)
+

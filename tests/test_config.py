@@ -1,0 +1,82 @@
+"""The YAML config loader: every shipped config loads; bad keys and types are named errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grpo.config import ConfigError, load_config, save_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRAIN_CONFIGS = ["tiny.yaml", "r1_aqa.yaml", "r1_aqa_think.yaml", "sft_avqa.yaml", "dapo_avqa.yaml", "dr_grpo_avqa.yaml"]
+
+
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
+def test_shipped_training_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.rollout.group_size >= 1
+
+
+def test_r1_aqa_config_is_the_paper_recipe():
+    cfg = load_config(CONFIGS / "r1_aqa.yaml")
+    assert (cfg.rollout.group_size, cfg.rollout.prompts_per_step) == (8, 16)
+    assert (cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p) == (1.0, 50, 1.0)
+    assert (cfg.algorithm.beta, cfg.algorithm.kl_estimator, cfg.algorithm.mu) == (0.04, "k3", 1)
+    assert (cfg.optimizer.lr, cfg.optimizer.schedule, cfg.optimizer.max_grad_norm) == (1e-6, "linear", 1.0)
+    assert cfg.rollout.max_new_tokens == 256 and cfg.data.prompt_template == 2
+    assert cfg.run.steps == 1000 and cfg.checkpointing.every == 100
+    assert load_config(CONFIGS / "r1_aqa_think.yaml").data.prompt_template == 3
+    dapo = load_config(CONFIGS / "dapo_avqa.yaml").algorithm
+    assert (dapo.loss_type, dapo.eps_high, dapo.beta, dapo.dynamic_sampling) == ("token_mean", 0.28, 0.0, True)
+    dr = load_config(CONFIGS / "dr_grpo_avqa.yaml").algorithm
+    assert (dr.loss_type, dr.advantage_scale) == ("dr_grpo", "none")
+
+
+def write(tmp_path, mapping) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    return path
+
+
+def test_unknown_key_names_key_file_and_closest(tmp_path):
+    path = write(tmp_path, {"rollout": {"group_sise": 4}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "rollout.group_sise" in msg and str(path) in msg and "group_size" in msg
+
+
+def test_unknown_section_names_closest(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'optimizer'"):
+        load_config(write(tmp_path, {"optimiser": {"lr": 1.0}}))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"'optimizer.lr' in .*c.yaml must be a number"):
+        load_config(write(tmp_path, {"optimizer": {"lr": "fast"}}))
+    with pytest.raises(ConfigError, match="'rollout.group_size'.*integer"):
+        load_config(write(tmp_path, {"rollout": {"group_size": 2.5}}))
+    with pytest.raises(ConfigError, match="true or false"):
+        load_config(write(tmp_path, {"data": {"shuffle": "yes please"}}))
+
+
+def test_value_outside_choices_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="algorithm.loss_type.*choose one of"):
+        load_config(write(tmp_path, {"algorithm": {"loss_type": "mean"}}))
+
+
+def test_overrides_parse_yaml_values_and_are_checked(tmp_path):
+    cfg = load_config(write(tmp_path, {}), ["rollout.group_size=4", "optimizer.lr=3e-4",
+                                           "algorithm.rewards={accuracy: 2.0}", "data.eval_path=null"])
+    assert cfg.rollout.group_size == 4 and cfg.optimizer.lr == 3e-4
+    assert cfg.algorithm.rewards == {"accuracy": 2.0} and cfg.data.eval_path is None
+    with pytest.raises(ConfigError, match="command-line override 'rollout.groupsize=4'.*group_size"):
+        load_config(None, ["rollout.groupsize=4"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["group_size=4"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "r1_aqa.yaml", ["run.seed=7"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg

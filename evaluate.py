@@ -1,6 +1,6 @@
 """Evaluate checkpoints on an audio QA benchmark (MMAU, MMAR, AVQA, synthetic) and score them.
 
-    python evaluate.py --config configs/eval_mmau_testmini.yaml --checkpoint /models/Qwen2-Audio-7B-Instruct runs/r1_aqa
+    python evaluate.py --config configs/eval_mmau_testmini.yaml --checkpoint pretrained/Qwen2-Audio-7B-Instruct runs/r1_aqa
     torchrun --nproc_per_node 8 evaluate.py --config configs/eval_mmau_testmini.yaml --checkpoint runs/r1_aqa data.version=v05.15.25
     python evaluate.py --score-only eval/x/predictions.json --output eval/x/rescored.json
 

@@ -1,7 +1,7 @@
 """Post-train Qwen2-Audio with GRPO (or the SFT baseline) from a YAML config.
 
     python train.py --config configs/tiny.yaml
-    torchrun --nproc_per_node 8 train.py --config configs/r1_aqa.yaml model.path=/models/Qwen2-Audio-7B-Instruct
+    torchrun --nproc_per_node 8 train.py --config configs/r1_aqa.yaml model.path=pretrained/Qwen2-Audio-7B-Instruct
     python train.py --config configs/tiny.yaml --resume latest
 
 Overrides are ``section.key=value``; see grpo/config.py for every key.

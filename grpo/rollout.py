@@ -75,8 +75,8 @@ def sample_completions(
 
     Steps, per chunk of ``chunk_prompts`` prompts:
       1. encode each clip once and build the prompt embeddings [b, P, H];
-      2. repeat them G times ([b*G, P, H]), the prompt mask with them;
-      3. sample up to max_new_tokens tokens (padded after each completion's end).
+      2. prefill each prompt once and repeat its KV cache G times (inside ``generate``);
+      3. sample up to max_new_tokens tokens per completion (padded after its end).
 
     ``row_seeds`` [B*G] gives each completion its own counter-based random stream
     (``models.sampling``), so what is sampled does not depend on chunking or ranks.
@@ -89,8 +89,9 @@ def sample_completions(
         chunks.append(
             generate(
                 model,
-                embeds.repeat_interleave(group_size, dim=0),  # [b*G, P, H]
-                part["attention_mask"].repeat_interleave(group_size, dim=0),  # [b*G, P]
+                embeds,  # [b, P, H]: each prompt once, its cache shared by its G completions
+                part["attention_mask"],  # [b, P]
+                group_size=group_size,
                 max_new_tokens=settings.max_new_tokens,
                 end_token_ids=settings.end_token_ids,
                 pad_token_id=settings.pad_token_id,

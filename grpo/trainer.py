@@ -541,8 +541,9 @@ class Trainer:
         """
         cfg = self.cfg
         samples, waves = self.stream.take(self.local_prompts)
-        rng = random.Random(cfg.run.seed * 7919 + self.step * 131 + self.rank)
-        answers = [rng.choice(s.choices) if random_targets else s.answer for s in samples]
+        # the random choice is a function of the question's stream position: same on 1 or W ranks
+        answers = [random.Random(cfg.run.seed * 1_000_003 + pos).choice(s.choices) if random_targets else s.answer
+                   for s, pos in zip(samples, self.stream.positions)]
         targets = [self.tokenizer(answer_target(ans, cfg.data.prompt_template), add_special_tokens=False)["input_ids"]
                    + [self.end_ids[0]] for ans in answers]
         width = max(len(t) for t in targets)
@@ -688,6 +689,9 @@ class Trainer:
                 metrics["eval/greedy_accuracy"] = self.greedy_accuracy()
             self._log(metrics)
             history.append({"step": self.step, **metrics})
+            if self.is_main:  # one JSON line per step, written as it happens (survives a crash)
+                with (self.run_dir / "history.jsonl").open("a") as f:
+                    f.write(json.dumps(history[-1]) + "\n")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in
@@ -702,8 +706,6 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        if self.is_main:
-            (self.run_dir / "history.jsonl").open("a").write("".join(json.dumps(h) + "\n" for h in history))
         if self.writer is not None:
             self.writer.flush()
         return history[-1] if history else {}

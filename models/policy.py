@@ -148,8 +148,12 @@ def _all_ranks_done(done, sync_ranks):
 @torch.no_grad()
 def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids, pad_token_id, suppress_token_ids,
              temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None, row_seeds=None,
-             sync_ranks=False, return_logprobs=False):
+             sync_ranks=False, return_logprobs=False, group_size=1):
     """Sample completions with a KV cache: [N, T <= max_new_tokens] ids, `pad_token_id` after the first end token.
+
+    With `group_size` G > 1, prompt_embeds [B, P, H] and prompt_mask [B, P] hold each prompt
+    once: the prompt is prefilled once and its KV cache repeated G times, so N = B * G rows
+    (row i * G + g is completion g of prompt i) without G prefills of the same prompt.
 
     Suppressed ids get -inf before temperature, top-k and top-p, so they are never produced.
     With `row_seeds` ([N] int64), row n's token at step t is a pure function of
@@ -160,17 +164,21 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
     temperature (no suppression or filtering: the distribution the loss uses); 0 at pads.
     """
     lm, embed = model.model.language_model, model.get_input_embeddings()
-    N = prompt_embeds.shape[0]
     device = prompt_embeds.device
-    mask = prompt_mask.long()  # [N, P], grows by one column per step
-    position = mask.sum(-1, keepdim=True)  # [N, 1]: position of the first new token
+    mask = prompt_mask.long()  # [B, P]
     ends = torch.as_tensor(list(end_token_ids), device=device, dtype=torch.long)
     suppress = torch.as_tensor(list(suppress_token_ids), device=device, dtype=torch.long)
 
-    # prefill; the hidden state of the last prompt position predicts the first token
+    # prefill each prompt once; the hidden state of the last prompt position predicts the first token
     out = lm(inputs_embeds=prompt_embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask),
              use_cache=True)
-    cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]  # hidden [N, H]
+    cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]  # hidden [B, H]
+    if group_size > 1:  # the G completions of a prompt share its prefill
+        cache.batch_repeat_interleave(group_size)
+        hidden = hidden.repeat_interleave(group_size, dim=0)  # [N, H]
+        mask = mask.repeat_interleave(group_size, dim=0)  # [N, P], grows by one column per step
+    N = hidden.shape[0]
+    position = mask.sum(-1, keepdim=True)  # [N, 1]: position of the first new token
     done = torch.zeros(N, dtype=torch.bool, device=device)
     tokens, logps = [], []
     for step in range(max_new_tokens):

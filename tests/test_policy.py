@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from models.policy import (completion_logprobs, generate, prompt_embeddings, set_trainable, suppressed_token_ids)
+from models.sampling import row_seed
 
 SR = 16000
 G = 3
@@ -212,3 +213,30 @@ def test_kv_cache_logprobs_match_completion_logprobs(tiny_model, tiny_processor,
     ended = torch.isin(ids, torch.tensor(kw["end_token_ids"])).long()
     live = (ended.cumsum(1) - ended) == 0  # tokens up to and including the first end token
     torch.testing.assert_close(logp[live], full[live], atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefill_equals_prefilling_every_copy(tiny_model, tiny_processor, batch):
+    """group_size=G prefills each prompt once and repeats its KV cache: the same completions
+    and log-probs as prefilling the G repeated copies (same per-row seeds)."""
+    embeds, mask = gen_inputs(tiny_model, batch)  # [2*G, P, H]: each prompt already repeated G times
+    kw = gen_kwargs(tiny_processor, max_new_tokens=10, temperature=1.0, top_k=50)
+    seeds = torch.tensor([row_seed(0, i) for i in range(2 * G)])
+    ids, logp = generate(tiny_model, embeds, mask, **kw, row_seeds=seeds, return_logprobs=True)
+    ids_shared, logp_shared = generate(tiny_model, embeds[::G], mask[::G], **kw, row_seeds=seeds,
+                                       return_logprobs=True, group_size=G)
+    assert torch.equal(ids, ids_shared)
+    torch.testing.assert_close(logp, logp_shared, atol=1e-5, rtol=1e-5)
+    assert len(set(map(tuple, ids.tolist()))) > 1  # the G rows of a prompt did sample differently
+
+
+def test_row_seeds_make_a_completion_independent_of_its_batch(tiny_model, tiny_processor, batch):
+    """A completion depends on its seed and prompt only: generating prompt 1 alone gives the
+    rows it got next to prompt 0 (what makes 1 rank and 2 ranks sample alike)."""
+    embeds, mask = gen_inputs(tiny_model, batch)
+    kw = gen_kwargs(tiny_processor, max_new_tokens=10, temperature=1.0, top_k=50)
+    seeds = torch.tensor([row_seed(5, i) for i in range(2 * G)])
+    both = generate(tiny_model, embeds[::G], mask[::G], **kw, row_seeds=seeds, group_size=G)
+    # prompt 1 alone, without its left padding columns
+    real = mask[G].bool()
+    alone = generate(tiny_model, embeds[G:G + 1, real], mask[G:G + 1, real], **kw, row_seeds=seeds[G:], group_size=G)
+    assert torch.equal(both[G:, :alone.shape[1]], alone)

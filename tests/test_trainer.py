@@ -1,0 +1,330 @@
+"""train.py end to end, as a user runs it: config errors, one run's outputs, 1 vs 2 processes,
+stop-and-resume, the SFT baseline, and the proof that GRPO learns (with its controls).
+
+Every run is a real `python train.py` (or `torchrun ... train.py`) subprocess on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _env(threads: int | None = 1) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU, even on a GPU machine
+    return env
+
+
+def _command(args: list[str], nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, str(REPO / "train.py"), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            str(REPO / "train.py"), *args]
+
+
+def train(args: list[str], *, nproc: int = 1, timeout: int = 900, check: bool = True, threads: int | None = 1):
+    """Run train.py to the end; returns the CompletedProcess (fails the test on error when `check`)."""
+    proc = subprocess.run(_command(args, nproc), cwd=REPO, env=_env(threads), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"train.py exited with {proc.returncode}:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def weights(export_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(export_dir.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    assert tensors, f"no safetensors in {export_dir}"
+    return tensors
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
+def final_export(run_dir: Path) -> Path:
+    steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    return run_dir / "checkpoints" / f"step_{steps[-1]}" / "hf"
+
+
+# ----------------------------------------------------------------------------- a small world
+
+
+@pytest.fixture(scope="module")
+def world(tiny_checkpoint, tmp_path_factory):
+    """A tiny model and a small synthetic question set, shared by the short runs."""
+    from data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("trainer")
+    train_path = generate_synthetic(root / "data", n=64, seed=0, tasks=["pitch", "tone_or_noise"], split="train")
+    eval_path = generate_synthetic(root / "data", n=8, seed=1, tasks=["pitch", "tone_or_noise"], split="eval")
+    return {"root": root, "model": tiny_checkpoint, "train": train_path, "eval": eval_path}
+
+
+WARMUP, GRPO_STEPS = 30, 4
+SAVE_AT = WARMUP + 2  # a checkpoint after the warm-up
+
+
+def short_run(world, out: Path, *extra: str) -> list[str]:
+    """A short GRPO run: a label-free format warm-up, then a few GRPO steps with every moving
+    part on (reference model and KL, mu = 2 so the ratio and clipping act, evaluation)."""
+    return [
+        "--config", str(TINY),
+        f"run.output_dir={out}", f"run.steps={GRPO_STEPS}",
+        f"model.path={world['model']}", "model.build_tiny=false",
+        f"data.train_path={world['train']}", f"data.eval_path={world['eval']}", "data.synthetic_generate=false",
+        "data.eval_every=0", "data.eval_samples=0",
+        "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.generation_batch_prompts=2",
+        "rollout.max_new_tokens=8",
+        f"algorithm.format_warmup_steps={WARMUP}", "algorithm.format_warmup_lr=5e-3", "algorithm.mu=2",
+        "algorithm.micro_batch_prompts=1", "optimizer.lr=3e-3",
+        "logging.sample_every=0", "logging.progress_bar=false",
+        *extra,
+    ]
+
+
+# ----------------------------------------------------------------------------- configuration errors
+
+
+def test_unknown_key_names_the_key_the_file_and_the_fix(tmp_path):
+    proc = train(["--config", str(TINY), "rollout.group_sise=4"], check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "group_sise" in proc.stderr and "group_size" in proc.stderr
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  steps: 3\nalgorithm:\n  betta: 0.1\n")
+    proc = train(["--config", str(bad)], check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "betta" in proc.stderr and str(bad) in proc.stderr and "beta" in proc.stderr
+
+
+def test_wrong_type_and_bad_choice_are_config_errors(tmp_path):
+    proc = train(["--config", str(TINY), "rollout.group_size=many"], check=False, timeout=120)
+    assert proc.returncode == 2 and "rollout.group_size" in proc.stderr
+    proc = train(["--config", str(TINY), "algorithm.loss_type=ppo"], check=False, timeout=120)
+    assert proc.returncode == 2 and "algorithm.loss_type" in proc.stderr and "dr_grpo" in proc.stderr
+
+
+def test_missing_checkpoint_directory_is_named(tmp_path):
+    missing = tmp_path / "no-such-model"
+    proc = train(["--config", str(TINY), f"model.path={missing}", "model.build_tiny=false",
+                  f"run.output_dir={tmp_path / 'run'}", f"data.train_path={tmp_path / 'd' / 'train.jsonl'}",
+                  f"data.eval_path={tmp_path / 'd' / 'eval.jsonl'}", "data.synthetic_train_size=8",
+                  "data.synthetic_eval_size=2"], check=False, timeout=300)
+    assert proc.returncode != 0
+    assert str(missing) in proc.stderr
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+@pytest.fixture(scope="module")
+def one_process_run(world):
+    out = world["root"] / "one"
+    train(short_run(world, out, f"checkpointing.every={SAVE_AT}", "checkpointing.keep_last=2"))
+    return out
+
+
+def test_a_run_logs_every_metric_and_writes_a_loadable_export(world, one_process_run):
+    rows = history(one_process_run)
+    assert [r["step"] for r in rows] == list(range(1, WARMUP + GRPO_STEPS + 1))
+    warmup, grpo = rows[:WARMUP], rows[WARMUP:]
+    assert all(r["train/phase"] == 0.0 for r in warmup) and all(r["train/phase"] == 1.0 for r in grpo)
+    expected = ["train/reward", "train/reward_std", "train/rewards/accuracy/mean", "train/rewards/format/mean",
+                "train/kl", "train/clip_ratio/region_mean", "train/ratio_mean", "train/entropy", "train/loss",
+                "train/grad_norm", "train/completions/mean_length", "train/completions/clipped_ratio",
+                "train/frac_reward_zero_std", "timing/rollout", "timing/update", "timing/step",
+                "perf/generated_tokens_per_second", "perf/peak_memory_gb"]
+    for row in grpo:
+        missing = [k for k in expected if k not in row]
+        assert not missing, f"step {row['step']} lacks {missing}"
+        assert all(math.isfinite(row[k]) for k in expected)
+    # the warm-up taught the format: the loss fell
+    assert warmup[-1]["train/loss"] < 0.5 * warmup[0]["train/loss"]
+    # mu = 2: the second update sees a ratio different from 1
+    assert any(abs(r["train/ratio_mean"] - 1.0) > 1e-6 for r in grpo)
+    assert "eval/greedy_accuracy" in rows[-1]
+    assert list((one_process_run / "tb").glob("events.out.tfevents.*"))
+
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    export = final_export(one_process_run)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(export)
+    AutoProcessor.from_pretrained(export)
+    trained = weights(export)
+    assert torch.equal(model.lm_head.weight.detach(), trained["language_model.lm_head.weight"])  # hub key layout
+    assert max_weight_difference(export, world["model"]) > 1e-3  # training moved the weights
+
+
+# ----------------------------------------------------------------------------- 1 process == 2 processes
+
+
+@pytest.fixture(scope="module")
+def two_process_run(world):
+    out = world["root"] / "two"
+    train(short_run(world, out, f"checkpointing.every={SAVE_AT}", "checkpointing.keep_last=2"), nproc=2)
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(one_process_run, two_process_run):
+    """Same seed, same batch: FSDP on 2 gloo ranks samples the same completions, gets the same
+    rewards, and ends at the same weights as one process (up to float summation order)."""
+    one, two = history(one_process_run), history(two_process_run)
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        for key in ("train/reward", "train/rewards/format/mean", "train/completions/mean_length"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-9), (a["step"], key)
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-3, abs=1e-5), a["step"]
+    assert max_weight_difference(final_export(one_process_run), final_export(two_process_run)) < 2e-3
+
+
+# ----------------------------------------------------------------------------- stop and resume
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_equals_the_uninterrupted_run(world, one_process_run, tmp_path):
+    """SIGTERM mid-run: a checkpoint is written at the end of the step; --resume continues
+    to exactly the run that was never stopped (same rewards, same weights)."""
+    out = tmp_path / "stopped"
+    args = short_run(world, out, f"checkpointing.every={SAVE_AT}", "checkpointing.keep_last=2")
+    proc = subprocess.Popen(_command(args, 1), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # stop it a few steps in
+        if (out / "history.jsonl").is_file() and len(history(out)) >= 5:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stopped_at = len(history(out))
+    assert stopped_at < WARMUP + GRPO_STEPS, "the run finished before the signal: nothing was tested"
+    assert (out / "checkpoints" / f"step_{stopped_at}" / "trainer_state.json").is_file()
+
+    train([*args, "--resume"])
+    resumed, reference = history(out), history(one_process_run)
+    assert [r["step"] for r in resumed] == list(range(1, WARMUP + GRPO_STEPS + 1))
+    for a, b in zip(resumed, reference):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6, abs=1e-9), a["step"]
+    assert max_weight_difference(final_export(out), final_export(one_process_run)) < 1e-6
+
+
+@pytest.mark.slow
+def test_two_process_resume_after_the_warmup_equals_the_uninterrupted_run(world, two_process_run, tmp_path):
+    """Resume from the step-SAVE_AT checkpoint (after the warm-up: the reference is the saved snapshot, AdamW has
+    GRPO moments, the data stream is mid-epoch) on 2 ranks; ends where the full run ended."""
+    out = tmp_path / "resumed"
+    checkpoint = two_process_run / "checkpoints" / f"step_{SAVE_AT}"
+    assert (checkpoint / "state").is_dir()
+    train([*short_run(world, out), "--resume", str(checkpoint)], nproc=2)
+    resumed, reference = history(out), history(two_process_run)
+    assert [r["step"] for r in resumed] == list(range(SAVE_AT + 1, WARMUP + GRPO_STEPS + 1))
+    for a, b in zip(resumed, reference[SAVE_AT:]):
+        assert a["train/reward"] == pytest.approx(b["train/reward"], abs=1e-9), a["step"]
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5, abs=1e-8), a["step"]
+    assert max_weight_difference(final_export(out), final_export(two_process_run)) < 1e-5
+
+
+def test_resume_with_another_number_of_processes_is_refused(world, one_process_run, tmp_path):
+    checkpoint = one_process_run / "checkpoints" / f"step_{SAVE_AT}"
+    proc = train([*short_run(world, tmp_path / "r"), "--resume", str(checkpoint)], nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "same number of processes" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the SFT baseline
+
+
+def test_sft_baseline_fits_the_answers(world, tmp_path):
+    out = tmp_path / "sft"
+    train(short_run(world, out, "algorithm.name=sft", "run.steps=16", "checkpointing.export=false"))
+    rows = history(out)
+    assert len(rows) == 16  # no warm-up for SFT
+    first, last = sum(r["train/loss"] for r in rows[:3]) / 3, sum(r["train/loss"] for r in rows[-3:]) / 3
+    assert last < 0.5 * first
+
+
+# ----------------------------------------------------------------------------- GRPO learns
+
+
+def learning_run(tmp_root: Path, name: str, *extra: str) -> list[dict]:
+    """configs/tiny.yaml as `make train` runs it (its own fresh model and data under tmp)."""
+    out = tmp_root / name
+    train(["--config", str(TINY), f"run.output_dir={out}",
+           f"model.path={tmp_root / 'model'}", f"data.train_path={tmp_root / 'data' / 'train.jsonl'}",
+           f"data.eval_path={tmp_root / 'data' / 'eval.jsonl'}", "logging.progress_bar=false",
+           "checkpointing.export=false", *extra], timeout=1800, threads=None)
+    return history(out)
+
+
+@pytest.fixture(scope="module")
+def learning(tmp_path_factory):
+    return tmp_path_factory.mktemp("learning")
+
+
+def _final_accuracy(rows):
+    return [r for r in rows if "eval/greedy_accuracy" in r][-1]["eval/greedy_accuracy"]
+
+
+def _train_accuracy(rows, last):
+    grpo = [r["train/rewards/accuracy/mean"] for r in rows if "train/rewards/accuracy/mean" in r]
+    return sum(grpo[-last:]) / last, sum(grpo[:last]) / last
+
+
+@pytest.mark.slow
+def test_grpo_learns_the_synthetic_audio_questions(learning):
+    """The `make train` recipe: after a label-free warm-up (accuracy at chance), GRPO alone
+    takes held-out greedy accuracy on pitch + tone-or-noise questions to >= 0.9."""
+    rows = learning_run(learning, "grpo")
+    warm = [r for r in rows if r["train/phase"] == 0.0 and "eval/greedy_accuracy" in r]
+    assert warm and warm[-1]["eval/greedy_accuracy"] <= 0.65, "the warm-up alone must not solve the task"
+    late, early = _train_accuracy(rows, 25)
+    assert late > early + 0.3, (early, late)
+    assert _final_accuracy(rows) >= 0.9
+
+
+@pytest.mark.slow
+def test_control_flipped_advantages_do_not_learn(learning):
+    """Same run, advantages negated: the policy is pushed away from the reward."""
+    rows = learning_run(learning, "flipped", "algorithm.flip_advantage_sign=true")
+    assert _final_accuracy(rows) <= 0.6
+    late, _ = _train_accuracy(rows, 25)
+    assert late <= 0.6
+
+
+@pytest.mark.slow
+def test_control_silent_audio_stays_at_chance(learning):
+    """Same run with every clip replaced by silence: the answers cannot be learned, so the
+    gain of the real run comes from listening, not from the question text."""
+    rows = learning_run(learning, "silent", "data.silence_audio=true")
+    assert _final_accuracy(rows) <= 0.65
+    late, _ = _train_accuracy(rows, 25)
+    assert late <= 0.65

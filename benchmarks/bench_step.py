@@ -1,27 +1,48 @@
 """Time one GRPO step, ours against a naive transformers-style trainer (project issue 6).
 
-One step = generation (B prompts x G completions x T new tokens), the reference log-prob pass
-(when beta > 0), and the update (log-probs with gradients, GRPO loss, backward, grad clip,
-optimizer step). Both modes run the same prompts, G, T, sampling settings, loss and optimizer;
-they differ only in how the model is called:
+One step, in five phases timed separately (as `grpo/trainer.py` runs it):
+
+    rollout           B prompts x G completions x T new tokens (no gradients)
+    reference         log pi_ref of the completions, no gradients (only when algorithm.beta > 0)
+    old_logprobs      log pi_old of the completions, no gradients (only when algorithm.mu > 1)
+    forward_backward  log pi_theta with gradients, the GRPO loss, backward (micro-batch by
+                      micro-batch; mu passes)
+    optimizer         gradient-norm clip and optimizer step (mu of them)
+
+Settings come from a training config (`--config FILE section.key=value ...`, read by
+grpo.config.load_config): the model (model.path, built when model.build_tiny and absent),
+B = rollout.prompts_per_step (all on this one process), rollout.group_size,
+rollout.max_new_tokens, rollout.temperature/top_k/top_p, rollout.generation_batch_prompts,
+algorithm.beta/mu/loss_type/kl_estimator/eps_low/eps_high/importance_level/
+micro_batch_prompts, optimizer.lr/betas/adam_eps/weight_decay/max_grad_norm,
+model.dtype/attn_implementation, distribution.activation_checkpointing/cpu_offload.
+Without --config the benchmark's own defaults apply (B=2, G=4, T=16, R1-AQA's sampling and
+loss, one micro-batch); `--model tiny|anchor|small|7b-random|PATH` picks the model either way
+and the flags --prompts/--group-size/--new-tokens/--beta/--dtype are shorthands for overrides.
+
+Both modes run the same prompts, completions' length, sampling settings, rewards, loss,
+micro-batches and optimizer; they differ only in how they call the model:
 
     phase        naive (what R1-AQA's TRL fork does, SPEC section 6)  ours (the trainer's path)
     -----------  ---------------------------------------------------  -------------------------------------
-    generation   model.generate on the G-times repeated inputs:       grpo.rollout.sample_completions:
-                 every copy of a clip goes through the encoder        each clip encoded once, embeddings
-                                                                      repeated G times, models.policy.generate
-                                                                      with a KV cache
+    rollout      model.generate on the G-times repeated inputs:       grpo.rollout.sample_completions:
+                 every copy of a clip goes through the encoder and    each clip encoded once, each prompt
+                 every copy of the prompt is prefilled                prefilled once and its KV cache
+                                                                      repeated G times, counter-based sampling
     log-probs    model(**inputs) on the G-times repeated inputs,      models.policy.prompt_embeddings (clip
                  logits [N, P+T, V] in fp32, log_softmax over the     once) + completion_logprobs (logits only
-                 whole sequence, then the completion columns kept     at completion positions, in chunks)
+                 whole sequence, then the completion columns kept     at completion positions, in chunks;
+                                                                      with the entropy, as the trainer logs it)
 
 Fixed completion length: both modes suppress the end tokens (ours: added to the suppressed ids;
-naive: generate's `suppress_tokens`), so every completion is exactly --new-tokens long and both
+naive: generate's `suppress_tokens`), so every completion is exactly T tokens long and both
 modes do the same useful work (a random model would otherwise stop at random lengths).
 
 Rewards are random 0/1 (fixed seed): the benchmark times the model, not the reward functions.
-The reference pass reuses the policy's weights under no_grad: the same compute as a frozen copy,
-without a second copy in memory.
+The reference and old-policy passes reuse the policy's weights under no_grad: the same compute
+as a frozen copy, without a second copy in memory. With --mode both the two modes alternate
+step by step (after a warm-up of each) and share one optimizer, so that a change of load on
+the machine hits both alike.
 
 Memory: on CUDA the peak of torch.cuda.max_memory_allocated within each phase (weights, gradients
 and optimizer state included). On CPU the peak resident set size (VmHWM of /proc/self/status,
@@ -29,12 +50,19 @@ reset at each phase start through /proc/self/clear_refs after malloc_trim; the w
 libraries included); where that reset is not allowed, resource.getrusage's ru_maxrss, which
 never goes down, so later phases report at least the earlier peaks.
 
+--cpu-offload (or distribution.cpu_offload: true): the optimizer's state and the copy of the
+parameters it updates live on the CPU; after backward the gradients go to the CPU, the
+optimizer steps there, the new weights come back (ZeRO-Offload's split, on one process). The
+trainer's FSDP offload also keeps the parameters on the CPU between uses; that needs FSDP and
+is not what this flag measures.
+
 Models: tiny (the test model), small (~33M params), anchor (SPEC 6's 5.4M CPU anchor),
 7b-random (Qwen2-Audio-7B's architecture, configs/qwen2_audio_7b_random.yaml, GPU only), or a
 checkpoint directory. Results and commands: benchmarks/RESULTS.md.
 
-    python benchmarks/bench_step.py --model small --mode both --prompts 2 --group-size 4 \
-        --new-tokens 16 --repeats 3 --threads 1 --json runs/bench_small.json
+    python benchmarks/bench_step.py --model anchor --mode both --prompts 2 --group-size 8 \
+        --new-tokens 32 --repeats 3 --threads 1 --json runs/bench_anchor.json
+    python benchmarks/bench_step.py --config configs/tiny.yaml rollout.prompts_per_step=2
 """
 
 from __future__ import annotations
@@ -63,7 +91,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from data.datasets import Sample  # noqa: E402
 from grpo.algorithm import completion_mask, group_advantages, policy_loss  # noqa: E402
-from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions  # noqa: E402
+from grpo.config import Config, load_config, to_dict  # noqa: E402
+from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions, slice_prompts  # noqa: E402
 from models.loading import end_token_ids, load_generation_config, load_model, load_processor  # noqa: E402
 from models.policy import audio_output_lengths, completion_logprobs, prompt_embeddings, suppressed_token_ids  # noqa: E402
 
@@ -81,14 +110,20 @@ BUILT_MODELS = {
     "anchor": dict(text_hidden=256, text_layers=4, audio_hidden=256, audio_layers=4, audio_seconds=30),
 }
 
-# R1-AQA's sampling (SPEC 1): temperature 1.0, top-k 50, top-p 1.0
-TEMPERATURE, TOP_K, TOP_P = 1.0, 50, 1.0
+# The benchmark's settings when no --config is given: R1-AQA's sampling (SPEC 1: temperature
+# 1.0, top-k 50, top-p 1.0), loss, beta and lr, at a CPU-sized shape, in one micro-batch.
+BENCH_DEFAULTS = [
+    "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=16",
+    "rollout.temperature=1.0", "rollout.top_k=50", "rollout.top_p=1.0",
+    "algorithm.beta=0.04", "algorithm.mu=1", "algorithm.loss_type=grpo", "optimizer.lr=1e-6",
+]
 QUESTIONS = [
     ("What is the main sound source in the audio?", ["dog", "cat", "bird", "car"]),
     ("Is the pitch of the tone rising or falling?", ["rising", "falling", "steady"]),
     ("How many times does the sound repeat?", ["one", "two", "three", "four"]),
     ("Which tone is louder, the first or the second?", ["first", "second"]),
 ]
+PHASES = ("rollout", "reference", "old_logprobs", "forward_backward", "optimizer")
 
 
 # --------------------------------------------------------------------------- models and prompts
@@ -108,9 +143,17 @@ def tone_clips(n, seconds, sr=16000):
             for i in range(n)]
 
 
-def checkpoint_setup(path, name, *, n_prompts, clip_seconds, device, dtype, new_tokens):
-    """A checkpoint directory (tiny, small or a real one): prompts through the real processor, prompt <2>."""
-    model = load_model(path, dtype=dtype, device=device)
+def fixed_length_settings(new_tokens, ends, pad_id, suppress, *, temperature=1.0, top_k=50, top_p=1.0):
+    """The sampling settings with the end tokens suppressed too: every completion runs to new_tokens."""
+    return SamplingSettings(max_new_tokens=new_tokens, end_token_ids=list(ends), pad_token_id=pad_id,
+                            suppress_token_ids=sorted(set(suppress) | set(ends)), temperature=temperature,
+                            top_k=top_k, top_p=top_p)
+
+
+def checkpoint_setup(path, name, *, n_prompts, clip_seconds, device, dtype, new_tokens, temperature=1.0,
+                     top_k=50, top_p=1.0, template=2, attn_implementation="sdpa"):
+    """A checkpoint directory (tiny, small or a real one): prompts through the real processor."""
+    model = load_model(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
     processor = load_processor(path)
     gen = load_generation_config(path)
     ends = end_token_ids(gen)
@@ -118,16 +161,18 @@ def checkpoint_setup(path, name, *, n_prompts, clip_seconds, device, dtype, new_
     clip_seconds = min(clip_seconds, window)
     samples = [Sample(id=f"bench-{i}", audio_path="", question=q, choices=c, answer=c[0], task=None, meta={})
                for i, (q, c) in enumerate(QUESTIONS[i % len(QUESTIONS)] for i in range(n_prompts))]
-    prompts = prompt_batch(samples, tone_clips(n_prompts, clip_seconds), processor, template=2, device=device)
+    prompts = prompt_batch(samples, tone_clips(n_prompts, clip_seconds), processor, template=template, device=device)
     vocab = model.config.text_config.vocab_size
     settings = fixed_length_settings(
         new_tokens, ends, gen.pad_token_id if gen.pad_token_id is not None else ends[-1],
         # ids the tokenizer does not have (small's vocabulary is padded) are never sampled either
-        suppressed_token_ids(processor.tokenizer, vocab_size=vocab))
+        suppressed_token_ids(processor.tokenizer, vocab_size=vocab),
+        temperature=temperature, top_k=top_k, top_p=top_p)
     return Setup(model, prompts, settings, f"{name} ({clip_seconds:g} s clips, {window} s window)")
 
 
-def random_7b_setup(*, n_prompts, clip_seconds, device, dtype, new_tokens):
+def random_7b_setup(*, n_prompts, clip_seconds, device, dtype, new_tokens, temperature=1.0, top_k=50, top_p=1.0,
+                    template=2, attn_implementation="sdpa"):
     """Qwen2-Audio-7B's architecture with random weights, built on the GPU (no tokenizer: the prompts'
     token ids are built by hand with the chat template's structure, SPEC 1)."""
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
@@ -135,6 +180,7 @@ def random_7b_setup(*, n_prompts, clip_seconds, device, dtype, new_tokens):
     spec = yaml.safe_load(CONFIG_7B.read_text())
     config = Qwen2AudioConfig(audio_config=spec["audio_config"], text_config=spec["text_config"],
                               audio_token_index=spec["audio_token_id"])
+    config._attn_implementation = attn_implementation
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in bf16 directly: an fp32 8B model would need 33 GB
     try:
@@ -166,31 +212,32 @@ def random_7b_setup(*, n_prompts, clip_seconds, device, dtype, new_tokens):
                "feature_attention_mask": feature_mask.contiguous()}
     prompts = {k: v.to(device) for k, v in prompts.items()}
     suppress = [ids[k] for k in ("audio", "audio_bos", "audio_eos", "im_start")]
-    settings = fixed_length_settings(new_tokens, spec["end_token_ids"], spec["pad_token_id"], suppress)
+    settings = fixed_length_settings(new_tokens, spec["end_token_ids"], spec["pad_token_id"], suppress,
+                                     temperature=temperature, top_k=top_k, top_p=top_p)
     return Setup(model, prompts, settings, f"Qwen2-Audio-7B architecture, random weights ({clip_seconds:g} s clips)")
 
 
-def fixed_length_settings(new_tokens, ends, pad_id, suppress):
-    """R1-AQA's sampling with the end tokens suppressed too: every completion runs to new_tokens."""
-    return SamplingSettings(max_new_tokens=new_tokens, end_token_ids=list(ends), pad_token_id=pad_id,
-                            suppress_token_ids=sorted(set(suppress) | set(ends)), temperature=TEMPERATURE,
-                            top_k=TOP_K, top_p=TOP_P)
-
-
-def build_setup(args, device, dtype, tmp):
-    common = dict(n_prompts=args.prompts, clip_seconds=args.clip_seconds, device=device, dtype=dtype,
-                  new_tokens=args.new_tokens)
-    if args.model == "7b-random":
+def build_setup(model_name, cfg: Config, args, device, dtype, tmp):
+    r = cfg.rollout
+    common = dict(n_prompts=r.prompts_per_step, clip_seconds=args.clip_seconds, device=device, dtype=dtype,
+                  new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                  template=cfg.data.prompt_template, attn_implementation=cfg.model.attn_implementation)
+    if model_name == "7b-random":
         if device.type != "cuda":
             raise SystemExit("--model 7b-random needs --device cuda: 8.4B parameters in bf16 with gradients "
                              "and optimizer state do not fit a CPU run (use --model small on CPU)")
         return random_7b_setup(**common)
-    if args.model in BUILT_MODELS:
+    if model_name in BUILT_MODELS:
         from models.tiny import build_tiny_checkpoint
 
-        path = build_tiny_checkpoint(Path(tmp) / args.model, seed=0, **BUILT_MODELS[args.model])
-        return checkpoint_setup(path, args.model, **common)
-    return checkpoint_setup(args.model, args.model, **common)
+        path = build_tiny_checkpoint(Path(tmp) / model_name, seed=0, **BUILT_MODELS[model_name])
+        return checkpoint_setup(path, model_name, **common)
+    if model_name is None:  # the config's model, built as the trainer builds it when asked to
+        from grpo.trainer import prepare_model
+
+        prepare_model(cfg)
+        model_name = cfg.model.path
+    return checkpoint_setup(model_name, model_name, **common)
 
 
 # --------------------------------------------------------------------------- the two ways to call the model
@@ -201,33 +248,39 @@ def repeat_prompts(prompts, G):
     return {k: v.repeat_interleave(G, dim=0) for k, v in prompts.items()}
 
 
-def ours_generate(model, prompts, s, G, step):
+def ours_generate(model, prompts, s, G, step, chunk_prompts=None):
     # the trainer's rollout: one row seed per completion (counter-based sampling)
-    seeds = completion_seeds(0, step, 0, list(range(prompts["input_ids"].shape[0])), G)
-    return sample_completions(model, prompts, s, group_size=G, chunk_prompts=prompts["input_ids"].shape[0],
+    B = prompts["input_ids"].shape[0]
+    seeds = completion_seeds(0, step, 0, list(range(B)), G)
+    return sample_completions(model, prompts, s, group_size=G, chunk_prompts=chunk_prompts or B,
                               row_seeds=seeds)  # [N, T]
 
 
-def ours_logprobs(model, prompts, ids, G, temperature):
+def ours_logprobs(model, prompts, ids, G, temperature, with_entropy=False):
     embeds = prompt_embeddings(model, **prompts).repeat_interleave(G, dim=0)  # [N, P, H], clip encoded once
     pmask = prompts["attention_mask"].repeat_interleave(G, dim=0)  # [N, P]
-    return completion_logprobs(model, embeds, pmask, ids, temperature=temperature)  # [N, T]
+    return completion_logprobs(model, embeds, pmask, ids, temperature=temperature, with_entropy=with_entropy)
 
 
 @torch.no_grad()
-def naive_generate(model, prompts, s, G, step):
+def naive_generate(model, prompts, s, G, step, chunk_prompts=None):
     from transformers import GenerationConfig
 
     torch.manual_seed(step)  # HF sampling draws from the global generator
-    rep = repeat_prompts(prompts, G)  # [N, ...]: the encoder runs on every copy during prefill
     config = GenerationConfig(do_sample=True, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                               top_k=s.top_k, top_p=s.top_p, eos_token_id=s.end_token_ids,
                               pad_token_id=s.pad_token_id, suppress_tokens=s.suppress_token_ids)
-    out = model.generate(**rep, generation_config=config)  # [N, P+T]
-    return out[:, rep["input_ids"].shape[1]:]  # [N, T]
+    B = prompts["input_ids"].shape[0]
+    chunk_prompts = chunk_prompts or B
+    out = []
+    for start in range(0, B, chunk_prompts):
+        rep = repeat_prompts(slice_prompts(prompts, start, start + chunk_prompts), G)  # [n, ...]: G encoder passes
+        ids = model.generate(**rep, generation_config=config)  # [n, P+T]
+        out.append(ids[:, rep["input_ids"].shape[1]:])  # [n, T]
+    return torch.cat(out)  # [N, T]: fixed length, the end tokens are suppressed
 
 
-def naive_logprobs(model, prompts, ids, G, temperature):
+def naive_logprobs(model, prompts, ids, G, temperature, with_entropy=False):
     rep = repeat_prompts(prompts, G)
     P = rep["input_ids"].shape[1]
     input_ids = torch.cat([rep["input_ids"], ids], dim=1)  # [N, P+T]
@@ -237,10 +290,73 @@ def naive_logprobs(model, prompts, ids, G, temperature):
     # TRL 0.14's _get_per_token_logps: log_softmax at every position, then keep the completion's
     logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # [N, P+T-1, V] fp32
     token_logp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [N, P+T-1]
-    return token_logp[:, P - 1:]  # [N, T]
+    return token_logp[:, P - 1:]  # [N, T]  (TRL 0.14 logs no entropy: with_entropy is ignored)
 
 
 MODES = {"ours": (ours_generate, ours_logprobs), "naive": (naive_generate, naive_logprobs)}
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+class CPUOffloadOptimizer:
+    """An optimizer whose state, and the copy of the parameters it updates, live on the CPU.
+
+    step(): gradients to the CPU (pinned buffers), the optimizer step there (fused AdamW where
+    torch has it), the new weights back to the device. The device then holds only the weights,
+    gradients and activations: for the 7B in bf16, AdamW's 2 x 16.8 GB of state move to the host.
+    """
+
+    def __init__(self, params, make):
+        self.params = list(params)
+        pin = bool(self.params) and self.params[0].is_cuda
+        self.host = []
+        for p in self.params:
+            h = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
+            h.copy_(p.detach())
+            h.grad = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
+            self.host.append(h)
+        self._grads = [h.grad for h in self.host]
+        self.optimizer = make(self.host, cpu=True)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def step(self):
+        for p, h, g in zip(self.params, self.host, self._grads):
+            if p.grad is None:  # no gradient: the optimizer skips it, as it would on the device
+                h.grad = None
+            else:
+                h.grad = g
+                g.copy_(p.grad, non_blocking=True)
+        if self.params and self.params[0].is_cuda:
+            torch.cuda.synchronize(self.params[0].device)
+        self.optimizer.step()
+        for p, h in zip(self.params, self.host):
+            p.data.copy_(h, non_blocking=True)
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def make_optimizer(model, cfg: Config, name, cpu_offload):
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optimizer
+
+    def make(ps, cpu=False):
+        if name == "sgd":  # no optimizer state: lets the 7B fit one 80 GB GPU without offload
+            return torch.optim.SGD(ps, lr=o.lr)
+        kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay)
+        if cpu:
+            try:  # one vectorised kernel over all parameters on the CPU (torch >= 2.4)
+                return torch.optim.AdamW(ps, fused=True, **kwargs)
+            except (RuntimeError, TypeError, ValueError):
+                pass
+        return torch.optim.AdamW(ps, **kwargs)  # what the trainer builds
+
+    return CPUOffloadOptimizer(params, make) if cpu_offload else make(params)
 
 
 # --------------------------------------------------------------------------- timing and memory
@@ -291,90 +407,145 @@ def timed(device, fn):
 # --------------------------------------------------------------------------- one step
 
 
-def grpo_step(setup, optimizer, mode, *, G, beta, step, device):
-    """One GRPO step in `mode`: {phase: (seconds, peak GB)} and the loss."""
+class Bench:
+    """The model, prompts, settings and optimizer shared by both modes."""
+
+    def __init__(self, setup, cfg: Config, optimizer, device):
+        self.setup, self.cfg, self.optimizer, self.device = setup, cfg, optimizer, device
+        self.G = cfg.rollout.group_size
+        self.B = setup.prompts["input_ids"].shape[0]
+        self.N = self.B * self.G
+        self.T = setup.settings.max_new_tokens
+        mb = cfg.algorithm.micro_batch_prompts
+        self.micro_batches = [(lo, min(lo + mb, self.B)) for lo in range(0, self.B, mb)]
+        # tokens through one log-prob pass: the real prompt tokens of every row, plus T per completion
+        self.pass_tokens = int(setup.prompts["attention_mask"].sum()) * self.G + self.N * self.T
+        self.params = [p for p in setup.model.parameters() if p.requires_grad]
+
+
+def logprobs_no_grad(bench, logprobs_fn, ids):
+    """log pi of the completions, micro-batch by micro-batch, no gradients: [N, T]."""
+    prompts, G, s = bench.setup.prompts, bench.G, bench.setup.settings
+    with torch.no_grad():
+        return torch.cat([logprobs_fn(bench.setup.model, slice_prompts(prompts, lo, hi), ids[lo * G:hi * G], G,
+                                      s.temperature) for lo, hi in bench.micro_batches])
+
+
+def grpo_step(bench, mode, step):
+    """One GRPO step in `mode`: {phase: (seconds, peak GB)}, the loss and the trained tokens."""
+    setup, cfg, device, G = bench.setup, bench.cfg, bench.device, bench.G
     model, prompts, s = setup.model, setup.prompts, setup.settings
+    a = cfg.algorithm
     generate_fn, logprobs_fn = MODES[mode]
-    N = prompts["input_ids"].shape[0] * G
     phases = {}
 
     model.eval()
-    ids, t, mem = timed(device, lambda: generate_fn(model, prompts, s, G, step))
-    phases["generation"] = (t, mem)
-    if ids.shape != (N, s.max_new_tokens):
-        raise RuntimeError(f"{mode}: completions {tuple(ids.shape)}, expected {(N, s.max_new_tokens)}")
+    ids, t, mem = timed(device, lambda: generate_fn(model, prompts, s, G, step,
+                                                    chunk_prompts=cfg.rollout.generation_batch_prompts))
+    phases["rollout"] = (t, mem)
+    if ids.shape != (bench.N, bench.T):
+        raise RuntimeError(f"{mode}: completions {tuple(ids.shape)}, expected {(bench.N, bench.T)}")
     mask = completion_mask(ids, s.end_token_ids)  # [N, T], all true: the end tokens are suppressed
-    rewards = torch.randint(0, 2, (N,), generator=torch.Generator().manual_seed(step)).float()
-    advantages = group_advantages(rewards, G).to(device)  # [N]
+    rewards = torch.randint(0, 2, (bench.N,), generator=torch.Generator().manual_seed(step)).float()
+    advantages = group_advantages(rewards, G, scale=a.advantage_scale, eps=a.advantage_eps).to(device)  # [N]
+    total_tokens = int(mask.sum())
 
-    ref_logp = None
-    if beta > 0:
-        def reference():
-            with torch.no_grad():
-                return logprobs_fn(model, prompts, ids, G, s.temperature)
-        ref_logp, t, mem = timed(device, reference)
+    ref_logp = old_logp = None
+    if a.beta > 0:
+        ref_logp, t, mem = timed(device, lambda: logprobs_no_grad(bench, logprobs_fn, ids))
         phases["reference"] = (t, mem)
+    if a.mu > 1:
+        old_logp, t, mem = timed(device, lambda: logprobs_no_grad(bench, logprobs_fn, ids))
+        phases["old_logprobs"] = (t, mem)
 
-    def update():
+    def forward_backward():
         model.train()
-        logp = logprobs_fn(model, prompts, ids, G, s.temperature)  # [N, T] with gradients
-        loss, _ = policy_loss(logp, logp.detach(), advantages, mask, ref_logp=ref_logp, beta=beta)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        loss_total = 0.0
+        for lo, hi in bench.micro_batches:
+            c = slice(lo * G, hi * G)
+            out = logprobs_fn(model, slice_prompts(prompts, lo, hi), ids[c], G, s.temperature,
+                              with_entropy=mode == "ours")  # the trainer logs the entropy
+            logp, entropy = out if isinstance(out, tuple) else (out, None)
+            old = old_logp[c] if old_logp is not None else logp.detach()
+            loss, stats = policy_loss(
+                logp, old, advantages[c], mask[c], ref_logp=None if ref_logp is None else ref_logp[c], beta=a.beta,
+                kl_estimator=a.kl_estimator, eps_low=a.eps_low, eps_high=a.eps_high,
+                importance_level=a.importance_level, loss_type=a.loss_type, max_completion_length=bench.T,
+                total_sequences=bench.N, total_tokens=total_tokens)
+            loss.backward()
+            loss_total += loss.item()
+            if entropy is not None:
+                float((entropy.detach() * mask[c]).sum())
+        return loss_total
 
-    loss, t, mem = timed(device, update)
-    phases["update"] = (t, mem)
+    def optimizer_step():
+        max_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.max_grad_norm > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(bench.params, max_norm))
+        bench.optimizer.step()
+        bench.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    fb, opt = [], []
+    for _ in range(a.mu):
+        loss, t, mem = timed(device, forward_backward)
+        fb.append((t, mem))
+        _, t, mem = timed(device, optimizer_step)
+        opt.append((t, mem))
+    phases["forward_backward"] = (sum(t for t, _ in fb), max(m for _, m in fb))
+    phases["optimizer"] = (sum(t for t, _ in opt), max(m for _, m in opt))
     return phases, loss
 
 
-def make_optimizer(model, name):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if name == "sgd":  # no optimizer state: lets the 7B fit one 80 GB GPU
-        return torch.optim.SGD(params, lr=1e-6)
-    return torch.optim.AdamW(params, lr=1e-6)  # R1-AQA's lr (SPEC 1)
-
-
-def run_mode(setup, mode, args, device):
-    """Warm-up steps, then `repeats` timed steps: the median of each phase, tokens/s, peak memory."""
-    optimizer = make_optimizer(setup.model, args.optimizer)
-    n_tokens = args.prompts * args.group_size * args.new_tokens
-    steps = []
-    for i in range(args.warmup + args.repeats):
-        phases, loss = grpo_step(setup, optimizer, mode, G=args.group_size, beta=args.beta, step=i, device=device)
-        if i >= args.warmup:
-            steps.append(phases)
-        print(f"  {mode} step {i}{' (warm-up)' if i < args.warmup else ''}: "
-              + ", ".join(f"{k} {t:.3f} s" for k, (t, _) in phases.items()), file=sys.stderr, flush=True)
-    del optimizer
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
+def summarize(bench, steps, loss):
+    """Medians over the timed steps, throughputs and peaks of one mode."""
+    mu = bench.cfg.algorithm.mu
+    gen_tokens = bench.N * bench.T
     result = {"loss": loss, "phases": {}}
-    for name in steps[0]:
+    for name in [p for p in PHASES if p in steps[0]]:
         seconds = [p[name][0] for p in steps]
-        result["phases"][name] = {"seconds": statistics.median(seconds), "all_seconds": seconds,
-                                  "tokens_per_s": n_tokens / statistics.median(seconds),
+        med = statistics.median(seconds)
+        tokens = {"rollout": gen_tokens, "reference": bench.pass_tokens, "old_logprobs": bench.pass_tokens,
+                  "forward_backward": bench.pass_tokens * mu}.get(name)
+        result["phases"][name] = {"seconds": med, "all_seconds": seconds,
+                                  "tokens_per_s": tokens / med if tokens else None,
                                   "peak_memory_gb": max(p[name][1] for p in steps)}
     total = [sum(t for t, _ in p.values()) for p in steps]
-    result["total"] = {"seconds": statistics.median(total), "all_seconds": total,
-                       "tokens_per_s": n_tokens / statistics.median(total),
-                       "peak_memory_gb": max(m for p in steps for _, m in p.values())}
+    med = statistics.median(total)
+    result["step"] = {
+        "seconds": med, "all_seconds": total,
+        "completions_per_s": bench.N / med,
+        "generated_tokens_per_s": gen_tokens / med,
+        # prompt + completion tokens through the policy forward/backward, per second of that phase
+        "training_tokens_per_s": bench.pass_tokens * mu / result["phases"]["forward_backward"]["seconds"],
+        "peak_memory_gb": max(m for p in steps for _, m in p.values()),
+    }
     return result
+
+
+def run_modes(bench, modes, args):
+    """Warm-up steps of each mode, then `repeats` timed steps, the modes alternating step by step."""
+    steps = {m: [] for m in modes}
+    losses = {}
+    for i in range(args.warmup + args.repeats):
+        for mode in modes:
+            phases, losses[mode] = grpo_step(bench, mode, step=i)
+            if i >= args.warmup:
+                steps[mode].append(phases)
+            print(f"  {mode} step {i}{' (warm-up)' if i < args.warmup else ''}: "
+                  + ", ".join(f"{k} {t:.3f} s" for k, (t, _) in phases.items()), file=sys.stderr, flush=True)
+    return {m: summarize(bench, steps[m], losses[m]) for m in modes}
 
 
 # --------------------------------------------------------------------------- correctness cross-check
 
 
-def cross_check(setup, G, device):
+def cross_check(bench):
     """Both paths on the same sampled completions: log-probs, loss and a few parameters' gradients.
 
     The update is the same function of the log-probs in both modes, so equal log-probs and
     gradients mean the two modes train the same model (only the cost differs).
     """
+    setup, device, G, a = bench.setup, bench.device, bench.G, bench.cfg.algorithm
     model, prompts, s = setup.model, setup.prompts, setup.settings
     model.eval()  # no dropout: the two forwards must see the same function
     ids = ours_generate(model, prompts, s, G, step=12345)
@@ -394,7 +565,8 @@ def cross_check(setup, G, device):
     out = {}
     for mode, (_, logprobs_fn) in MODES.items():
         logp = logprobs_fn(model, prompts, ids, G, s.temperature)
-        loss, _ = policy_loss(logp, old, advantages, mask)
+        loss, _ = policy_loss(logp, old, advantages, mask, loss_type=a.loss_type, max_completion_length=ids.shape[1],
+                              eps_low=a.eps_low, eps_high=a.eps_high, importance_level=a.importance_level)
         loss.backward()
         out[mode] = (logp.detach().float(), loss.item(), {k: p.grad.detach().float().clone() for k, p in watched.items()})
         model.zero_grad(set_to_none=True)
@@ -412,20 +584,29 @@ def cross_check(setup, G, device):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny", help="tiny | small | anchor | 7b-random | PATH to a checkpoint directory")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, as for train.py (applied last)")
+    p.add_argument("--config", help="a training config (YAML): model, batch shape, sampling, loss, optimizer")
+    p.add_argument("--model", default=None, help="tiny | small | anchor | 7b-random | PATH to a checkpoint "
+                   "directory (default: the config's model.path, or tiny without --config)")
     p.add_argument("--mode", default="both", choices=["ours", "naive", "both"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--prompts", type=int, default=2, help="B, prompts per step")
-    p.add_argument("--group-size", type=int, default=4, help="G, completions per prompt")
-    p.add_argument("--new-tokens", type=int, default=16, help="T, tokens per completion (fixed)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
+                   help="model.dtype (auto: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--prompts", type=int, default=None, help="B, prompts per step (rollout.prompts_per_step)")
+    p.add_argument("--group-size", type=int, default=None, help="G, completions per prompt (rollout.group_size)")
+    p.add_argument("--new-tokens", type=int, default=None, help="T, tokens per completion, fixed "
+                   "(rollout.max_new_tokens)")
+    p.add_argument("--beta", type=float, default=None, help="algorithm.beta; > 0 adds the reference pass")
     p.add_argument("--clip-seconds", type=float, default=10.0, help="audio per prompt (AVQA: 10 s), "
                    "capped at the model's window")
-    p.add_argument("--beta", type=float, default=0.04, help="KL weight; > 0 adds the reference log-prob pass")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--cpu-offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="optimizer state (and its copy of the weights) on the CPU (default: "
+                   "distribution.cpu_offload)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="activation checkpointing in both modes (default: on for 7b-random only)")
+                   help="activation checkpointing in both modes (default: distribution.activation_checkpointing, "
+                   "on for 7b-random)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per mode (the median is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a "
@@ -436,52 +617,87 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def resolve_config(args) -> Config:
+    """The config file (or the benchmark's defaults), then the flag shorthands, then the overrides."""
+    overrides = [] if args.config else list(BENCH_DEFAULTS)
+    flags = {"rollout.prompts_per_step": args.prompts, "rollout.group_size": args.group_size,
+             "rollout.max_new_tokens": args.new_tokens, "algorithm.beta": args.beta, "model.dtype": args.dtype}
+    overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
+    overrides += list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if not args.config:  # one micro-batch and one generation batch holding all B prompts, unless told
+        given = {o.split("=", 1)[0] for o in args.overrides}
+        if "algorithm.micro_batch_prompts" not in given:
+            cfg.algorithm.micro_batch_prompts = cfg.rollout.prompts_per_step
+        if "rollout.generation_batch_prompts" not in given:
+            cfg.rollout.generation_batch_prompts = cfg.rollout.prompts_per_step
+    if cfg.algorithm.name != "grpo":
+        raise SystemExit(f"algorithm.name={cfg.algorithm.name}: the benchmark times GRPO steps")
+    return cfg
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    cfg = resolve_config(args)
+    model_name = args.model if args.model is not None else (None if args.config else "tiny")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
     modes = ["ours", "naive"] if args.mode == "both" else [args.mode]
 
     with tempfile.TemporaryDirectory() as tmp:
-        setup = build_setup(args, device, dtype, tmp)
+        setup = build_setup(model_name, cfg, args, device, dtype, tmp)
     model = setup.model
     model.requires_grad_(True)
     model.model.audio_tower.embed_positions.requires_grad_(False)  # fixed sinusoids, as set_trainable does
-    grad_ckpt = args.grad_checkpointing if args.grad_checkpointing is not None else args.model == "7b-random"
+    if args.grad_checkpointing is not None:
+        grad_ckpt = args.grad_checkpointing
+    else:
+        grad_ckpt = cfg.distribution.activation_checkpointing or model_name == "7b-random"
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cpu_offload = args.cpu_offload if args.cpu_offload is not None else cfg.distribution.cpu_offload
+    bench = Bench(setup, cfg, make_optimizer(model, cfg, args.optimizer, cpu_offload), device)
 
+    r, a = cfg.rollout, cfg.algorithm
     results = {
-        "model": args.model, "description": setup.description,
+        "model": model_name if model_name is not None else cfg.model.path, "description": setup.description,
+        "command": " ".join(["benchmarks/bench_step.py", *(argv if argv is not None else sys.argv[1:])]),
+        "config_file": args.config,
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})",
         "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
         "load_average_at_start": os.getloadavg()[0],  # other processes on the machine skew CPU timings
-        "shape": {"prompts": args.prompts, "group_size": args.group_size, "new_tokens": args.new_tokens,
-                  "prompt_length": setup.prompts["input_ids"].shape[1], "clip_seconds": args.clip_seconds,
-                  "beta": args.beta, "optimizer": args.optimizer, "grad_checkpointing": grad_ckpt},
+        "shape": {"prompts": bench.B, "group_size": bench.G, "new_tokens": bench.T,
+                  "prompt_length": setup.prompts["input_ids"].shape[1],
+                  "prompt_tokens": int(setup.prompts["attention_mask"].sum()),
+                  "tokens_per_logprob_pass": bench.pass_tokens, "clip_seconds": args.clip_seconds,
+                  "generation_batch_prompts": r.generation_batch_prompts,
+                  "micro_batch_prompts": a.micro_batch_prompts, "beta": a.beta, "mu": a.mu,
+                  "loss_type": a.loss_type, "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p,
+                  "optimizer": args.optimizer, "lr": cfg.optimizer.lr, "max_grad_norm": cfg.optimizer.max_grad_norm,
+                  "cpu_offload": cpu_offload, "grad_checkpointing": grad_ckpt},
+        "config": to_dict(cfg),
         "memory": "torch.cuda.max_memory_allocated per phase" if device.type == "cuda"
         else "peak RSS per phase (VmHWM, reset via /proc/self/clear_refs)",
         "modes": {},
     }
     print(f"{setup.description}: {results['parameters'] / 1e6:.2f}M parameters, prompt length "
           f"{results['shape']['prompt_length']}, {dtype}, {results['device']}", file=sys.stderr)
-    for mode in modes:
-        results["modes"][mode] = run_mode(setup, mode, args, device)
-        write_json(results, args.json)  # after each mode: a long run cut short keeps what it measured
+    results["modes"] = run_modes(bench, modes, args)
+    write_json(results, args.json)  # before the cross-check: a failure there keeps the timings
     if len(modes) == 2:
         ours, naive = results["modes"]["ours"], results["modes"]["naive"]
         results["speedup"] = {name: naive["phases"][name]["seconds"] / ours["phases"][name]["seconds"]
                               for name in ours["phases"]}
-        results["speedup"]["total"] = naive["total"]["seconds"] / ours["total"]["seconds"]
+        results["speedup"]["step"] = naive["step"]["seconds"] / ours["step"]["seconds"]
     if args.check if args.check is not None else len(modes) == 2:
-        results["check"] = cross_check(setup, args.group_size, device)
+        results["check"] = cross_check(bench)
 
     print_table(results)
     write_json(results, args.json)
@@ -495,13 +711,21 @@ def write_json(results, path):
 
 
 def print_table(r):
+    sh = r["shape"]
     print(f"\n{r['description']} | {r['parameters'] / 1e6:.2f}M params | {r['dtype']} | {r['device']} | "
-          f"B={r['shape']['prompts']} G={r['shape']['group_size']} T={r['shape']['new_tokens']} "
-          f"P={r['shape']['prompt_length']}")
-    print(f"{'mode':6} {'phase':11} {'median s':>9} {'tokens/s':>10} {'peak GB':>8}")
+          f"B={sh['prompts']} G={sh['group_size']} T={sh['new_tokens']} P={sh['prompt_length']} "
+          f"beta={sh['beta']} mu={sh['mu']} {sh['optimizer']}{' cpu-offload' if sh['cpu_offload'] else ''}")
+    print(f"{'mode':6} {'phase':17} {'median s':>9} {'tokens/s':>10} {'peak GB':>8}")
     for mode, m in r["modes"].items():
-        for name, ph in [*m["phases"].items(), ("total", m["total"])]:
-            print(f"{mode:6} {name:11} {ph['seconds']:9.3f} {ph['tokens_per_s']:10.1f} {ph['peak_memory_gb']:8.2f}")
+        for name, ph in m["phases"].items():
+            tps = f"{ph['tokens_per_s']:10.1f}" if ph["tokens_per_s"] else f"{'':10}"
+            print(f"{mode:6} {name:17} {ph['seconds']:9.3f} {tps} {ph['peak_memory_gb']:8.2f}")
+        st = m["step"]
+        print(f"{mode:6} {'step':17} {st['seconds']:9.3f} {'':10} {st['peak_memory_gb']:8.2f}   "
+              f"{st['completions_per_s']:.2f} completions/s, {st['generated_tokens_per_s']:.1f} generated tok/s, "
+              f"{st['training_tokens_per_s']:.1f} training tok/s")
+    print("tokens/s: rollout = generated tokens; reference, old_logprobs, forward_backward = prompt + completion "
+          "tokens through the model")
     if "speedup" in r:
         print("speed-up naive/ours: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["speedup"].items()))
     if "check" in r:

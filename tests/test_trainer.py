@@ -68,6 +68,14 @@ def max_weight_difference(a: Path, b: Path) -> float:
     return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
 
 
+def relative_weight_difference(a: Path, b: Path, start: Path) -> float:
+    """||w_a - w_b|| / ||w_a - w_start||: how far apart two runs ended, relative to how far they travelled."""
+    wa, wb, w0 = weights(a), weights(b), weights(start)
+    apart = sum(((wa[k].double() - wb[k].double()) ** 2).sum() for k in wa) ** 0.5
+    travelled = sum(((wa[k].double() - w0[k].double()) ** 2).sum() for k in wa) ** 0.5
+    return float(apart / travelled)
+
+
 def final_export(run_dir: Path) -> Path:
     steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
     return run_dir / "checkpoints" / f"step_{steps[-1]}" / "hf"
@@ -141,6 +149,50 @@ def test_missing_checkpoint_directory_is_named(tmp_path):
     assert str(missing) in proc.stderr
 
 
+# ----------------------------------------------------------------------------- in-process pieces
+
+
+def test_learning_rate_schedules():
+    from grpo.config import OptimizerConfig
+    from grpo.trainer import lr_at
+
+    linear = OptimizerConfig(lr=1.0, warmup_steps=2, schedule="linear")
+    assert [lr_at(u, 6, linear) for u in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    cosine = OptimizerConfig(lr=1.0, warmup_steps=2, schedule="cosine")
+    assert lr_at(4, 6, cosine) == pytest.approx(0.5) and lr_at(2, 6, cosine) == pytest.approx(1.0)
+    assert [lr_at(u, 6, OptimizerConfig(lr=0.1, schedule="constant")) for u in range(6)] == [0.1] * 6
+
+
+def test_non_finite_updates_are_skipped_counted_and_finally_stop_the_run(world, tmp_path):
+    from grpo.config import load_config
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+
+    cfg = load_config(TINY, short_run(world, tmp_path / "nan")[2:] + [
+        "checkpointing.save_on_signal=false", "logging.tensorboard=false", "optimizer.max_nonfinite_steps=2"])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+
+    def poisoned_step():
+        for p in params:
+            p.grad = torch.ones_like(p)
+        params[0].grad[0] = float("nan")
+        return trainer._optimizer_step(1.0)
+
+    assert math.isnan(poisoned_step())
+    assert all(torch.equal(p, b) for p, b in zip(params, before)), "a non-finite update must not touch the weights"
+    assert (trainer.nonfinite_in_a_row, trainer.nonfinite_total, trainer.update) == (1, 1, 0)
+    for p in params:  # a finite update resets the run of failures
+        p.grad = torch.ones_like(p)
+    trainer._optimizer_step(1.0)
+    assert (trainer.nonfinite_in_a_row, trainer.nonfinite_total, trainer.update) == (0, 1, 1)
+    assert not all(torch.equal(p, b) for p, b in zip(params, before))
+    poisoned_step()
+    with pytest.raises(FloatingPointError, match="max_nonfinite_steps=2"):
+        poisoned_step()
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -193,7 +245,7 @@ def two_process_run(world):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(one_process_run, two_process_run):
+def test_two_processes_train_like_one(world, one_process_run, two_process_run):
     """Same seed, same batch: FSDP on 2 gloo ranks samples the same completions, gets the same
     rewards, and ends at the same weights as one process (up to float summation order)."""
     one, two = history(one_process_run), history(two_process_run)
@@ -203,7 +255,10 @@ def test_two_processes_train_like_one(one_process_run, two_process_run):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-9), (a["step"], key)
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-3, abs=1e-5), a["step"]
-    assert max_weight_difference(final_export(one_process_run), final_export(two_process_run)) < 2e-3
+    # AdamW divides by sqrt(v): summation-order noise in near-zero gradients moves single
+    # entries by up to ~lr, so compare the runs' distance with the distance they travelled
+    assert relative_weight_difference(final_export(one_process_run), final_export(two_process_run),
+                                      world["model"]) < 1e-2
 
 
 # ----------------------------------------------------------------------------- stop and resume

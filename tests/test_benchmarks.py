@@ -9,26 +9,55 @@ speed-up would be comparing two different computations.
 import json
 
 import pytest
+import torch
 
 from benchmarks import bench_step
+
+ROOT = bench_step.ROOT
+FAST = ["--threads", "1", "--repeats", "1", "--warmup", "0"]  # 1 thread: no OpenMP waits on a busy machine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keep_torch_threads():
+    """--threads sets torch's thread count for the whole process: put it back for other test files."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
     bench_step.main(["--model", "tiny", "--mode", "both", "--device", "cpu", "--prompts", "1", "--group-size", "2",
-                     "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+                     "--new-tokens", "4", *FAST, "--json", str(out)])
     return json.loads(out.read_text())
+
+
+def _check_mode(mode, phases):
+    assert list(mode["phases"]) == phases
+    for name, phase in mode["phases"].items():
+        assert phase["seconds"] > 0 and phase["peak_memory_gb"] > 0
+        assert (phase["tokens_per_s"] is None) == (name == "optimizer")
+    step = mode["step"]
+    assert step["seconds"] == pytest.approx(sum(p["seconds"] for p in mode["phases"].values()))
+    for key in ("completions_per_s", "generated_tokens_per_s", "training_tokens_per_s", "peak_memory_gb"):
+        assert step[key] > 0, key
 
 
 def test_both_modes_timed(results):
     assert set(results["modes"]) == {"ours", "naive"}
-    for mode in results["modes"].values():
-        assert set(mode["phases"]) == {"generation", "reference", "update"}  # beta 0.04 by default
-        for phase in [*mode["phases"].values(), mode["total"]]:
-            assert phase["seconds"] > 0 and phase["tokens_per_s"] > 0 and phase["peak_memory_gb"] > 0
-    assert results["shape"]["prompts"] == 1 and results["shape"]["group_size"] == 2
-    assert set(results["speedup"]) == {"generation", "reference", "update", "total"}
+    for mode in results["modes"].values():  # beta 0.04 and mu 1 by default: no old_logprobs pass
+        _check_mode(mode, ["rollout", "reference", "forward_backward", "optimizer"])
+    sh = results["shape"]
+    assert (sh["prompts"], sh["group_size"], sh["new_tokens"], sh["mu"]) == (1, 2, 4, 1)
+    assert (sh["top_k"], sh["lr"], sh["beta"]) == (50, 1e-6, 0.04)  # R1-AQA's settings without --config
+    assert set(results["speedup"]) == {"rollout", "reference", "forward_backward", "optimizer", "step"}
+    # generated tokens over the rollout; prompt + completion tokens over the forward/backward
+    ours = results["modes"]["ours"]
+    assert ours["phases"]["rollout"]["tokens_per_s"] == pytest.approx(2 * 4 / ours["phases"]["rollout"]["seconds"])
+    assert sh["tokens_per_logprob_pass"] == 2 * sh["prompt_tokens"] + 2 * 4
+    assert ours["step"]["training_tokens_per_s"] == pytest.approx(
+        sh["tokens_per_logprob_pass"] / ours["phases"]["forward_backward"]["seconds"])
 
 
 def test_ours_and_naive_compute_the_same_thing(results):
@@ -40,21 +69,68 @@ def test_ours_and_naive_compute_the_same_thing(results):
         assert diff < 1e-4, name
 
 
-def test_naive_logprobs_match_ours_on_a_padded_batch(tiny_checkpoint):
-    """Left padding (two prompts of different lengths), temperature != 1, fp32."""
-    import torch
+def test_settings_from_a_training_config(tmp_path):
+    """--config with overrides: the model built at model.path (not in the repo's artifacts/),
+    the shape, mu > 1 (the old log-prob pass), micro-batches, and the CPU-offloaded optimizer."""
+    out = tmp_path / "cfg.json"
+    r = bench_step.main([
+        "--config", str(ROOT / "configs" / "tiny.yaml"), f"model.path={tmp_path / 'tiny'}",
+        "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=3", "algorithm.mu=2",
+        "algorithm.micro_batch_prompts=1", "algorithm.loss_type=dr_grpo", "--cpu-offload", *FAST,
+        "--no-check", "--json", str(out)])
+    assert (tmp_path / "tiny" / "config.json").is_file()
+    assert json.loads(out.read_text())["shape"] == r["shape"]
+    sh = r["shape"]
+    assert (sh["prompts"], sh["group_size"], sh["new_tokens"], sh["mu"]) == (2, 2, 3, 2)
+    # from configs/tiny.yaml: no top-k, lr 1e-3
+    assert (sh["top_k"], sh["lr"], sh["micro_batch_prompts"], sh["loss_type"]) == (0, 1e-3, 1, "dr_grpo")
+    assert sh["cpu_offload"] and r["config_file"].endswith("tiny.yaml")
+    for mode in r["modes"].values():
+        _check_mode(mode, ["rollout", "reference", "old_logprobs", "forward_backward", "optimizer"])
+    assert "check" not in r
 
+
+def test_cpu_offloaded_adamw_matches_adamw():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    cfg = bench_step.load_config(None, ["optimizer.lr=0.1", "optimizer.weight_decay=0.01"])
+    plain = bench_step.make_optimizer(a, cfg, "adamw", cpu_offload=False)
+    offloaded = bench_step.make_optimizer(b, cfg, "adamw", cpu_offload=True)
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        for model, opt in ((a, plain), (b, offloaded)):
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+        assert pb.grad is None
+
+
+def test_naive_logprobs_match_ours_on_a_padded_batch(tiny_checkpoint):
+    """Left padding (two prompts of different lengths), temperature != 1, fp32, generation in chunks."""
     setup = bench_step.checkpoint_setup(tiny_checkpoint, "tiny", n_prompts=2, clip_seconds=2.0,
                                         device=torch.device("cpu"), dtype=torch.float32, new_tokens=3)
     assert (setup.prompts["attention_mask"] == 0).any()  # really padded
     model = setup.model.eval()
-    ids = bench_step.naive_generate(model, setup.prompts, setup.settings, 2, step=0)  # [4, 3]
+    ids = bench_step.naive_generate(model, setup.prompts, setup.settings, 2, step=0, chunk_prompts=1)  # [4, 3]
     assert ids.shape == (4, 3)
     assert not torch.isin(ids, torch.tensor(setup.settings.suppress_token_ids)).any()  # no end token: fixed length
     with torch.no_grad():
         ours = bench_step.ours_logprobs(model, setup.prompts, ids, 2, temperature=0.7)
         naive = bench_step.naive_logprobs(model, setup.prompts, ids, 2, temperature=0.7)
     torch.testing.assert_close(ours, naive, atol=1e-4, rtol=1e-4)
+
+
+def test_ablations_run(tmp_path):
+    from benchmarks import ablations
+
+    r = ablations.main(["--model", "tiny", "--prompts", "1", "--group-size", "2", "--new-tokens", "2",
+                        "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "abl.json")])
+    assert list(r["rows"]) == ["encoder forward", "encoder fwd+bwd", "log-prob head fwd+bwd", "prefill (+1 token)",
+                               "sampling (T tokens)"]
+    assert all(row["naive_s"] > 0 and row["ours_s"] > 0 for row in r["rows"].values())
 
 
 def test_7b_random_refuses_cpu():

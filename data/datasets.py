@@ -185,31 +185,29 @@ def read_avqa(path, *, audio_root=None, on_error="raise", check_audio=False):
     return _read(path, parse, on_error, check_audio)
 
 
-def read_mmau(path, *, audio_root=None, on_error="raise", check_audio=False):
-    """MMAU JSON list. Audio is audio_root / audio_id ("./test-mini-audios/<id>.wav");
-    audio_root defaults to the JSON file's directory. No answer (MMAU test) -> answer None."""
+def _read_benchmark(path, audio_root, on_error, check_audio, *, audio_key, task_key):
+    """A benchmark file with `question`, `choices`, an answer, an audio path under `audio_key`
+    (relative to audio_root, default the file's directory) and the task under `task_key`."""
     root = os.fspath(audio_root) if audio_root is not None else os.path.dirname(os.path.abspath(path))
 
     def parse(rec):
         choices = _choices(rec, "choices")
-        return Sample(id=_id(rec), audio_path=_resolve(_get(rec, "audio_id"), root),
+        return Sample(id=_id(rec), audio_path=_resolve(_get(rec, audio_key), root),
                       question=_str(rec, "question"), choices=choices,
-                      answer=_answer_text(rec, choices), task=rec.get("task"), meta=rec)
+                      answer=_answer_text(rec, choices), task=rec.get(task_key), meta=rec)
 
     return _read(path, parse, on_error, check_audio)
+
+
+def read_mmau(path, *, audio_root=None, on_error="raise", check_audio=False):
+    """MMAU JSON list. Audio is audio_root / audio_id ("./test-mini-audios/<id>.wav");
+    audio_root defaults to the JSON file's directory. No answer (MMAU test) -> answer None."""
+    return _read_benchmark(path, audio_root, on_error, check_audio, audio_key="audio_id", task_key="task")
 
 
 def read_mmar(path, *, audio_root=None, on_error="raise", check_audio=False):
     """MMAR (JSONL, or the JSON list MMAR-meta.json). task = modality."""
-    root = os.fspath(audio_root) if audio_root is not None else os.path.dirname(os.path.abspath(path))
-
-    def parse(rec):
-        choices = _choices(rec, "choices")
-        return Sample(id=_id(rec), audio_path=_resolve(_get(rec, "audio_path"), root),
-                      question=_str(rec, "question"), choices=choices,
-                      answer=_answer_text(rec, choices), task=rec.get("modality"), meta=rec)
-
-    return _read(path, parse, on_error, check_audio)
+    return _read_benchmark(path, audio_root, on_error, check_audio, audio_key="audio_path", task_key="modality")
 
 
 READERS = {"avqa": read_avqa, "mmau": read_mmau, "mmar": read_mmar, "synthetic": read_avqa}

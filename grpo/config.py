@@ -263,13 +263,18 @@ def parse_override(text: str) -> dict:
     return {section: {key: value}}
 
 
-def validate(config: Config, source: str) -> None:
-    """Check values that must come from a fixed set, and the batch arithmetic."""
-    for dotted, allowed in CHOICES.items():
+def check_choices(config, choices: dict, source: str) -> None:
+    """Each ``section.key`` of ``choices`` must hold one of its allowed values."""
+    for dotted, allowed in choices.items():
         section, key = dotted.split(".")
         value = getattr(getattr(config, section), key)
         if value not in allowed:
             raise ConfigError(f"'{dotted}' in {source} is {value!r}; choose one of {list(allowed)}")
+
+
+def validate(config: Config, source: str) -> None:
+    """Check values that must come from a fixed set, and the batch arithmetic."""
+    check_choices(config, CHOICES, source)
     if config.rollout.group_size < 1 or config.rollout.prompts_per_step < 1:
         raise ConfigError(f"rollout.group_size and rollout.prompts_per_step in {source} must be >= 1")
     if config.algorithm.mu < 1:
@@ -278,9 +283,9 @@ def validate(config: Config, source: str) -> None:
         raise ConfigError(f"'algorithm.micro_batch_prompts' in {source} must be >= 1")
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (or only defaults when ``path`` is None) and apply overrides."""
-    config = Config()
+def read_into(config, path: str | Path | None, overrides=()) -> str:
+    """Apply a YAML file (if any) then ``section.key=value`` overrides to a config of
+    dataclass sections; returns where the values came from, for error messages."""
     source = "the defaults"
     if path is not None:
         path = Path(path)
@@ -294,7 +299,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         source = str(path)
     for text in overrides:
         apply_mapping(config, parse_override(text), f"command-line override '{text}'")
-    validate(config, source)
+    return source
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or only defaults when ``path`` is None) and apply overrides."""
+    config = Config()
+    validate(config, read_into(config, path, overrides))
     return config
 
 

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import yaml
 
 from data.scoring import extract_answer, ordered_groups, score_report
-from grpo.config import ConfigError, apply_mapping, parse_override
+from grpo.config import ConfigError, check_choices, read_into
 
 log = logging.getLogger(__name__)
 
@@ -112,24 +112,8 @@ def load_eval_config(path: str | Path | None, overrides: Sequence[str] = ()) -> 
     grpo.config's, shared with the training config).
     """
     config = EvalConfig()
-    source = "the defaults"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            mapping = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        apply_mapping(config, mapping, str(path))
-        source = str(path)
-    for text in overrides:
-        apply_mapping(config, parse_override(text), f"command-line override '{text}'")
-    for dotted, allowed in _CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(config, section), key)
-        if value not in allowed:
-            raise ConfigError(f"'{dotted}' in {source} is {value!r}; choose one of {list(allowed)}")
+    source = read_into(config, path, overrides)
+    check_choices(config, _CHOICES, source)
     if not config.data.path:
         raise ConfigError(f"'data.path' is not set in {source}")
     if config.generation.batch_size < 1 or config.generation.max_new_tokens < 1:

@@ -357,7 +357,9 @@ def shard_model(
     )
     units = [layer for layers in _layer_lists(model) for layer in layers]
     units += _entry_modules(model)
-    for unit in units:
+    # The root comes last: it owns no parameter left over (all sit in the units above) but
+    # ties them together: one lazy initialisation, one post-backward callback, recursive setters.
+    for unit in [*units, model]:
         fully_shard(
             unit,
             mesh=mesh,
@@ -366,16 +368,6 @@ def shard_model(
             offload_policy=offload_policy,
         )
         setattr(unit, _RESHARD_ATTR, reshard_after_forward)
-    # The root owns no parameter left over (all sit in the units above) but ties them
-    # together: one lazy initialisation, one post-backward callback, recursive setters.
-    fully_shard(
-        model,
-        mesh=mesh,
-        reshard_after_forward=reshard_after_forward,
-        mp_policy=mp_policy,
-        offload_policy=offload_policy,
-    )
-    setattr(model, _RESHARD_ATTR, reshard_after_forward)
 
     # 5. A divide factor of 1 with SUM collectives: the reduce-scatter adds the ranks'
     #    gradients and divides by nothing. Forcing SUM also keeps gloo (no PreMulSum) happy.

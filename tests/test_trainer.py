@@ -272,6 +272,22 @@ def test_a_run_logs_every_metric_and_writes_a_loadable_export(world, one_process
     assert max_weight_difference(export, world["model"]) > 1e-3  # training moved the weights
 
 
+def test_dynamic_sampling_resamples_when_groups_carry_no_signal(world, tmp_path):
+    """DAPO's dynamic sampling: while a group's G rewards are all equal (zero advantage),
+    more rounds are sampled, up to the bound, and the batch keeps informative groups first."""
+    out = tmp_path / "dapo"
+    train(short_run(world, out, "algorithm.dynamic_sampling=true", "algorithm.max_sampling_rounds=2",
+                    "algorithm.loss_type=token_mean", "algorithm.eps_high=0.28", "checkpointing.export=false"))
+    grpo = [r for r in history(out) if r["train/phase"] == 1.0]
+    assert all(1 <= r["train/sampling_rounds"] <= 3 for r in grpo)
+    resampled = [r for r in grpo if r["train/sampling_rounds"] > 1]
+    assert resampled, "no step needed a second round: the test did not exercise resampling"
+    # the kept batch has at least as much signal as the first round had
+    for r in resampled:
+        kept_zero_std = r["train/reward_std"] == 0
+        assert not (kept_zero_std and r["train/frac_reward_zero_std"] < 1.0)
+
+
 # ----------------------------------------------------------------------------- 1 process == 2 processes
 
 

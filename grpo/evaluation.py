@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 
 from data.scoring import extract_answer, ordered_groups, score_report
 from grpo.config import ConfigError, check_choices, read_into

@@ -343,7 +343,7 @@ class Trainer:
           6. log pi_old when mu > 1 and log pi_ref when beta > 0 (no gradients);
           7. count the loss tokens of the whole batch over all ranks.
         """
-        cfg, a, G = self.cfg, self.cfg.algorithm, self.cfg.rollout.group_size
+        a, G = self.cfg.algorithm, self.cfg.rollout.group_size
         self.model.eval()
         t0 = time.perf_counter()
         rounds = [self._sample_round(step, 0)]
@@ -608,10 +608,9 @@ class Trainer:
 
     def save(self) -> Path:
         """Full training state plus (optionally) a transformers-format export."""
-        export = None
-        if self.cfg.checkpointing.export:
-            def export(out_dir):
-                export_checkpoint(self.model, self.processor, self.generation_config, out_dir)
+        def export(out_dir):
+            export_checkpoint(self.model, self.processor, self.generation_config, out_dir)
+
         trainer_state = {
             "update": self.update,
             "nonfinite_total": self.nonfinite_total,
@@ -619,7 +618,8 @@ class Trainer:
         }
         path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, trainer_state,
                                {"stream": self.stream.state_dict()}, rank=self.rank,
-                               keep_last=self.cfg.checkpointing.keep_last, export_fn=export,
+                               keep_last=self.cfg.checkpointing.keep_last,
+                               export_fn=export if self.cfg.checkpointing.export else None,
                                extra_models=self._saved_models())
         if self.is_main:
             logger.info("checkpoint written: %s", path)
@@ -647,7 +647,19 @@ class Trainer:
         self.nonfinite_total = trainer_state.get("nonfinite_total", 0)
         self.stream.load_state_dict(rank_state["stream"])
         if self.is_main:
+            self._truncate_history(self.step)
             logger.info("resumed from %s at step %d", path, self.step)
+
+    def _truncate_history(self, step: int) -> None:
+        """Drop history lines after ``step``: a run that crashed after its last checkpoint
+        logged steps that the resumed run will log again."""
+        path = self.run_dir / "history.jsonl"
+        if path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            if len(kept) < len(lines):
+                path.write_text("".join(kept))
+                logger.info("history.jsonl: dropped %d line(s) after step %d", len(lines) - len(kept), step)
 
     # ----------------------------------------------------------------- the loop
 
@@ -671,7 +683,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        history = []
+        last: dict = {}
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             metrics = self.train_step()
@@ -688,10 +700,10 @@ class Trainer:
             if evaluate_now:
                 metrics["eval/greedy_accuracy"] = self.greedy_accuracy()
             self._log(metrics)
-            history.append({"step": self.step, **metrics})
+            last = metrics
             if self.is_main:  # one JSON line per step, written as it happens (survives a crash)
                 with (self.run_dir / "history.jsonl").open("a") as f:
-                    f.write(json.dumps(history[-1]) + "\n")
+                    f.write(json.dumps({"step": self.step, **metrics}) + "\n")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in
@@ -708,7 +720,7 @@ class Trainer:
             bar.close()
         if self.writer is not None:
             self.writer.flush()
-        return history[-1] if history else {}
+        return last
 
     def _log(self, metrics: dict) -> None:
         if not self.is_main:

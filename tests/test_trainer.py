@@ -362,6 +362,20 @@ def test_two_process_resume_after_the_warmup_equals_the_uninterrupted_run(world,
     assert max_weight_difference(final_export(out), final_export(two_process_run)) < 1e-5
 
 
+def test_resume_from_an_older_checkpoint_of_the_same_run_rewrites_its_tail(world, one_process_run, tmp_path):
+    """As after a crash past the last checkpoint: resuming from step SAVE_AT in the run's own
+    directory logs every step exactly once and ends at the same weights."""
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(one_process_run, out)
+    final = final_export(one_process_run)
+    train([*short_run(world, out, f"checkpointing.every={SAVE_AT}", "checkpointing.keep_last=2"),
+           "--resume", str(out / "checkpoints" / f"step_{SAVE_AT}")])
+    assert [r["step"] for r in history(out)] == list(range(1, WARMUP + GRPO_STEPS + 1))
+    assert max_weight_difference(final_export(out), final) < 1e-6
+
+
 def test_resume_with_another_number_of_processes_is_refused(world, one_process_run, tmp_path):
     checkpoint = one_process_run / "checkpoints" / f"step_{SAVE_AT}"
     proc = train([*short_run(world, tmp_path / "r"), "--resume", str(checkpoint)], nproc=2, check=False)

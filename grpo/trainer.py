@@ -352,13 +352,13 @@ class Trainer:
             for extra in range(1, a.max_sampling_rounds + 1):
                 informative = sum(int((r["rewards"].std(dim=1) > 0).sum()) for r in rounds)
                 short = torch.tensor([float(informative < self.local_prompts)])
-                if self._all_reduce(short, dist.ReduceOp.MAX if dist.is_initialized() else None).item() == 0:
+                if self._all_reduce(short, dist.ReduceOp.MAX).item() == 0:
                     break
                 rounds.append(self._sample_round(step, extra))
         batch = self._select_groups(rounds) if a.dynamic_sampling else rounds[0]
         samples, prompts, ids, texts = batch["samples"], batch["prompts"], batch["ids"], batch["texts"]
         # every rank pads to the same width, so micro-batches line up across ranks
-        width = int(self._all_reduce(torch.tensor([ids.shape[1]]), dist.ReduceOp.MAX if dist.is_initialized() else None))
+        width = int(self._all_reduce(torch.tensor([ids.shape[1]]), dist.ReduceOp.MAX))
         ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.sampling.pad_token_id)
         t_rollout = time.perf_counter() - t0
 
@@ -422,17 +422,21 @@ class Trainer:
         step = self.cfg.algorithm.micro_batch_prompts
         return [(i, min(i + step, n_prompts)) for i in range(0, n_prompts, step)]
 
+    def _group_logprobs(self, model, prompts: dict, lo: int, hi: int, ids: torch.Tensor, with_entropy=False):
+        """log pi(o_t) of the completions of prompts lo..hi: each clip encoded once, its
+        prompt embeddings repeated G times. ids: [(hi-lo)*G, T] -> [(hi-lo)*G, T] (and entropy)."""
+        G = ids.shape[0] // (hi - lo)
+        part = slice_prompts(prompts, lo, hi)
+        embeds = prompt_embeddings(model, **part).repeat_interleave(G, dim=0)  # [n, P, H]
+        pmask = part["attention_mask"].repeat_interleave(G, dim=0)  # [n, P]
+        return completion_logprobs(model, embeds, pmask, ids, temperature=self.cfg.rollout.temperature,
+                                   with_entropy=with_entropy)
+
     def _logprobs(self, model, prompts: dict, ids: torch.Tensor) -> torch.Tensor:
         """log pi(o_t) of given completions under ``model``, micro-batch by micro-batch: [N, T]."""
         G = ids.shape[0] // prompts["input_ids"].shape[0]
-        out = []
-        for lo, hi in self._micro_batches(prompts["input_ids"].shape[0]):
-            part = slice_prompts(prompts, lo, hi)
-            embeds = prompt_embeddings(model, **part).repeat_interleave(G, dim=0)
-            pmask = part["attention_mask"].repeat_interleave(G, dim=0)
-            out.append(completion_logprobs(model, embeds, pmask, ids[lo * G : hi * G],
-                                           temperature=self.cfg.rollout.temperature))
-        return torch.cat(out)
+        return torch.cat([self._group_logprobs(model, prompts, lo, hi, ids[lo * G : hi * G])
+                          for lo, hi in self._micro_batches(prompts["input_ids"].shape[0])])
 
     # ----------------------------------------------------------------- stage 2: update
 
@@ -460,11 +464,7 @@ class Trainer:
                 mask = traj.mask[c]
                 width = max(int(mask.any(dim=0).nonzero().max().item()) + 1, 1) if mask.any() else 1
                 ids, mask = traj.completion_ids[c, :width], mask[:, :width]  # trim padding columns
-                part = slice_prompts(traj.prompts, lo, hi)
-                embeds = prompt_embeddings(self.model, **part).repeat_interleave(G, dim=0)  # [n, P, H]
-                pmask = part["attention_mask"].repeat_interleave(G, dim=0)
-                logp, entropy = completion_logprobs(self.model, embeds, pmask, ids,
-                                                    temperature=cfg.rollout.temperature, with_entropy=True)
+                logp, entropy = self._group_logprobs(self.model, traj.prompts, lo, hi, ids, with_entropy=True)
                 old = traj.old_logp[c, :width] if traj.old_logp is not None else logp.detach()
                 ref = traj.ref_logp[c, :width] if traj.ref_logp is not None else None
                 loss, stats = policy_loss(
@@ -478,7 +478,7 @@ class Trainer:
                 (loss * self.world).backward()
                 loss_total += loss.item()
                 tokens = float(mask.sum().item())
-                trained_tokens += int(pmask.sum().item()) + int(tokens)
+                trained_tokens += int(traj.prompts["attention_mask"][lo:hi].sum()) * G + int(tokens)  # prompt rows x G
                 for key, value in stats.items():
                     if key != "tokens":
                         sums[key] = sums.get(key, 0.0) + float(value) * tokens
@@ -709,7 +709,7 @@ class Trainer:
                 bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in
                                  ("train/reward", "train/kl", "train/loss", "eval/greedy_accuracy") if k in metrics})
             stop = self._all_reduce(torch.tensor([float(self.stop_requested)]),
-                                    dist.ReduceOp.MAX if dist.is_initialized() else None).item() > 0
+                                    dist.ReduceOp.MAX).item() > 0
             every = cfg.checkpointing.every
             if stop or self.step == self.total_steps or (every and self.step % every == 0):
                 self.save()

@@ -3,16 +3,38 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
 
-.PHONY: install train test test-fast clean
+.PHONY: install check-install lock train test test-fast clean
 
-$(STAMP): pyproject.toml
+# Exactly the versions in the lock (direct and transitive), then the project itself without
+# resolving anything again, then a check that torch, torchaudio and transformers load together.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q "$$(grep -E '^pip==' $(LOCK))"
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(MAKE) --no-print-directory check-install
 	touch $(STAMP)
 
 install: $(STAMP)
+
+check-install:
+	@$(PY) scripts/check_install.py $(LOCK)
+
+# Refresh the lock on purpose: resolve pyproject.toml's ranges in a fresh venv, freeze it.
+# Then run `make clean test` on the new lock; commit it only if the tests pass.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q ".[test]"
+	.venv-lock/bin/python scripts/check_install.py
+	{ sed -n '1,/^# Python/p' $(LOCK); \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -vE '^(audio-grpo|wheel)'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
+	@echo "$(LOCK) refreshed: now run 'make clean test' and commit the lock only if it passes"
 
 # The whole pipeline on a tiny Qwen2-Audio and synthetic audio questions, on CPU.
 train: $(STAMP)

@@ -1,0 +1,50 @@
+"""Check that the installed torch, torchaudio and transformers load together (and, given a lock
+file, that they are the locked versions). Run at the end of `make install`; exits 1 with one
+clear line per problem, so a broken environment fails at install time, not at the first import.
+
+    python scripts/check_install.py [requirements.lock]
+"""
+
+import importlib
+import importlib.metadata
+import sys
+
+PACKAGES = ("torch", "torchaudio", "transformers")
+
+
+def locked_versions(path):
+    pins = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if "==" in line:
+                name, version = line.split("==", 1)
+                pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def main(argv):
+    problems = []
+    for name in PACKAGES:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # an import of a mismatched build fails with OSError, ImportError, ...
+            problems.append(f"{name} does not import: {type(e).__name__}: {str(e).splitlines()[0]}")
+    if len(argv) > 1:
+        pins = locked_versions(argv[1])
+        for dist in importlib.metadata.distributions():
+            name = dist.metadata["Name"].lower().replace("_", "-")
+            if name in pins and dist.version != pins[name]:
+                problems.append(f"{name} {dist.version} is installed but {argv[1]} locks {pins[name]}")
+    if problems:
+        print("install check failed:\n  " + "\n  ".join(problems), file=sys.stderr)
+        print("torch and torchaudio must be builds of the same release; reinstall with "
+              "'make clean install' (it installs the versions in requirements.lock)", file=sys.stderr)
+        return 1
+    versions = ", ".join(f"{n} {importlib.metadata.version(n)}" for n in PACKAGES)
+    print(f"install check: {versions} load together")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

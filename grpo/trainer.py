@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import resource
 import signal
 import time
@@ -173,6 +172,7 @@ class Trainer:
         self._barrier()
         d = cfg.data
         self.train_samples = read_dataset(d.format, d.train_path, audio_root=d.audio_root, on_error=d.on_error)
+        self.tasks = sorted({s.task for s in self.train_samples if s.task})  # question types, for metrics
         self.eval_samples = []
         if d.eval_path:
             self.eval_samples = read_dataset(d.format, d.eval_path, audio_root=d.audio_root, on_error=d.on_error)
@@ -401,8 +401,23 @@ class Trainer:
         }
         for name, values in batch["per_reward"].items():
             metrics[f"train/rewards/{name}/mean"] = self._mean(torch.tensor(values))
+        if len(self.tasks) > 1 and "accuracy" in rounds[0]["per_reward"]:  # which question types carry signal
+            first = rounds[0]
+            accuracy = torch.tensor(first["per_reward"]["accuracy"]).view(-1, G).mean(dim=1)  # [B]
+            for name, per_group in (("rewards/accuracy", accuracy), ("frac_reward_zero_std", zero_std_first)):
+                for task, value in self._per_task_means(first["samples"], per_group).items():
+                    metrics[f"train/{name}/{task}"] = value
         traj = Trajectory(samples, prompts, ids, mask, advantages.to(self.device), old_logp, ref_logp, total_tokens)
         return traj, metrics, texts
+
+    def _per_task_means(self, samples: list[Sample], values: torch.Tensor) -> dict[str, float]:
+        """Mean of ``values`` [B] over each task's questions, over all ranks (same tasks on every rank)."""
+        sums = torch.zeros(2, len(self.tasks), dtype=torch.float64)  # [sum, count] per task
+        for s, v in zip(samples, values.tolist()):
+            sums[0, self.tasks.index(s.task)] += v
+            sums[1, self.tasks.index(s.task)] += 1
+        sums = self._all_reduce(sums).cpu()
+        return {t: (sums[0, i] / sums[1, i]).item() for i, t in enumerate(self.tasks) if sums[1, i] > 0}
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         if not dist.is_initialized():
@@ -529,23 +544,26 @@ class Trainer:
 
     # ----------------------------------------------------------------- SFT
 
-    def sft_step(self, random_targets: bool, lr: float | None = None) -> dict:
-        """One supervised step: the target ``<answer>{answer}</answer>`` plus the end token.
+    def sft_step(self, label_free: bool, lr: float | None = None) -> dict:
+        """One supervised step: the target ``<answer>{choice}</answer>`` plus the end token.
 
         Steps:
-          1. take B questions; the target is the correct choice, or for the label-free
-             format warm-up a choice drawn at random (accuracy stays at chance);
-          2. for each micro-batch: prompt embeddings, log pi of the target tokens,
-             token-mean NLL share over the whole batch; backward;
+          1. take B questions; the target is the correct choice, or, for the label-free
+             format warm-up, every choice of the question once, each with the same weight
+             (the format is learned, and the answer is pulled towards uniform over the
+             choices: accuracy stays at chance and GRPO's groups start with the most
+             reward variance; one random choice per question would leave a random bias);
+          2. for each micro-batch: prompt embeddings (each clip once, repeated for its
+             targets), log pi of the target tokens, token-mean NLL share over the whole
+             batch; backward;
           3. clip and AdamW step.
         """
         cfg = self.cfg
         samples, waves = self.stream.take(self.local_prompts)
-        # the random choice is a function of the question's stream position: same on 1 or W ranks
-        answers = [random.Random(cfg.run.seed * 1_000_003 + pos).choice(s.choices) if random_targets else s.answer
-                   for s, pos in zip(samples, self.stream.positions)]
+        answers = [s.choices if label_free else [s.answer] for s in samples]  # targets of each question
+        rows = torch.tensor([i for i, a in enumerate(answers) for _ in a], device=self.device)  # [n] question of each target
         targets = [self.tokenizer(answer_target(ans, cfg.data.prompt_template), add_special_tokens=False)["input_ids"]
-                   + [self.end_ids[0]] for ans in answers]
+                   + [self.end_ids[0]] for a in answers for ans in a]
         width = max(len(t) for t in targets)
         ids = torch.full((len(targets), width), self.sampling.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(targets), width), dtype=torch.bool)
@@ -558,9 +576,11 @@ class Trainer:
         loss_total = 0.0
         for lo, hi in self._micro_batches(len(samples)):
             part = slice_prompts(prompts, lo, hi)
-            embeds = prompt_embeddings(self.model, **part)
-            logp = completion_logprobs(self.model, embeds, part["attention_mask"], ids[lo:hi], temperature=1.0)
-            loss = sft_loss(logp, mask[lo:hi], total_tokens)
+            sel = ((rows >= lo) & (rows < hi)).nonzero().squeeze(1)  # targets of these questions
+            embeds = prompt_embeddings(self.model, **part).index_select(0, rows[sel] - lo)  # [n, P, H]
+            pmask = part["attention_mask"].index_select(0, rows[sel] - lo)
+            logp = completion_logprobs(self.model, embeds, pmask, ids[sel], temperature=1.0)
+            loss = sft_loss(logp, mask[sel], total_tokens)
             (loss * self.world).backward()
             loss_total += loss.item()
         grad_norm = self._optimizer_step(loss_total, lr=lr)
@@ -574,21 +594,23 @@ class Trainer:
     # ----------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def greedy_accuracy(self, samples: list[Sample] | None = None) -> float:
-        """Greedy accuracy (the accuracy reward) on held-out questions, over all ranks.
+    def greedy_accuracy(self, samples: list[Sample] | None = None) -> dict[str, float]:
+        """Greedy accuracy (the accuracy reward) on held-out questions, over all ranks:
+        ``{"": overall, task: accuracy on that task's questions, ...}``.
 
         Every rank runs the same number of batches (short shards are padded with
         repeats that do not count), so generation stays in lockstep under FSDP.
         """
         samples = self.eval_samples if samples is None else samples
         if not samples:
-            return float("nan")
+            return {"": float("nan")}
+        tasks = sorted({s.task for s in samples if s.task})
         per_rank = math.ceil(len(samples) / self.world)
         mine = samples[self.rank :: self.world]
         weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
         mine = mine + [samples[0]] * (per_rank - len(mine))
         batch = self.cfg.rollout.generation_batch_prompts
-        correct = 0.0
+        correct = torch.zeros(1 + len(tasks), dtype=torch.float64)  # [overall, per task]
         self.model.eval()
         with self._rollout_context():
             for lo in range(0, per_rank, batch):
@@ -600,9 +622,15 @@ class Trainer:
                 ids = sample_completions(self.model, prompts, self.sampling, group_size=1, chunk_prompts=batch,
                                          greedy=True, sync_ranks=self.fsdp)
                 texts = decode_completions(self.tokenizer, ids, self.end_ids)
-                correct += sum(w * accuracy_reward(t, s) for t, s, w in zip(texts, chunk, weights[lo : lo + batch]))
+                for t, s, w in zip(texts, chunk, weights[lo : lo + batch]):
+                    hit = w * accuracy_reward(t, s)
+                    correct[0] += hit
+                    if s.task in tasks:
+                        correct[1 + tasks.index(s.task)] += hit
         self.model.train()
-        return self._sum(torch.tensor([correct])) / len(samples)
+        correct = self._all_reduce(correct).tolist()
+        counts = [len(samples)] + [sum(s.task == t for s in samples) for t in tasks]
+        return dict(zip([""] + tasks, (c / n for c, n in zip(correct, counts))))
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -667,9 +695,9 @@ class Trainer:
         """One step: the label-free format warm-up, an SFT step, or a GRPO step."""
         a = self.cfg.algorithm
         if a.name == "sft":
-            return self.sft_step(random_targets=False)
+            return self.sft_step(label_free=False)
         if self.step < self.warmup_steps:
-            return self.sft_step(random_targets=True, lr=a.format_warmup_lr or self.cfg.optimizer.lr)
+            return self.sft_step(label_free=True, lr=a.format_warmup_lr or self.cfg.optimizer.lr)
         traj, metrics, texts = self.rollout(self.step)
         metrics.update(self.policy_update(traj))
         self._last_texts = (traj.samples, texts)
@@ -698,7 +726,8 @@ class Trainer:
             evaluate_now = self.eval_samples and (
                 (cfg.data.eval_every and self.step % cfg.data.eval_every == 0) or self.step == self.total_steps)
             if evaluate_now:
-                metrics["eval/greedy_accuracy"] = self.greedy_accuracy()
+                for task, acc in self.greedy_accuracy().items():
+                    metrics["eval/greedy_accuracy" + (f"/{task}" if task else "")] = acc
             self._log(metrics)
             last = metrics
             if self.is_main:  # one JSON line per step, written as it happens (survives a crash)

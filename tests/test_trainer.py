@@ -193,6 +193,40 @@ def test_non_finite_updates_are_skipped_counted_and_finally_stop_the_run(world, 
         poisoned_step()
 
 
+def test_the_label_free_warm_up_never_sees_the_answers(world, tmp_path):
+    """The format warm-up trains on every choice of each question with the same weight, so
+    its updates cannot depend on which choice is right: the same steps on a copy of the data
+    with every answer moved to another choice leave bitwise the same weights."""
+    from grpo.config import load_config
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+
+    flipped = tmp_path / "flipped" / "train.jsonl"
+    flipped.parent.mkdir()
+    records = [json.loads(line) for line in Path(world["train"]).read_text().splitlines()]
+    right = [r["multi_choice"][r["answer"]] for r in records]
+    for r in records:  # the audio paths stay those of the original folder
+        r["audio_path"] = str(Path(world["train"]).parent / r["audio_path"])
+        r["answer"] = (r["answer"] + 1) % len(r["multi_choice"])
+    flipped.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    weights = []
+    for name, train_path in (("right", world["train"]), ("flipped", flipped)):
+        cfg = load_config(TINY, short_run(world, tmp_path / name)[2:] + [
+            f"data.train_path={train_path}", "checkpointing.save_on_signal=false", "logging.tensorboard=false"])
+        trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+        for _ in range(3):
+            trainer.sft_step(label_free=True, lr=cfg.algorithm.format_warmup_lr)
+        weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+        if hasattr(trainer, "close"):
+            trainer.close()
+    assert all(s.answer != a for s, a in zip(trainer.train_samples, right)), "every answer is moved"
+    changed = [n for n in weights[0] if not torch.equal(weights[0][n], weights[1][n])]
+    assert not changed, changed
+    start = {n: p for n, p in trainer._load_model(trainable=False).named_parameters()}
+    assert any(not torch.equal(weights[0][n], start[n]) for n in start), "the warm-up steps must train"
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "token_mean", "dr_grpo"])
 def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, tmp_path, loss_type):
     """The invariance of the GRPO core, through Trainer.policy_update: 4 prompts in 1, 2 or 4
@@ -425,13 +459,19 @@ def _train_accuracy(rows, last):
 @pytest.mark.slow
 def test_grpo_learns_the_synthetic_audio_questions(learning):
     """The `make train` recipe: after a label-free warm-up (accuracy at chance), GRPO alone
-    takes held-out greedy accuracy on pitch + tone-or-noise questions to >= 0.9."""
+    takes held-out greedy accuracy on pitch and on tone-or-noise questions to >= 0.95 each
+    (benchmarks/results/seeds-cpu.md: the same on every seed 0..9)."""
     rows = learning_run(learning, "grpo")
     warm = [r for r in rows if r["train/phase"] == 0.0 and "eval/greedy_accuracy" in r]
     assert warm and warm[-1]["eval/greedy_accuracy"] <= 0.65, "the warm-up alone must not solve the task"
+    for task in ("pitch", "tone_or_noise"):  # no task is solved by the warm-up alone either
+        assert warm[-1][f"eval/greedy_accuracy/{task}"] <= 0.7, (task, warm[-1])
     late, early = _train_accuracy(rows, 25)
     assert late > early + 0.3, (early, late)
-    assert _final_accuracy(rows) >= 0.9
+    final = [r for r in rows if "eval/greedy_accuracy" in r][-1]
+    assert final["eval/greedy_accuracy"] >= 0.95, final
+    for task in ("pitch", "tone_or_noise"):
+        assert final[f"eval/greedy_accuracy/{task}"] >= 0.95, (task, final)
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 
 from data.scoring import extract_answer, ordered_groups, score_report
-from grpo.config import ConfigError, check_choices, read_into
+from grpo.config import ConfigError, at_least, check_choices, check_ranges, read_into
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ class EvalDataConfig:
     audio_root: str | None = None  # base of relative audio paths (default: the file's folder)
     audio_channel: str = "first"  # first channel (as R1-AQA) or mean of channels
     prompt_template: int = 2  # R1-AQA prompt <1>, <2> or <3>
-    skip_missing_audio: bool = False  # leave unreadable clips out (default: count them wrong)
+    on_error: str = "raise"  # raise: a bad record, unreadable clip or over-long prompt stops with its name; skip: count it
+    skip_missing_audio: bool = False  # with on_error=skip: leave skipped questions out (default: count them wrong)
+    max_prompt_tokens: int = 0  # prompt limit (text + audio tokens); 0: the model's context minus max_new_tokens
     limit: int = 0  # evaluate only the first N questions (0: all), for quick looks
     # synthetic format only: write the set when `path` does not exist yet
     synthetic_generate: bool = False
@@ -96,11 +98,20 @@ class EvalConfig:
 
 _CHOICES = {
     "data.format": ("mmau", "mmar", "avqa", "synthetic"),
+    "data.on_error": ("raise", "skip"),
     "data.audio_channel": ("first", "mean"),
     "data.prompt_template": (1, 2, 3),
     "data.synthetic_difficulty": ("easy", "medium", "hard", "mixed"),
     "model.dtype": ("auto", "bfloat16", "float32", "float16"),
     "model.device": ("auto", "cpu", "cuda"),
+}
+_RANGES = {
+    "data.limit": at_least(0),
+    "data.max_prompt_tokens": at_least(0),
+    "data.synthetic_size": at_least(1),
+    "data.synthetic_seed": at_least(0),
+    "generation.max_new_tokens": at_least(1),
+    "generation.batch_size": at_least(1),
 }
 
 
@@ -113,10 +124,9 @@ def load_eval_config(path: str | Path | None, overrides: Sequence[str] = ()) -> 
     config = EvalConfig()
     source = read_into(config, path, overrides)
     check_choices(config, _CHOICES, source)
+    check_ranges(config, _RANGES, source)
     if not config.data.path:
         raise ConfigError(f"'data.path' is not set in {source}")
-    if config.generation.batch_size < 1 or config.generation.max_new_tokens < 1:
-        raise ConfigError(f"generation.batch_size and generation.max_new_tokens in {source} must be >= 1")
     uses_version = [k for k, v in (("data.path", config.data.path), ("data.name", config.data.name),
                                    ("output.dir", config.output.dir), ("output.log_dir", config.output.log_dir))
                     if v and "{version}" in v]

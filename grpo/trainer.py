@@ -209,7 +209,7 @@ class Trainer:
         # 4. the data stream of this rank
         self.load_audio = AudioLoader(max_seconds=self.processor.feature_extractor.chunk_length,
                                       channel=d.audio_channel)
-        keep = self._prompt_fits if d.max_prompt_length > 0 else None
+        keep = self._prompt_fits if d.max_prompt_tokens > 0 else None
         self.stream = PromptStream(self.train_samples, self.load_audio, seed=cfg.run.seed, rank=self.rank,
                                    world_size=self.world, shuffle=d.shuffle, on_error=d.on_error, keep=keep,
                                    silence=d.silence_audio)
@@ -267,7 +267,7 @@ class Trainer:
 
     def _prompt_fits(self, sample: Sample, wave: np.ndarray) -> bool:
         batch = prompt_batch([sample], [wave], self.processor, self.cfg.data.prompt_template, "cpu")
-        return batch["input_ids"].shape[1] <= self.cfg.data.max_prompt_length
+        return batch["input_ids"].shape[1] <= self.cfg.data.max_prompt_tokens
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested:  # a second signal: stop now, without a checkpoint

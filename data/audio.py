@@ -18,7 +18,7 @@ CHANNELS = ("first", "mean")
 
 
 class AudioError(RuntimeError):
-    """A clip that cannot be used: missing, empty or undecodable. The message names the file."""
+    """A clip that cannot be used: missing, empty, undecodable or not finite. The message names the file."""
 
     def __init__(self, path, reason):
         self.path = str(path)
@@ -42,6 +42,9 @@ def load_audio(path, *, sampling_rate=16000, channel="first"):
         raise AudioError(path, f"cannot decode audio ({type(e).__name__}: {e})") from e
     if wav.shape[0] == 0 or wav.shape[1] == 0:
         raise AudioError(path, "audio file has no samples")
+    bad = int(np.count_nonzero(~np.isfinite(wav)))
+    if bad:  # float wav files can hold NaN/Inf; one such sample makes every loss NaN
+        raise AudioError(path, f"{bad} of {wav.size} audio samples are NaN or Inf")
     wav = wav[:, 0] if channel == "first" else wav.mean(axis=1)  # [S]
     if sr != sampling_rate:
         # torchaudio's windowed-sinc resampler, the same one R1-AQA's Resample transform uses

@@ -171,7 +171,9 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self._barrier()
         d = cfg.data
-        self.train_samples = read_dataset(d.format, d.train_path, audio_root=d.audio_root, on_error=d.on_error)
+        # a training question listing a choice twice is ambiguous for the accuracy reward and the warm-up
+        self.train_samples = read_dataset(d.format, d.train_path, audio_root=d.audio_root, on_error=d.on_error,
+                                          unique_choices=True)
         self.tasks = sorted({s.task for s in self.train_samples if s.task})  # question types, for metrics
         self.eval_samples = []
         if d.eval_path:

@@ -83,3 +83,114 @@ def test_empty_paths_are_named(tmp_path):
     with pytest.raises(ConfigError, match="'data.train_path'.*empty"):
         load_config(None, ["model.path=m"], require_paths=True)
     assert load_config(None, ["model.path=m", "data.train_path=x.jsonl"], require_paths=True).model.path == "m"
+
+
+# --------------------------------------------------------------------------- data files and clips
+
+
+def _avqa(i, **kw):
+    rec = {"id": i, "question_text": "Which?", "multi_choice": ["dog", "cat"], "answer": 0,
+           "audio_path": f"{i}.wav"}
+    rec.update(kw)
+    return rec
+
+
+def _jsonl(path, records, prefix=""):
+    import json
+
+    path.write_text(prefix + "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    from data.datasets import read_avqa, read_mmau
+
+    samples = read_avqa(_jsonl(tmp_path / "bom.jsonl", [_avqa(1), _avqa(2)], prefix="\ufeff"))
+    assert [s.id for s in samples] == ["1", "2"]
+    mmau = tmp_path / "bom.json"
+    mmau.write_text('\ufeff[{"id": "a", "audio_id": "a.wav", "question": "?", "choices": ["x", "y"], '
+                    '"answer": "x"}]', encoding="utf-8")
+    assert [s.id for s in read_mmau(mmau)] == ["a"]
+
+
+def test_duplicate_ids_are_an_error_naming_both_lines(tmp_path):
+    from data.datasets import DataError, read_avqa
+
+    path = _jsonl(tmp_path / "dup.jsonl", [_avqa(1), _avqa(2), _avqa(1)])
+    with pytest.raises(DataError, match=r"dup.jsonl: line 3: duplicate id '1' \(first at line 1\)"):
+        read_avqa(path)
+    assert [s.id for s in read_avqa(path, on_error="skip")] == ["1", "2"]  # skipped and counted
+
+
+def test_duplicate_choices_in_a_training_question_are_an_error(tmp_path):
+    from data.datasets import DataError, read_dataset
+
+    path = _jsonl(tmp_path / "train.jsonl", [_avqa(1), _avqa(2, multi_choice=["dog", "cat", "dog"])])
+    with pytest.raises(DataError, match=r"train.jsonl: line 2: .*same choice twice \('dog'\)"):
+        read_dataset("avqa", path, unique_choices=True)
+    # benchmarks do repeat choices (MMAU test-mini has 40 such questions): read as they are
+    assert len(read_dataset("avqa", path)) == 2
+
+
+def test_trainer_reads_training_questions_with_unique_choices(monkeypatch, tmp_path):
+    """The trainer asks for distinct choices (the reader test above shows what that does)."""
+    import grpo.trainer as trainer_module
+
+    seen = {}
+
+    def reader(fmt, path, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(trainer_module, "read_dataset", reader)
+    cfg = load_config(None, ["model.path=m", "data.train_path=t.jsonl", f"run.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(RuntimeError, match="stop here"):
+        trainer_module.Trainer(cfg, _single_process())
+    assert seen["unique_choices"] is True
+
+
+def _single_process():
+    import torch
+
+    from models.distributed import DistInfo
+
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def _write_wav(path, samples, rate=16000):
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(path, np.asarray(samples, dtype=np.float32), rate, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_audio_is_refused_naming_the_file(tmp_path, bad):
+    import numpy as np
+
+    from data.audio import AudioError, load_audio
+
+    wave = np.full(1600, 0.1, dtype=np.float32)
+    wave[100] = bad
+    path = _write_wav(tmp_path / "broken.wav", wave)
+    with pytest.raises(AudioError, match=r"broken.wav: 1 of 1600 audio samples are NaN or Inf"):
+        load_audio(path)
+
+
+def test_nan_audio_is_skipped_and_counted_by_the_stream(tmp_path):
+    import numpy as np
+
+    from data.audio import AudioError, AudioLoader
+    from data.datasets import Sample
+    from grpo.stream import PromptStream
+
+    good = _write_wav(tmp_path / "good.wav", np.full(1600, 0.1))
+    bad = _write_wav(tmp_path / "bad.wav", np.full(1600, np.nan))
+    samples = [Sample(id=str(i), audio_path=str(p), question="?", choices=["a", "b"], answer="a", task=None)
+               for i, p in enumerate([good, bad, good])]
+    stream = PromptStream(samples, AudioLoader(), seed=0, shuffle=False, on_error="skip")
+    taken, _ = stream.take(2)
+    assert [s.id for s in taken] == ["0", "2"] and stream.skipped["audio"] == 1
+    with pytest.raises(AudioError, match="bad.wav"):
+        PromptStream(samples, AudioLoader(), seed=0, shuffle=False).take(2)

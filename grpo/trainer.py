@@ -33,7 +33,7 @@ from data.audio import AudioLoader
 from data.datasets import Sample, read_dataset
 from data.prompts import answer_target
 from grpo.algorithm import completion_mask, group_advantages, policy_loss
-from grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from grpo.checkpoint import ResumeError, load_checkpoint, resolve_resume, save_checkpoint
 from grpo.config import Config, save_config
 from grpo.rewards import accuracy_reward, check_reward_names, compute_rewards
 from grpo.rollout import (
@@ -671,7 +671,7 @@ class Trainer:
         trainer_state, rank_state = load_checkpoint(path, self.model, self.optimizer, rank=self.rank,
                                                     extra_models=self._saved_models())
         if trainer_state.get("world_size", self.world) != self.world:
-            raise ValueError(f"{path} was saved by {trainer_state['world_size']} processes; "
+            raise ResumeError(f"{path} was saved by {trainer_state['world_size']} processes; "
                              f"resume it with the same number (now {self.world})")
         self.step, self.update = trainer_state["step"], trainer_state["update"]
         self.nonfinite_total = trainer_state.get("nonfinite_total", 0)

@@ -194,3 +194,50 @@ def test_nan_audio_is_skipped_and_counted_by_the_stream(tmp_path):
     assert [s.id for s in taken] == ["0", "2"] and stream.skipped["audio"] == 1
     with pytest.raises(AudioError, match="bad.wav"):
         PromptStream(samples, AudioLoader(), seed=0, shuffle=False).take(2)
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from grpo.checkpoint import rng_state, set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in numpy's state
+    torch.save({"rng": rng_state()}, tmp_path / "rank0.pt")
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(torch.load(tmp_path / "rank0.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a tampered checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_rank_file_with_a_pickled_callable_is_refused(tmp_path):
+    import torch
+
+    from grpo.checkpoint import COMPLETE, ResumeError, load_checkpoint
+
+    ckpt = tmp_path / "checkpoints" / "step_3"
+    (ckpt / "state").mkdir(parents=True)
+    (ckpt / COMPLETE).write_text('{"step": 3}')
+    marker = tmp_path / "code-ran"
+    torch.save({"rng": _RunsCode(marker), "stream": {}}, ckpt / "rank0.pt")
+    with pytest.raises(ResumeError, match=r"rank0.pt: refused to load: it holds Python objects"):
+        load_checkpoint(ckpt, model=None, optimizer=None, rank=0)  # refused before the model is touched
+    assert not marker.exists(), "the pickled call ran"

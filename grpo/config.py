@@ -417,6 +417,40 @@ def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
+# What may change when a run is resumed without it being another run: where and how it
+# logs, saves and shards, and the held-out evaluation. Every other key changes the
+# optimisation or the data order (seed, lr, group size, data paths, steps and so the
+# schedule...): resuming with another value needs --allow-config-change. A key is free
+# when it or its section is listed; new keys are protected unless added here.
+RESUME_FREE = {
+    "run.output_dir", "run.overwrite", "model.build_tiny", "model.attn_implementation",
+    "data.eval_path", "data.eval_every", "data.eval_samples", "data.synthetic_generate", "data.synthetic_eval_size",
+    "rollout.generation_batch_prompts",  # counter-based sampling: batching does not change a completion
+    "algorithm.micro_batch_prompts",  # the gradient is that of the whole batch, however it is split
+    "logging", "checkpointing", "distribution",
+}
+
+
+def changes_the_run(key: str) -> bool:
+    """True when ``section.key`` changes the optimisation or the data order (see RESUME_FREE)."""
+    return key not in RESUME_FREE and key.split(".")[0] not in RESUME_FREE
+
+
+def _flatten(mapping: dict) -> dict:
+    return {f"{section}.{key}": value for section, keys in mapping.items() if isinstance(keys, dict)
+            for key, value in keys.items()}
+
+
+_ABSENT = "<absent>"
+
+
+def config_changes(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """``(section.key, saved value, new value)`` for every key that differs, in key order."""
+    old, now = _flatten(saved), _flatten(new)
+    return [(k, old.get(k, _ABSENT), now.get(k, _ABSENT)) for k in sorted(old.keys() | now.keys())
+            if old.get(k, _ABSENT) != now.get(k, _ABSENT)]
+
+
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved configuration (defaults filled in) as YAML."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

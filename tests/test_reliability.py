@@ -241,3 +241,138 @@ def test_a_rank_file_with_a_pickled_callable_is_refused(tmp_path):
     with pytest.raises(ResumeError, match=r"rank0.pt: refused to load: it holds Python objects"):
         load_checkpoint(ckpt, model=None, optimizer=None, rank=0)  # refused before the model is touched
     assert not marker.exists(), "the pickled call ran"
+
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+def test_a_fresh_run_into_a_non_empty_directory_is_refused(tmp_path):
+    from grpo.rundir import RunDirError, prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "history.jsonl").write_text("{}\n")
+    with pytest.raises(RunDirError, match=r"already holds a run \(history.jsonl\).*--resume.*run.overwrite=true"):
+        prepare_run_dir(run, resume=False, overwrite=False)
+    assert (run / "history.jsonl").read_text() == "{}\n" and not (run / "run.lock").exists()
+    prepare_run_dir(run, resume=True, overwrite=False).release()  # --resume continues it
+    prepare_run_dir(tmp_path / "new", resume=False, overwrite=False).release()  # absent or empty: fine
+
+
+def test_overwrite_moves_the_old_run_aside_first(tmp_path):
+    from grpo.rundir import prepare_run_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "history.jsonl").write_text("old\n")
+    lock = prepare_run_dir(run, resume=False, overwrite=True)
+    [aside] = list(tmp_path.glob("run.replaced-*"))
+    assert (aside / "history.jsonl").read_text() == "old\n" and (aside / "checkpoints").is_dir()
+    assert sorted(p.name for p in run.iterdir()) == ["run.lock"] and lock.held
+    assert not (aside / "run.lock").exists()
+    lock.release()
+    assert not (run / "run.lock").exists()
+
+
+_HOLD_LOCK = """
+import sys, time
+from grpo.rundir import acquire_lock
+lock = acquire_lock(sys.argv[1])  # held while the object lives
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_is_refused_and_a_dead_runs_lock_is_reported_and_taken_over(tmp_path, caplog):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from grpo.rundir import RunDirError, acquire_lock
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError, match=rf"in use by another run: pid {holder.pid} on .*run.lock"):
+            acquire_lock(run)
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies without removing its lock file
+        holder.wait()
+    assert (run / "run.lock").is_file()
+    with caplog.at_level("WARNING"):
+        lock = acquire_lock(run)
+    assert any(f"stale lock from pid {holder.pid}" in r.message and "taking it over" in r.message
+               for r in caplog.records)
+    assert json.loads((run / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+# --------------------------------------------------------------------------- resuming with another config
+
+
+def _run_with_checkpoint(tmp_path, cfg, step=3) -> Path:
+    """A run directory as the trainer leaves it: config.yaml and one complete checkpoint."""
+    from grpo.config import save_config
+
+    run = tmp_path / "run"
+    save_config(cfg, run / "config.yaml")
+    ckpt = run / "checkpoints" / f"step_{step}"
+    (ckpt / "state").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
+    return ckpt
+
+
+BASE = ["model.path=m", "data.train_path=t.jsonl"]
+
+
+def test_resume_with_changed_optimisation_keys_lists_each_key_and_both_values(tmp_path):
+    from grpo.rundir import record_config
+
+    ckpt = _run_with_checkpoint(tmp_path, load_config(None, BASE + ["optimizer.lr=1e-3"]))
+    original = (tmp_path / "run" / "config.yaml").read_text()
+    changed = load_config(None, BASE + ["optimizer.lr=2e-3", "rollout.group_size=4", "run.seed=5",
+                                        "data.train_path=other.jsonl"])
+    with pytest.raises(ConfigError) as err:
+        record_config(tmp_path / "run", changed, ckpt, allow_change=False)
+    msg = str(err.value)
+    for key, old, new in [("optimizer.lr", "0.001", "0.002"), ("rollout.group_size", "8", "4"),
+                          ("run.seed", "0", "5"), ("data.train_path", "'t.jsonl'", "'other.jsonl'")]:
+        assert f"{key}: {old} -> {new}" in msg, msg
+    assert "--allow-config-change" in msg
+    assert (tmp_path / "run" / "config.yaml").read_text() == original
+    assert not list((tmp_path / "run").glob("config.resume-*"))
+
+
+def test_resume_with_free_keys_changed_needs_no_flag_and_keeps_config_yaml(tmp_path):
+    from grpo.rundir import record_config
+
+    ckpt = _run_with_checkpoint(tmp_path, load_config(None, BASE))
+    original = (tmp_path / "run" / "config.yaml").read_text()
+    written = record_config(tmp_path / "run", load_config(None, BASE + ["logging.log_every=5",
+                                                                        "checkpointing.every=7"]), ckpt,
+                            allow_change=False)
+    assert written == tmp_path / "run" / "config.resume-step3.yaml"
+    assert (tmp_path / "run" / "config.yaml").read_text() == original
+    assert load_config(written).logging.log_every == 5
+
+
+def test_allow_config_change_logs_the_change_and_keeps_it_next_to_the_original(tmp_path, caplog):
+    from grpo.rundir import record_config
+
+    ckpt = _run_with_checkpoint(tmp_path, load_config(None, BASE))
+    original = (tmp_path / "run" / "config.yaml").read_text()
+    with caplog.at_level("WARNING"):
+        written = record_config(tmp_path / "run", load_config(None, BASE + ["optimizer.lr=5e-6"]), ckpt,
+                                allow_change=True)
+    assert any("optimizer.lr changed: 1e-06 -> 5e-06" in r.message for r in caplog.records)
+    assert load_config(written).optimizer.lr == 5e-6
+    assert (tmp_path / "run" / "config.yaml").read_text() == original

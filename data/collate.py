@@ -5,6 +5,8 @@ The processor expands each <|AUDIO|> into one token per encoder frame of *real* 
 (cutting breaks the audio-token/feature match, SPEC 3).
 """
 
+import math
+
 import torch
 
 from data.prompts import answer_target, build_messages, format_prompt
@@ -29,6 +31,22 @@ def collate_prompts(samples, waveforms, processor, *, template, sampling_rate=16
     batch = processor(text=texts, audio=list(waveforms), sampling_rate=sampling_rate,
                       return_tensors="pt", padding=True, padding_side="left")
     return {k: batch[k] for k in ("input_ids", "attention_mask", "input_features", "feature_attention_mask")}
+
+
+def prompt_length(sample, n_audio_samples, processor, *, template):
+    """Decoder tokens of ``sample``'s prompt (text + audio), exactly as collate_prompts builds
+    it for a clip of ``n_audio_samples``, without running the feature extractor.
+
+    The processor expands the one <|AUDIO|> of the text into one token per encoder frame of
+    real audio: the clip (cut at the window) gives ceil(S / hop) mel frames, which the
+    encoder's stride-2 convolution and the 2x pooling after it reduce to
+    ((frames - 1) // 2 + 1 - 2) // 2 + 1 tokens (Qwen2AudioProcessor's own formula).
+    """
+    text = prompt_texts([sample], processor, template=template)[0]
+    n_text = len(processor.tokenizer(text)["input_ids"])  # the <|AUDIO|> placeholder counts once
+    fe = processor.feature_extractor
+    frames = math.ceil(min(n_audio_samples, fe.n_samples) / fe.hop_length)
+    return n_text - 1 + (((frames - 1) // 2 + 1) - 2) // 2 + 1
 
 
 def collate_sft(samples, waveforms, processor, *, template, targets=None, sampling_rate=16000,

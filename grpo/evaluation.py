@@ -208,18 +208,20 @@ def resolve_checkpoints(paths: Sequence[str | Path]) -> list[CheckpointRef]:
     """Checkpoint arguments -> checkpoints ordered by step (command-line order among equal steps).
 
     A run directory (it has ``checkpoints/step_<N>/hf``) stands for all its exports; any other
-    directory is a checkpoint itself.
+    directory is a checkpoint itself. A missing one is a CheckpointError (a FileNotFoundError).
     """
+    from models.loading import CheckpointError  # here: importing it loads torch and transformers
+
     found: list[Path] = []
     for arg in paths:
         path = Path(arg).absolute()
         if not path.is_dir():
-            raise FileNotFoundError(f"--checkpoint {arg}: no such directory")
+            raise CheckpointError(f"--checkpoint {arg}: no such directory")
         exports = run_exports(path)
         if exports:
             found.extend(exports)
         elif (path / "checkpoints").is_dir():
-            raise FileNotFoundError(f"--checkpoint {arg}: run directory without exported checkpoints "
+            raise CheckpointError(f"--checkpoint {arg}: run directory without exported checkpoints "
                                     "(checkpoints/step_<N>/hf)")
         else:
             found.append(path)
@@ -858,10 +860,12 @@ def evaluate_checkpoint(config: EvalConfig, ckpt: CheckpointRef, samples: Sequen
 def run_evaluation(config: EvalConfig, checkpoints: Sequence[str | Path], *, force: bool = False
                    ) -> list[CheckpointResult]:
     """Evaluate every checkpoint, then write the summary and TensorBoard scalars (rank 0)."""
+    from models.loading import CheckpointError
+
     d = init_dist(config.model.device)
     refs = resolve_checkpoints(checkpoints)
     if not refs:
-        raise FileNotFoundError(f"no checkpoints found in {list(checkpoints)}")
+        raise CheckpointError(f"no checkpoints found in {list(checkpoints)}")
     samples = load_samples(config, d)
     if d.is_main:
         log.info("%s: %d questions from %s; %d checkpoint(s): %s", dataset_name(config), len(samples),

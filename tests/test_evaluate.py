@@ -487,3 +487,10 @@ def test_overrides_after_an_option_with_values_are_still_overrides():
     args, overrides = evaluate.parse_args(["--config", "c.yaml", "--checkpoint", "a", "runs/lr=1e-6",
                                            "data.version=x", "b"])
     assert args.checkpoint == ["a", "runs/lr=1e-6", "b"] and overrides == ["data.version=x"]
+
+
+def test_a_missing_checkpoint_directory_is_one_line(tmp_path, synthetic, capsys):
+    make_config(synthetic, tmp_path / "out")
+    assert evaluate.main(["--config", str(tmp_path / "out.yaml"), "--checkpoint", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: --checkpoint {tmp_path / 'nope'}: no such directory" in err and "Traceback" not in err

@@ -63,7 +63,7 @@ class EvalDataConfig:
     audio_root: str | None = None  # base of relative audio paths (default: the file's folder)
     audio_channel: str = "first"  # first channel (as R1-AQA) or mean of channels
     prompt_template: int = 2  # R1-AQA prompt <1>, <2> or <3>
-    on_error: str = "raise"  # raise: a bad record, unreadable clip or over-long prompt stops with its name; skip: count it
+    on_error: str = "raise"  # raise: a bad record, clip or over-long prompt stops, named; skip: counted
     skip_missing_audio: bool = False  # with on_error=skip: leave skipped questions out (default: count them wrong)
     max_prompt_tokens: int = 0  # prompt limit (text + audio tokens); 0: the model's context minus max_new_tokens
     limit: int = 0  # evaluate only the first N questions (0: all), for quick looks

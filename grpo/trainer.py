@@ -826,8 +826,8 @@ class Trainer:
                 pending = None
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in
-                                     ("train/reward", "train/kl", "train/loss", "eval/greedy_accuracy") if k in metrics})
+                    shown = ("train/reward", "train/kl", "train/loss", "eval/greedy_accuracy")
+                    bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in shown if k in metrics})
                 if signum:
                     self.stopped_by_signal = signum
                     logger.warning("stopped by signal %d at step %d; continue with --resume", signum, self.step)

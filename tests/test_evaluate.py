@@ -386,7 +386,8 @@ def test_an_over_long_prompt_is_an_error_or_a_counted_skip(tmp_path, mmau_subset
     lengths = sorted(prompt_length(s, 16000, processor, template=2) for s in samples)  # 1 s placeholder clips
     limit = lengths[len(lengths) // 2]  # some prompts fit, the longer ones do not
     assert lengths[0] <= limit < lengths[-1]
-    with pytest.raises(DataError, match=rf"sample .*: its prompt is \d+ tokens \(text \+ audio\), over the limit of {limit}"):
+    with pytest.raises(DataError, match=rf"sample .*: its prompt is \d+ tokens \(text \+ audio\), over the limit "
+                                        rf"of {limit}"):
         ev.run_evaluation(make_config(path, tmp_path / "out", f"data.max_prompt_tokens={limit}", fmt="mmau"), [tiny])
     [result] = ev.run_evaluation(make_config(path, tmp_path / "out", f"data.max_prompt_tokens={limit}",
                                              "data.on_error=skip", fmt="mmau"), [tiny])

@@ -216,7 +216,7 @@ class Trainer:
         if cfg.algorithm.name == "grpo" and cfg.algorithm.beta > 0:
             self.ref_model = self._load_model(trainable=False)
 
-        # prompts are never cut (SPEC 3): a prompt plus its completion must fit the context
+        # prompts are never cut (that would drop audio tokens): a prompt plus its completion must fit the context
         context = self.model.config.text_config.max_position_embeddings
         room = context - cfg.rollout.max_new_tokens
         if room < 1:

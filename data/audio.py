@@ -1,7 +1,7 @@
 """Audio I/O: decode with soundfile, pick one channel, resample to 16 kHz, float32 numpy.
 
 soundfile (libsndfile, bundled in the wheel) decodes wav/flac/ogg/mp3 without FFmpeg;
-torchaudio.load would need TorchCodec + FFmpeg, so it is never used here (SPEC 3).
+torchaudio.load would need TorchCodec + FFmpeg, so it is never used here.
 """
 
 import logging

@@ -2,7 +2,7 @@
 
 The processor expands each <|AUDIO|> into one token per encoder frame of *real* audio
 (about 25 per second), so prompt lengths depend on the clip lengths; prompts are never cut
-(cutting breaks the audio-token/feature match, SPEC 3).
+(cutting breaks the match between `<|AUDIO|>` tokens and audio features).
 """
 
 import math

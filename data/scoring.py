@@ -1,4 +1,4 @@
-"""MMAU scoring: the official scorer's rules (SPEC section 5), pure Python.
+"""MMAU scoring: the official scorer's rules (docs/FACTS.md, "MMAU scoring"), pure Python.
 
 Behaviour matched against the MMAU repository's ``evaluation.py`` (its
 ``string_match`` and main loop, as copied into several public projects):
@@ -206,7 +206,7 @@ def score_report(items: Sequence[Mapping[str, Any]], *, prediction_key: str | No
 
 
 def score(items: Sequence[Mapping[str, Any]], *, prediction_key: str | None = None) -> dict[str, Any]:
-    """Scores dict of benchmark records with predictions (SPEC section 5).
+    """Scores dict of benchmark records with predictions, by MMAU's official rules.
 
     Keys are exactly ``total``, ``task``, ``difficulty``, ``sub-category``. ``total`` is
     ``{"correct", "count", "accuracy"}``; each group maps a value (e.g. ``"sound"``) to the same

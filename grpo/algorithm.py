@@ -1,4 +1,9 @@
-"""GRPO as pure tensor functions (SPEC section 2). Imports nothing from the project.
+"""GRPO as pure tensor functions. Imports nothing from the project.
+
+Sources: GRPO, DeepSeekMath arXiv:2402.03300; clip-higher and token_mean, DAPO
+arXiv:2503.14476; scale "none" and dr_grpo, Dr. GRPO arXiv:2503.20783; sequence-level
+ratio, GSPO arXiv:2507.18071; k1/k2/k3, Schulman, "Approximating KL Divergence"
+(joschu.net/blog/kl-approx.html). Summary with context: docs/FACTS.md.
 
 The objective, written once
 ---------------------------

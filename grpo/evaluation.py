@@ -375,7 +375,7 @@ def decode_greedy(tokenizer, completion_ids, end_ids: Sequence[int]) -> list[tup
     """(text, n_tokens, truncated) per row: tokens before the first end token, specials dropped.
 
     ``skip_special_tokens=True`` as R1-AQA's test script decodes; the end token is found by
-    position (SPEC section 2), never by comparing to the pad id.
+    position, never by comparing to the pad id.
     """
     rows = []
     ends = set(int(t) for t in end_ids)

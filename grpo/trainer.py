@@ -10,7 +10,7 @@ One training step reads top to bottom (``Trainer.train_step``):
 Every rank holds B / world_size prompts with all G of their completions, so each group
 lives on one rank. Gradients are averaged across ranks by FSDP; the loss of each
 micro-batch is its share of the *global* batch loss, times world_size, so that the
-averaged gradient is the gradient of the whole batch (SPEC section 2).
+averaged gradient is the gradient of the whole batch.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class AudioLoader:
     """Callable `loader(path) -> np.ndarray [S] float32`, cutting clips to `max_seconds`.
 
     The model's feature extractor silently drops audio beyond its window; cutting here makes
-    that visible: one warning the first time, then a count in `n_cut` (see `summary()`).
+    that visible: one warning the first time, then a count in `n_cut` (and `n_loaded`).
     """
 
     def __init__(self, sampling_rate=16000, max_seconds=None, channel="first"):
@@ -78,12 +78,8 @@ class AudioLoader:
             if self.n_cut == 0:
                 logger.warning(
                     "%s: %.2f s clip cut to %.2f s (the model's audio window); "
-                    "further cuts are only counted (AudioLoader.summary())",
+                    "further cuts are only counted (AudioLoader.n_cut)",
                     os.fspath(path), wav.shape[0] / self.sampling_rate, self.max_seconds)
             self.n_cut += 1
             wav = wav[: self.max_samples]
         return wav
-
-    def summary(self):
-        limit = "no limit" if self.max_seconds is None else f"limit {self.max_seconds:g} s"
-        return f"audio: {self.n_loaded} clips loaded, {self.n_cut} cut ({limit})"

@@ -37,8 +37,9 @@ lock:
 	@echo "$(LOCK) refreshed: now run 'make clean test' and commit the lock only if it passes"
 
 # The whole pipeline on a tiny Qwen2-Audio and synthetic audio questions, on CPU.
+# run.overwrite: a second `make train` moves the previous runs/tiny aside (runs/tiny.replaced-<time>)
 train: $(STAMP)
-	$(PY) train.py --config configs/tiny.yaml
+	$(PY) train.py --config configs/tiny.yaml run.overwrite=true
 
 # The whole test suite, slow tests included (this is what CI runs).
 test: $(STAMP)

@@ -5,9 +5,11 @@
     python evaluate.py --score-only eval/x/predictions.json --output eval/x/rescored.json
 
 A --checkpoint is a transformers-format directory, or a run directory standing for all its
-exports (checkpoints/step_<N>/hf). Predictions already complete for a checkpoint (same data,
-prompt template and length limit) are reused unless --force. Overrides are section.key=value
-(sections data, generation, model, output: see grpo/evaluation.py for every key).
+exports (checkpoints/step_<N>/hf). Predictions already complete for a checkpoint (same
+weights, data, prompt template and length limit) are reused unless --force. Overrides are
+section.key=value, anywhere on the line, also after --checkpoint (sections data, generation,
+model, output: see grpo/evaluation.py for every key). Exit status: 0 done, 1 an error (one
+line; --debug for the traceback), 2 a config error.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import logging
 import os
 import sys
 
+from grpo.cli import run_reporting_errors, split_overrides
 
-def main(argv: list[str] | None = None) -> int:
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(options, section.key=value overrides); exits with a usage message on bad options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML evaluation config")
     parser.add_argument("--checkpoint", nargs="+", default=[], metavar="DIR",
@@ -26,31 +31,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="regenerate even when predictions exist")
     parser.add_argument("--score-only", metavar="PREDICTIONS", help="rescore a benchmark-schema predictions file")
     parser.add_argument("--output", metavar="SCORES", help="with --score-only: where to write the scores JSON")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of configuration and data errors")
+    # overrides are told apart by their shape first: --checkpoint takes any number of values
+    rest, overrides = split_overrides(argv)
+    args = parser.parse_args(rest)
+    if args.score_only:
+        if args.config or args.checkpoint or overrides:
+            parser.error("--score-only takes only --output")
+    else:
+        if not args.config or not args.checkpoint:
+            parser.error("--config and --checkpoint are required (or --score-only)")
+        if args.output:
+            parser.error("--output goes with --score-only; evaluations write to output.dir")
+    return args, overrides
 
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
     # rank 0 tells the story; the other ranks speak only when something is wrong
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+    return run_reporting_errors(lambda: _evaluate(args, overrides), debug=args.debug)
 
-    from grpo.config import ConfigError
+
+def _evaluate(args, overrides: list[str]) -> int:
     from grpo.evaluation import load_eval_config, run_evaluation, score_file
 
     if args.score_only:
-        if args.config or args.checkpoint or args.overrides:
-            parser.error("--score-only takes only --output")
         score_file(args.score_only, args.output)
         return 0
-    if not args.config or not args.checkpoint:
-        parser.error("--config and --checkpoint are required (or --score-only)")
-    if args.output:
-        parser.error("--output goes with --score-only; evaluations write to output.dir")
-    try:
-        config = load_eval_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    config = load_eval_config(args.config, overrides)
     try:
         run_evaluation(config, args.checkpoint, force=args.force)
     finally:

@@ -1,4 +1,6 @@
-"""Time one GRPO step, ours against a naive transformers-style trainer (project issue 6).
+"""Time one GRPO step, ours against a naive transformers-style trainer.
+
+The goal: ours at least 3x faster per step than naive at R1-AQA's shape on GPU.
 
 One step, in five phases timed separately (as `grpo/trainer.py` runs it):
 
@@ -23,7 +25,7 @@ and the flags --prompts/--group-size/--new-tokens/--beta/--dtype are shorthands 
 Both modes run the same prompts, completions' length, sampling settings, rewards, loss,
 micro-batches and optimizer; they differ only in how they call the model:
 
-    phase        naive (what R1-AQA's TRL fork does, SPEC section 6)  ours (the trainer's path)
+    phase        naive (what R1-AQA's TRL fork does)                  ours (the trainer's path)
     -----------  ---------------------------------------------------  -------------------------------------
     rollout      model.generate on the G-times repeated inputs:       grpo.rollout.sample_completions:
                  every copy of a clip goes through the encoder and    each clip encoded once, each prompt
@@ -56,7 +58,8 @@ optimizer steps there, the new weights come back (ZeRO-Offload's split, on one p
 trainer's FSDP offload also keeps the parameters on the CPU between uses; that needs FSDP and
 is not what this flag measures.
 
-Models: tiny (the test model), small (~33M params), anchor (SPEC 6's 5.4M CPU anchor),
+Models: tiny (the test model), small (~33M params), anchor (the 5.4M CPU shape R1-AQA's own
+trainer was timed on, docs/FACTS.md),
 7b-random (Qwen2-Audio-7B's architecture, configs/qwen2_audio_7b_random.yaml, GPU only), or a
 checkpoint directory. Results and commands: benchmarks/RESULTS.md.
 
@@ -100,17 +103,17 @@ CONFIG_7B = ROOT / "configs" / "qwen2_audio_7b_random.yaml"
 
 # Random models built by build_tiny_checkpoint. `small` is big enough that per-token Python
 # overheads do not dominate, with the real 30 s audio window (the encoder always runs 1500
-# positions, SPEC 3) and a vocabulary much larger than its tokenizer (unused ids suppressed).
+# positions) and a vocabulary much larger than its tokenizer (unused ids suppressed).
 BUILT_MODELS = {
     "tiny": dict(),  # the test model: hidden 64, 2 + 2 layers, 3 s window, vocab 512 (~257k params)
     "small": dict(text_hidden=512, text_layers=8, audio_hidden=384, audio_layers=4, vocab_size=8192,
                   audio_seconds=30),  # ~33M params
-    # SPEC 6's CPU anchor, on which R1-AQA's own trainer took 10.4 s per step (2 prompts x 8 x 32
+    # the CPU anchor (docs/FACTS.md), on which R1-AQA's own trainer took 10.4 s per step (2 prompts x 8 x 32
     # tokens, beta 0.04): hidden 256, 4 + 4 layers, 30 s window, ~5.4M params
     "anchor": dict(text_hidden=256, text_layers=4, audio_hidden=256, audio_layers=4, audio_seconds=30),
 }
 
-# The benchmark's settings when no --config is given: R1-AQA's sampling (SPEC 1: temperature
+# The benchmark's settings when no --config is given: R1-AQA's sampling (temperature
 # 1.0, top-k 50, top-p 1.0), loss, beta and lr, at a CPU-sized shape, in one micro-batch.
 BENCH_DEFAULTS = [
     "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=16",
@@ -174,7 +177,7 @@ def checkpoint_setup(path, name, *, n_prompts, clip_seconds, device, dtype, new_
 def random_7b_setup(*, n_prompts, clip_seconds, device, dtype, new_tokens, temperature=1.0, top_k=50, top_p=1.0,
                     template=2, attn_implementation="sdpa"):
     """Qwen2-Audio-7B's architecture with random weights, built on the GPU (no tokenizer: the prompts'
-    token ids are built by hand with the chat template's structure, SPEC 1)."""
+    token ids are built by hand with the chat template's structure)."""
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
     spec = yaml.safe_load(CONFIG_7B.read_text())

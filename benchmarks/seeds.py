@@ -61,7 +61,7 @@ def run_one(name: str, seed: int, args, overrides: list[str], threads: int) -> d
     out = Path(args.root) / f"{name}-seed{seed}"
     cmd = [sys.executable, str(REPO / "train.py"), "--config", args.config, f"run.seed={seed}",
            f"run.output_dir={out}", "logging.progress_bar=false", "logging.tensorboard=false",
-           "checkpointing.export=false", *overrides]
+           "checkpointing.export=false", "run.overwrite=true", *overrides]  # a rerun moves the old run aside
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

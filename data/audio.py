@@ -1,7 +1,7 @@
 """Audio I/O: decode with soundfile, pick one channel, resample to 16 kHz, float32 numpy.
 
 soundfile (libsndfile, bundled in the wheel) decodes wav/flac/ogg/mp3 without FFmpeg;
-torchaudio.load would need TorchCodec + FFmpeg, so it is never used here (SPEC 3).
+torchaudio.load would need TorchCodec + FFmpeg, so it is never used here.
 """
 
 import logging
@@ -18,7 +18,7 @@ CHANNELS = ("first", "mean")
 
 
 class AudioError(RuntimeError):
-    """A clip that cannot be used: missing, empty or undecodable. The message names the file."""
+    """A clip that cannot be used: missing, empty, undecodable or not finite. The message names the file."""
 
     def __init__(self, path, reason):
         self.path = str(path)
@@ -42,6 +42,9 @@ def load_audio(path, *, sampling_rate=16000, channel="first"):
         raise AudioError(path, f"cannot decode audio ({type(e).__name__}: {e})") from e
     if wav.shape[0] == 0 or wav.shape[1] == 0:
         raise AudioError(path, "audio file has no samples")
+    bad = int(np.count_nonzero(~np.isfinite(wav)))
+    if bad:  # float wav files can hold NaN/Inf; one such sample makes every loss NaN
+        raise AudioError(path, f"{bad} of {wav.size} audio samples are NaN or Inf")
     wav = wav[:, 0] if channel == "first" else wav.mean(axis=1)  # [S]
     if sr != sampling_rate:
         # torchaudio's windowed-sinc resampler, the same one R1-AQA's Resample transform uses
@@ -53,7 +56,7 @@ class AudioLoader:
     """Callable `loader(path) -> np.ndarray [S] float32`, cutting clips to `max_seconds`.
 
     The model's feature extractor silently drops audio beyond its window; cutting here makes
-    that visible: one warning the first time, then a count in `n_cut` (see `summary()`).
+    that visible: one warning the first time, then a count in `n_cut` (and `n_loaded`).
     """
 
     def __init__(self, sampling_rate=16000, max_seconds=None, channel="first"):
@@ -75,12 +78,8 @@ class AudioLoader:
             if self.n_cut == 0:
                 logger.warning(
                     "%s: %.2f s clip cut to %.2f s (the model's audio window); "
-                    "further cuts are only counted (AudioLoader.summary())",
+                    "further cuts are only counted (AudioLoader.n_cut)",
                     os.fspath(path), wav.shape[0] / self.sampling_rate, self.max_seconds)
             self.n_cut += 1
             wav = wav[: self.max_samples]
         return wav
-
-    def summary(self):
-        limit = "no limit" if self.max_seconds is None else f"limit {self.max_seconds:g} s"
-        return f"audio: {self.n_loaded} clips loaded, {self.n_cut} cut ({limit})"

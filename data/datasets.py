@@ -4,6 +4,9 @@ Readers never open audio: a missing clip is reported by the AudioLoader when it 
 (AudioError naming the file), or up front with `check_audio=True`.
 Every bad record is a DataError naming the file and the line (JSONL) or item index (JSON list);
 with on_error="skip" it is dropped and counted in one logged warning. Nothing is dropped silently.
+A repeated id is a bad record (the second one), and so, with ``unique_choices=True`` (training
+questions, where the accuracy reward and the warm-up treat choices as distinct), is a question
+that lists the same choice twice. A UTF-8 byte-order mark at the start of a file is accepted.
 """
 
 import json
@@ -48,7 +51,7 @@ def _iter_records(path):
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: files saved by Windows tools start with a BOM
         text = f.read()
     if text.lstrip()[:1] == "[":
         try:
@@ -73,6 +76,7 @@ def _read(path, parse, on_error, check_audio=False):
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     path = os.fspath(path)
     samples, skipped, n_records = [], [], 0
+    first_seen = {}  # id -> where it first appeared
     for loc, rec in _iter_records(path):
         n_records += 1
         try:
@@ -81,6 +85,9 @@ def _read(path, parse, on_error, check_audio=False):
             if not isinstance(rec, dict):
                 raise _Bad(f"record is a {type(rec).__name__}, not an object")
             sample = parse(rec)
+            if sample.id in first_seen:
+                raise _Bad(f"duplicate id {sample.id!r} (first at {first_seen[sample.id]})")
+            first_seen[sample.id] = loc.removeprefix(f"{path}: ")
         except _Bad as e:
             if on_error == "raise":
                 raise DataError(f"{loc}: {e}") from None
@@ -127,10 +134,13 @@ def _id(rec):
     return str(v)
 
 
-def _choices(rec, key):
+def _choices(rec, key, unique=False):
     v = _get(rec, key)
     if not isinstance(v, list) or not v or not all(isinstance(c, str) for c in v):
         raise _Bad(f"field {key!r} must be a non-empty list of strings, got {v!r}")
+    if unique and len(set(v)) != len(v):
+        repeated = sorted({c for c in v if v.count(c) > 1})
+        raise _Bad(f"field {key!r} lists the same choice twice ({', '.join(map(repr, repeated))}): {v!r}")
     return list(v)
 
 
@@ -164,7 +174,7 @@ def video_to_audio(question):
     return _VIDEO.sub(lambda m: "Audio" if m.group(1) == "V" else "audio", question)
 
 
-def read_avqa(path, *, audio_root=None, on_error="raise", check_audio=False):
+def read_avqa(path, *, audio_root=None, on_error="raise", check_audio=False, unique_choices=False):
     """R1-AQA's AVQA JSONL (also the synthetic set). Relative audio_path: against audio_root,
     or else the JSONL's directory. answer is a 0-based index into multi_choice."""
     root = os.fspath(audio_root) if audio_root is not None else os.path.dirname(os.path.abspath(path))
@@ -172,7 +182,7 @@ def read_avqa(path, *, audio_root=None, on_error="raise", check_audio=False):
     def parse(rec):
         sid = _id(rec)
         question = _str(rec, "question_text")
-        choices = _choices(rec, "multi_choice")
+        choices = _choices(rec, "multi_choice", unique_choices)
         idx = _get(rec, "answer")
         if isinstance(idx, bool) or not isinstance(idx, int):
             raise _Bad(f"field 'answer' must be an int index, got {idx!r}")
@@ -185,13 +195,13 @@ def read_avqa(path, *, audio_root=None, on_error="raise", check_audio=False):
     return _read(path, parse, on_error, check_audio)
 
 
-def _read_benchmark(path, audio_root, on_error, check_audio, *, audio_key, task_key):
+def _read_benchmark(path, audio_root, on_error, check_audio, unique_choices, *, audio_key, task_key):
     """A benchmark file with `question`, `choices`, an answer, an audio path under `audio_key`
     (relative to audio_root, default the file's directory) and the task under `task_key`."""
     root = os.fspath(audio_root) if audio_root is not None else os.path.dirname(os.path.abspath(path))
 
     def parse(rec):
-        choices = _choices(rec, "choices")
+        choices = _choices(rec, "choices", unique_choices)
         return Sample(id=_id(rec), audio_path=_resolve(_get(rec, audio_key), root),
                       question=_str(rec, "question"), choices=choices,
                       answer=_answer_text(rec, choices), task=rec.get(task_key), meta=rec)
@@ -199,21 +209,24 @@ def _read_benchmark(path, audio_root, on_error, check_audio, *, audio_key, task_
     return _read(path, parse, on_error, check_audio)
 
 
-def read_mmau(path, *, audio_root=None, on_error="raise", check_audio=False):
+def read_mmau(path, *, audio_root=None, on_error="raise", check_audio=False, unique_choices=False):
     """MMAU JSON list. Audio is audio_root / audio_id ("./test-mini-audios/<id>.wav");
     audio_root defaults to the JSON file's directory. No answer (MMAU test) -> answer None."""
-    return _read_benchmark(path, audio_root, on_error, check_audio, audio_key="audio_id", task_key="task")
+    return _read_benchmark(path, audio_root, on_error, check_audio, unique_choices, audio_key="audio_id",
+                           task_key="task")
 
 
-def read_mmar(path, *, audio_root=None, on_error="raise", check_audio=False):
+def read_mmar(path, *, audio_root=None, on_error="raise", check_audio=False, unique_choices=False):
     """MMAR (JSONL, or the JSON list MMAR-meta.json). task = modality."""
-    return _read_benchmark(path, audio_root, on_error, check_audio, audio_key="audio_path", task_key="modality")
+    return _read_benchmark(path, audio_root, on_error, check_audio, unique_choices, audio_key="audio_path",
+                           task_key="modality")
 
 
 READERS = {"avqa": read_avqa, "mmau": read_mmau, "mmar": read_mmar, "synthetic": read_avqa}
 
 
-def read_dataset(format, path, *, audio_root=None, on_error="raise", check_audio=False):
+def read_dataset(format, path, *, audio_root=None, on_error="raise", check_audio=False, unique_choices=False):
     if format not in READERS:
         raise ValueError(f"unknown dataset format {format!r}; expected one of {sorted(READERS)}")
-    return READERS[format](path, audio_root=audio_root, on_error=on_error, check_audio=check_audio)
+    return READERS[format](path, audio_root=audio_root, on_error=on_error, check_audio=check_audio,
+                           unique_choices=unique_choices)

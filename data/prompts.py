@@ -1,4 +1,4 @@
-"""R1-AQA's prompt templates (SPEC 1), the chat message, and SFT targets.
+"""R1-AQA's prompt templates (arXiv:2503.11197; docs/FACTS.md), the chat message, and SFT targets.
 
 The choices are rendered with Python's str(list) -- "['a', 'b']" -- exactly as R1-AQA's
 f-string does, quotes and all; the model was trained and evaluated on that rendering.

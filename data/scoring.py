@@ -1,4 +1,4 @@
-"""MMAU scoring: the official scorer's rules (SPEC section 5), pure Python.
+"""MMAU scoring: the official scorer's rules (docs/FACTS.md, "MMAU scoring"), pure Python.
 
 Behaviour matched against the MMAU repository's ``evaluation.py`` (its
 ``string_match`` and main loop, as copied into several public projects):
@@ -87,8 +87,36 @@ def is_correct(prediction: str | None, answer: str, choices: Sequence[str]) -> b
     return answer_tokens <= prediction_tokens and prediction_tokens.isdisjoint(wrong_tokens)
 
 
+def record_problem(record: Any, prediction_key: str | None = None) -> str | None:
+    """What makes ``record`` unscorable, or None. A string in place of the choices list would
+    otherwise be split into characters, and a missing answer raise a bare KeyError."""
+    if not isinstance(record, Mapping):
+        return f"a {type(record).__name__}, not an object"
+    key = "choices" if "choices" in record else "multi_choice" if "multi_choice" in record else None
+    if key is None:
+        return "neither 'choices' nor 'multi_choice'"
+    choices = record[key]
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+        return f"'{key}' must be a non-empty list of strings, got {choices!r}"
+    if "answer" not in record:
+        return "no 'answer'"
+    answer = record["answer"]
+    if key == "multi_choice" and isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(choices):
+            return f"answer index {answer} out of range for {len(choices)} choices"
+    elif not isinstance(answer, str):
+        return f"'answer' must be a string, got {answer!r}"
+    for k in (prediction_key,) if prediction_key else PREDICTION_KEYS:
+        if k in record and record[k] is not None and not isinstance(record[k], str):
+            return f"prediction '{k}' must be a string or null, got {record[k]!r}"
+    return None
+
+
 def answer_and_choices(record: Mapping[str, Any]) -> tuple[str, list[str]]:
     """(answer text, choices) of a benchmark record: MMAU/MMAR schema or R1-AQA's AVQA schema."""
+    problem = record_problem(record)
+    if problem is not None:
+        raise ValueError(f"record {record.get('id') if isinstance(record, Mapping) else record!r}: {problem}")
     if "choices" in record:
         return str(record["answer"]), list(record["choices"])
     if "multi_choice" in record:
@@ -178,7 +206,7 @@ def score_report(items: Sequence[Mapping[str, Any]], *, prediction_key: str | No
 
 
 def score(items: Sequence[Mapping[str, Any]], *, prediction_key: str | None = None) -> dict[str, Any]:
-    """Scores dict of benchmark records with predictions (SPEC section 5).
+    """Scores dict of benchmark records with predictions, by MMAU's official rules.
 
     Keys are exactly ``total``, ``task``, ``difficulty``, ``sub-category``. ``total`` is
     ``{"correct", "count", "accuracy"}``; each group maps a value (e.g. ``"sound"``) to the same

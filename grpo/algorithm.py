@@ -1,12 +1,20 @@
-"""GRPO as pure tensor functions (SPEC section 2). Imports nothing from the project.
+"""GRPO as pure tensor functions. Imports nothing from the project.
 
-The objective, written once
----------------------------
+Sources: GRPO, DeepSeekMath arXiv:2402.03300; clip-higher and token_mean, DAPO
+arXiv:2503.14476; scale "none" and dr_grpo, Dr. GRPO arXiv:2503.20783; sequence-level
+ratio, GSPO arXiv:2507.18071; k1/k2/k3, Schulman, "Approximating KL Divergence"
+(joschu.net/blog/kl-approx.html). Summary with context: docs/FACTS.md.
+
+The loss, written once
+----------------------
 For a prompt q, the policy that generated the data (pi_old) sampled G completions
 o_1..o_G with rewards r_1..r_G. o_it is token t of completion i.
 
     J(theta) = AGG_{i,t} [ -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i)
                            + beta k_it ]
+
+J is a loss, to be minimised: the negative of GRPO's clipped surrogate objective, plus the
+KL penalty. Everything below that is called "the loss" is J or a share of it.
 
 symbol   meaning                                                       computed by
 -------  ------------------------------------------------------------  ------------------
@@ -17,15 +25,16 @@ rho_it   pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t); GSPO:    importanc
          s_i = exp(1/|o_i| sum_t log rho_it) for every t of o_i
 k_it     KL(pi_theta || pi_ref) estimate at o_it, d = log pi_ref -     kl_penalty
          log pi_theta: k1 = -d, k2 = d^2/2, k3 = e^d - d - 1
+         (an estimate of the KL's value; see kl_penalty for its gradient)
 l_it     the bracket above, per token                                  policy_loss
 AGG      grpo:       1/N         sum_i 1/|o_i| sum_t l_it              aggregate_loss
          token_mean: 1/sum_i|o_i| sum_i sum_t l_it
          dr_grpo:    1/(N L)     sum_i sum_t l_it   (L = max completion length)
 
 N counts the completions of the whole optimizer batch (all micro-batches, all ranks).
-The optimizer minimises J. For one micro-batch `policy_loss` returns only its *share*
-of J (its own terms over the global N, or sum|o_i|), so backward on each share, the
-gradients accumulating, gives grad J whatever the micro-batching; summed over ranks too.
+For one micro-batch `policy_loss` returns only its *share* of J (its own terms over the
+global N, or sum|o_i|), so backward on each share, the gradients accumulating, gives grad J
+whatever the micro-batching; summed over ranks too.
 (A trainer whose data-parallel wrapper averages gradients over ranks multiplies each
 share by world_size.)
 
@@ -110,8 +119,17 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
         k1 = -d              unbiased, can be negative
         k2 = d^2 / 2         biased, >= 0
         k3 = e^d - d - 1     unbiased, >= 0 (Schulman's estimator; R1-AQA's choice)
+    (Schulman, "Approximating KL Divergence", joschu.net/blog/kl-approx.html.)
     k3 is computed as expm1(d) - d: the same value, accurate (and never negative)
     when d is close to 0.
+
+    "Unbiased" is about the KL's *value*. Added to the loss and differentiated through
+    log pi_theta with the sampled tokens held fixed, k1 and k3 do not give an unbiased
+    estimate of the KL's *gradient*: grad k1 = grad log pi_theta has expectation 0 under
+    pi_theta, and grad k3 = (1 - e^d) grad log pi_theta has the expectation of
+    grad KL(pi_ref || pi_theta), the reverse direction. (grad k2 = -d grad log pi_theta does
+    have the expectation of grad KL(pi_theta || pi_ref).) The KL logged as a metric is the
+    value; the penalty's effect on training is that of its gradient.
 
     logp, ref_logp: same shape, e.g. [B, T]. Returns that shape.
     """

@@ -10,11 +10,15 @@ Layout of a run directory::
 A checkpoint is written under a temporary name and renamed when every rank has finished,
 so a run killed mid-save never leaves a checkpoint that looks complete. Only the last
 ``keep_last`` full states are kept; the (much smaller) exports stay for evaluation sweeps.
+
+``rank<r>.pt`` holds only tensors and plain values (RNG states converted), so it is read with
+``torch.load(weights_only=True)``: a file that would run code when unpickled is refused.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -35,26 +39,48 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "trainer_state.json"
 
 
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed from: incomplete, unsafe to load, or saved by
+    another number of processes. The message names the checkpoint or the file."""
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def rng_state() -> dict:
+    """Every RNG's state as tensors and plain numbers (what ``weights_only=True`` can load)."""
+    version, internal, gauss = random.getstate()  # internal: 624 words of MT19937 + the index
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rank_state(rank_file: Path) -> dict:
+    """One rank's RNG states and data position, loaded without running any pickled code."""
+    try:
+        return torch.load(rank_file, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ResumeError(f"{rank_file}: refused to load: it holds Python objects, not only tensors and plain "
+                          f"values ({first}). This trainer never writes such a file; if it came from "
+                          "elsewhere, do not load it") from None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -76,7 +102,7 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
         return full[-1] if full else None
     path = Path(resume)
     if not (path / COMPLETE).is_file() or not (path / "state").is_dir():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} or state/ in it)")
+        raise ResumeError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} or state/ in it)")
     return path
 
 
@@ -144,7 +170,8 @@ def load_checkpoint(path: str | Path, model, optimizer, *, rank: int, extra_mode
     path = Path(path)
     rank_file = path / f"rank{rank}.pt"
     if not rank_file.is_file():
-        raise FileNotFoundError(f"{rank_file} is missing: resume with the same number of processes as the saved run")
+        raise ResumeError(f"{rank_file} is missing: resume with the same number of processes as the saved run")
+    rank_state = load_rank_state(rank_file)  # first: an unsafe file is refused before anything changes
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     state.update({name: get_model_state_dict(m) for name, m in (extra_models or {}).items()})
@@ -153,6 +180,5 @@ def load_checkpoint(path: str | Path, model, optimizer, *, rank: int, extra_mode
     for name, m in (extra_models or {}).items():
         set_model_state_dict(m, state[name])
     trainer_state = json.loads((path / COMPLETE).read_text())
-    rank_state = torch.load(rank_file, weights_only=False)
     set_rng_state(rank_state.pop("rng"))
     return trainer_state, rank_state

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class RunConfig:
     output_dir: str = "runs/default"  # run directory: logs, checkpoints, resolved config
     seed: int = 0  # seeds data order, sampling and model building
     steps: int = 1000  # training steps (one rollout, then mu optimizer updates)
+    overwrite: bool = False  # a fresh run into a non-empty output_dir moves the old run aside first
 
 
 @dataclass
@@ -65,7 +67,7 @@ class DataConfig:
     prompt_template: int = 2  # R1-AQA prompt <1>, <2> or <3>
     on_error: str = "raise"  # raise, or skip bad records and unreadable audio (counted)
     audio_channel: str = "first"  # first channel (as R1-AQA) or mean of channels
-    max_prompt_length: int = 0  # drop (and count) prompts longer than this; 0 means no limit
+    max_prompt_tokens: int = 0  # prompt limit (text + audio tokens); 0: the model's context minus max_new_tokens
     shuffle: bool = True  # reshuffle every epoch (deterministic from run.seed)
     silence_audio: bool = False  # control experiment: replace every clip by silence
     synthetic_generate: bool = False  # write the synthetic set when train_path is absent
@@ -144,6 +146,7 @@ class DistributionConfig:
     activation_checkpointing: bool = False  # recompute layer activations in backward
     cpu_offload: bool = False  # keep parameters and optimizer state on the CPU
     reshard_after_forward: bool = True  # ZeRO-3 style; false keeps parameters gathered
+    timeout_minutes: float = 30.0  # collective timeout: a rank stuck this long fails the run
 
 
 @dataclass
@@ -174,6 +177,85 @@ CHOICES = {
     "algorithm.advantage_scale": ("group", "batch", "none"),
     "optimizer.schedule": ("constant", "linear", "cosine"),
     "distribution.fsdp": ("auto", "always", "never"),
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """An allowed interval for a number; ``low_open``/``high_open`` leave the end itself out."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        # written so that NaN is never inside: every comparison with NaN is False
+        if not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def at_least(low: float) -> Range:
+    return Range(low=low)
+
+
+def above(low: float) -> Range:
+    return Range(low=low, low_open=True)
+
+
+# Every number in the config and where it makes sense; a value outside is a ConfigError
+# naming the key, the value and the range. tests/test_reliability.py checks that every
+# numeric key of the dataclasses is listed here.
+RANGES = {
+    "run.seed": at_least(0),
+    "run.steps": at_least(1),
+    "model.tiny_seed": at_least(0),
+    "model.tiny_text_hidden": at_least(1),
+    "model.tiny_text_layers": at_least(1),
+    "model.tiny_audio_hidden": at_least(1),
+    "model.tiny_audio_layers": at_least(1),
+    "data.eval_every": at_least(0),
+    "data.eval_samples": at_least(0),
+    "data.max_prompt_tokens": at_least(0),
+    "data.synthetic_train_size": at_least(1),
+    "data.synthetic_eval_size": at_least(1),
+    "data.synthetic_seed": at_least(0),
+    "rollout.prompts_per_step": at_least(1),
+    "rollout.group_size": at_least(2),  # one completion has no group to be compared with
+    "rollout.generation_batch_prompts": at_least(1),
+    "rollout.max_new_tokens": at_least(1),
+    "rollout.temperature": above(0),
+    "rollout.top_k": at_least(0),
+    "rollout.top_p": Range(0, 1, low_open=True),
+    "algorithm.beta": at_least(0),
+    "algorithm.eps_low": Range(0, 1, high_open=True),  # 1 - eps_low must stay positive
+    "algorithm.eps_high": at_least(0),
+    "algorithm.advantage_eps": above(0),
+    "algorithm.mu": at_least(1),
+    "algorithm.micro_batch_prompts": at_least(1),
+    "algorithm.max_sampling_rounds": at_least(0),
+    "algorithm.format_warmup_steps": at_least(0),
+    "algorithm.format_warmup_lr": at_least(0),
+    "optimizer.lr": above(0),
+    "optimizer.weight_decay": at_least(0),
+    "optimizer.adam_eps": above(0),
+    "optimizer.warmup_steps": at_least(0),
+    "optimizer.max_grad_norm": at_least(0),
+    "optimizer.max_nonfinite_steps": at_least(1),
+    "logging.log_every": at_least(1),  # the step is taken modulo log_every
+    "logging.sample_every": at_least(0),
+    "logging.num_samples": at_least(0),
+    "checkpointing.every": at_least(0),
+    "checkpointing.keep_last": at_least(1),
+    "distribution.timeout_minutes": above(0),
 }
 
 
@@ -272,15 +354,35 @@ def check_choices(config, choices: dict, source: str) -> None:
             raise ConfigError(f"'{dotted}' in {source} is {value!r}; choose one of {list(allowed)}")
 
 
-def validate(config: Config, source: str) -> None:
-    """Check values that must come from a fixed set, and the batch arithmetic."""
+def check_ranges(config, ranges: dict, source: str) -> None:
+    """Each ``section.key`` of ``ranges`` must hold a number inside its Range."""
+    for dotted, allowed in ranges.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            raise ConfigError(f"'{dotted}' in {source} is {value!r}; allowed: {key} {allowed}"
+                              if allowed.high is None else
+                              f"'{dotted}' in {source} is {value!r}; allowed: {key} in {allowed}")
+
+
+def validate(config: Config, source: str, *, require_paths: bool = False) -> None:
+    """Check values that must come from a fixed set or a range, and the batch arithmetic.
+
+    ``require_paths``: model.path and data.train_path must be set (what a training run needs;
+    tools that build their own model and data, like the step benchmark, leave it off).
+    """
     check_choices(config, CHOICES, source)
-    if config.rollout.group_size < 1 or config.rollout.prompts_per_step < 1:
-        raise ConfigError(f"rollout.group_size and rollout.prompts_per_step in {source} must be >= 1")
-    if config.algorithm.mu < 1:
-        raise ConfigError(f"'algorithm.mu' in {source} must be >= 1")
-    if config.algorithm.micro_batch_prompts < 1:
-        raise ConfigError(f"'algorithm.micro_batch_prompts' in {source} must be >= 1")
+    check_ranges(config, RANGES, source)
+    betas = config.optimizer.betas
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"'optimizer.betas' in {source} is {betas!r}; allowed: two numbers, each in [0, 1)")
+    if not config.run.output_dir.strip():
+        raise ConfigError(f"'run.output_dir' in {source} is empty; name the run directory")
+    if require_paths:
+        for dotted in ("model.path", "data.train_path"):
+            section, key = dotted.split(".")
+            if not str(getattr(getattr(config, section), key)).strip():
+                raise ConfigError(f"'{dotted}' in {source} is empty; set it in the file or as {dotted}=...")
 
 
 def read_into(config, path: str | Path | None, overrides=()) -> str:
@@ -299,18 +401,54 @@ def read_into(config, path: str | Path | None, overrides=()) -> str:
         source = str(path)
     for text in overrides:
         apply_mapping(config, parse_override(text), f"command-line override '{text}'")
+    if overrides:  # a bad value may come from either
+        source += " or its command-line overrides" if path is not None else " with command-line overrides"
     return source
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (or only defaults when ``path`` is None) and apply overrides."""
+def load_config(path: str | Path | None, overrides: list[str] = (), *, require_paths: bool = False) -> Config:
+    """Read a YAML file (or only defaults when ``path`` is None), apply overrides, validate."""
     config = Config()
-    validate(config, read_into(config, path, overrides))
+    validate(config, read_into(config, path, overrides), require_paths=require_paths)
     return config
 
 
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
+
+
+# What may change when a run is resumed without it being another run: where and how it
+# logs, saves and shards, and the held-out evaluation. Every other key changes the
+# optimisation or the data order (seed, lr, group size, data paths, steps and so the
+# schedule...): resuming with another value needs --allow-config-change. A key is free
+# when it or its section is listed; new keys are protected unless added here.
+RESUME_FREE = {
+    "run.output_dir", "run.overwrite", "model.build_tiny", "model.attn_implementation",
+    "data.eval_path", "data.eval_every", "data.eval_samples", "data.synthetic_generate", "data.synthetic_eval_size",
+    "rollout.generation_batch_prompts",  # counter-based sampling: batching does not change a completion
+    "algorithm.micro_batch_prompts",  # the gradient is that of the whole batch, however it is split
+    "logging", "checkpointing", "distribution",
+}
+
+
+def changes_the_run(key: str) -> bool:
+    """True when ``section.key`` changes the optimisation or the data order (see RESUME_FREE)."""
+    return key not in RESUME_FREE and key.split(".")[0] not in RESUME_FREE
+
+
+def _flatten(mapping: dict) -> dict:
+    return {f"{section}.{key}": value for section, keys in mapping.items() if isinstance(keys, dict)
+            for key, value in keys.items()}
+
+
+_ABSENT = "<absent>"
+
+
+def config_changes(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """``(section.key, saved value, new value)`` for every key that differs, in key order."""
+    old, now = _flatten(saved), _flatten(new)
+    return [(k, old.get(k, _ABSENT), now.get(k, _ABSENT)) for k in sorted(old.keys() | now.keys())
+            if old.get(k, _ABSENT) != now.get(k, _ABSENT)]
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -18,10 +18,16 @@ export of a run directory):
 Across checkpoints rank 0 writes ``summary.txt`` / ``summary.json`` (rows ordered by step, best
 total marked) and TensorBoard scalars ``eval/<dataset>/<task>`` and ``eval/<dataset>/total``.
 
-A question whose audio is missing or undecodable is listed by id and, by default, kept in the
-predictions with an empty answer (counted wrong: the denominator stays the benchmark's). With
-``data.skip_missing_audio`` its record carries no prediction key, so the scorer leaves it out,
-exactly as the official MMAU script does with unanswered records.
+A question whose audio is missing, undecodable or not finite, or whose prompt (text + audio
+tokens) plus ``max_new_tokens`` does not fit the model's context (or ``data.max_prompt_tokens``),
+stops the evaluation with an error naming it (``data.on_error: raise``, the default). With
+``data.on_error: skip`` it is listed by id, counted (``skipped_samples``) and kept in the
+predictions with an empty answer (counted wrong: the denominator stays the benchmark's); with
+``data.skip_missing_audio`` as well, its record carries no prediction key, so the scorer leaves
+it out, exactly as the official MMAU script does with unanswered records.
+
+Predictions are reused only when the fingerprint matches: the weights files (names, sizes,
+modification times) as well as the data, prompt and length settings.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from typing import Any, Sequence
 
 
 from data.scoring import extract_answer, ordered_groups, score_report
-from grpo.config import ConfigError, check_choices, read_into
+from grpo.config import ConfigError, at_least, check_choices, check_ranges, read_into
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,9 @@ class EvalDataConfig:
     audio_root: str | None = None  # base of relative audio paths (default: the file's folder)
     audio_channel: str = "first"  # first channel (as R1-AQA) or mean of channels
     prompt_template: int = 2  # R1-AQA prompt <1>, <2> or <3>
-    skip_missing_audio: bool = False  # leave unreadable clips out (default: count them wrong)
+    on_error: str = "raise"  # raise: a bad record, clip or over-long prompt stops, named; skip: counted
+    skip_missing_audio: bool = False  # with on_error=skip: leave skipped questions out (default: count them wrong)
+    max_prompt_tokens: int = 0  # prompt limit (text + audio tokens); 0: the model's context minus max_new_tokens
     limit: int = 0  # evaluate only the first N questions (0: all), for quick looks
     # synthetic format only: write the set when `path` does not exist yet
     synthetic_generate: bool = False
@@ -96,11 +104,20 @@ class EvalConfig:
 
 _CHOICES = {
     "data.format": ("mmau", "mmar", "avqa", "synthetic"),
+    "data.on_error": ("raise", "skip"),
     "data.audio_channel": ("first", "mean"),
     "data.prompt_template": (1, 2, 3),
     "data.synthetic_difficulty": ("easy", "medium", "hard", "mixed"),
     "model.dtype": ("auto", "bfloat16", "float32", "float16"),
     "model.device": ("auto", "cpu", "cuda"),
+}
+_RANGES = {
+    "data.limit": at_least(0),
+    "data.max_prompt_tokens": at_least(0),
+    "data.synthetic_size": at_least(1),
+    "data.synthetic_seed": at_least(0),
+    "generation.max_new_tokens": at_least(1),
+    "generation.batch_size": at_least(1),
 }
 
 
@@ -113,10 +130,9 @@ def load_eval_config(path: str | Path | None, overrides: Sequence[str] = ()) -> 
     config = EvalConfig()
     source = read_into(config, path, overrides)
     check_choices(config, _CHOICES, source)
+    check_ranges(config, _RANGES, source)
     if not config.data.path:
         raise ConfigError(f"'data.path' is not set in {source}")
-    if config.generation.batch_size < 1 or config.generation.max_new_tokens < 1:
-        raise ConfigError(f"generation.batch_size and generation.max_new_tokens in {source} must be >= 1")
     uses_version = [k for k, v in (("data.path", config.data.path), ("data.name", config.data.name),
                                    ("output.dir", config.output.dir), ("output.log_dir", config.output.log_dir))
                     if v and "{version}" in v]
@@ -192,18 +208,20 @@ def resolve_checkpoints(paths: Sequence[str | Path]) -> list[CheckpointRef]:
     """Checkpoint arguments -> checkpoints ordered by step (command-line order among equal steps).
 
     A run directory (it has ``checkpoints/step_<N>/hf``) stands for all its exports; any other
-    directory is a checkpoint itself.
+    directory is a checkpoint itself. A missing one is a CheckpointError (a FileNotFoundError).
     """
+    from models.loading import CheckpointError  # here: importing it loads torch and transformers
+
     found: list[Path] = []
     for arg in paths:
         path = Path(arg).absolute()
         if not path.is_dir():
-            raise FileNotFoundError(f"--checkpoint {arg}: no such directory")
+            raise CheckpointError(f"--checkpoint {arg}: no such directory")
         exports = run_exports(path)
         if exports:
             found.extend(exports)
         elif (path / "checkpoints").is_dir():
-            raise FileNotFoundError(f"--checkpoint {arg}: run directory without exported checkpoints "
+            raise CheckpointError(f"--checkpoint {arg}: run directory without exported checkpoints "
                                     "(checkpoints/step_<N>/hf)")
         else:
             found.append(path)
@@ -299,14 +317,11 @@ def load_samples(config: EvalConfig, d: Dist | None = None) -> list:
     path = dataset_path(config)
     if config.data.format == "synthetic" and not path.exists() and config.data.synthetic_generate:
         _generate_synthetic(config, path, d or Dist())
-    samples = read_dataset(config.data.format, str(path), audio_root=config.data.audio_root)
+    # a bad record or a repeated id stops here, naming the line, unless data.on_error=skip
+    samples = read_dataset(config.data.format, str(path), audio_root=config.data.audio_root,
+                           on_error=config.data.on_error)
     if config.data.limit:
         samples = samples[: config.data.limit]
-    ids = [s.id for s in samples]
-    if len(set(ids)) != len(ids):
-        # predictions are matched to questions by position, but a benchmark file with duplicate
-        # ids would make the missing-audio listing ambiguous: say so instead of guessing
-        log.warning("%s: %d duplicate question ids", path, len(ids) - len(set(ids)))
     return samples
 
 
@@ -360,7 +375,7 @@ def decode_greedy(tokenizer, completion_ids, end_ids: Sequence[int]) -> list[tup
     """(text, n_tokens, truncated) per row: tokens before the first end token, specials dropped.
 
     ``skip_special_tokens=True`` as R1-AQA's test script decodes; the end token is found by
-    position (SPEC section 2), never by comparing to the pad id.
+    position, never by comparing to the pad id.
     """
     rows = []
     ends = set(int(t) for t in end_ids)
@@ -388,17 +403,23 @@ def generate_answers(
     load_audio,
     on_batch=None,
     progress=None,
+    on_error: str = "skip",
+    max_prompt_tokens: int | None = None,
 ) -> list[Generated]:
     """Greedy completions for ``samples[i]`` for i in ``indices`` (any order in, same order out).
 
     Questions are sorted by estimated prompt length, longest first (an out-of-memory batch shows
     up at once), batched, and the results put back in the order of ``indices``.
     ``on_batch(list[Generated])`` is called after each batch (progress files).
+    A clip that cannot be read, or a prompt longer than ``max_prompt_tokens``, raises
+    (``on_error="raise"``: AudioError naming the file, DataError naming the sample) or gives a
+    ``Generated`` with the reason in ``error`` (``"skip"``).
     """
     import torch
 
     from data.audio import AudioError
     from data.collate import collate_prompts
+    from data.datasets import DataError
     from data.prompts import format_prompt
     from models.policy import generate, prompt_embeddings
 
@@ -421,10 +442,28 @@ def generate_answers(
                 waves.append(load_audio(samples[i].audio_path))
                 ok.append(i)
             except AudioError as err:
+                if on_error != "skip":
+                    raise
                 done.append(Generated(index=i, error=str(err)))
+        inputs = collate_prompts([samples[i] for i in ok], waves, processor, template=template,
+                                 sampling_rate=rate) if ok else None
+        if ok and max_prompt_tokens is not None:  # prompts are never cut: over-long ones are left out
+            lengths = inputs["attention_mask"].sum(dim=1).tolist()
+            fits = [n <= max_prompt_tokens for n in lengths]
+            for i, n, fit in zip(ok, lengths, fits):
+                if fit:
+                    continue
+                reason = (f"sample {samples[i].id} ({samples[i].audio_path}): its prompt is {n} tokens (text + "
+                          f"audio), over the limit of {max_prompt_tokens}")
+                if on_error != "skip":
+                    raise DataError(f"{reason}. Prompts are never cut; data.on_error=skip leaves such "
+                                    "questions out (counted)")
+                done.append(Generated(index=i, error=reason))
+            if not all(fits):
+                ok, waves = [i for i, f in zip(ok, fits) if f], [w for w, f in zip(waves, fits) if f]
+                inputs = collate_prompts([samples[i] for i in ok], waves, processor, template=template,
+                                         sampling_rate=rate) if ok else None
         if ok:
-            inputs = collate_prompts([samples[i] for i in ok], waves, processor, template=template,
-                                     sampling_rate=rate)
             inputs = {k: v.to(device) for k, v in inputs.items()}
             with torch.inference_mode():
                 embeds = prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"],
@@ -458,11 +497,21 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def weights_fingerprint(path: Path) -> list[list]:
+    """``[name, size, mtime_ns]`` of every weights and config file of a checkpoint directory:
+    new weights written at the same path change it (hashing 16 GB of weights would take minutes)."""
+    wanted = (".safetensors", ".bin", ".json")
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(path).iterdir())
+            if p.is_file() and p.name.endswith(wanted)]
+
+
 def _fingerprint(config: EvalConfig, ckpt: CheckpointRef, samples: Sequence) -> dict:
     """What the generated text depends on: reuse predictions only when all of it matches."""
     ids = hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()[:16]
     return {
         "checkpoint": str(ckpt.path),
+        "weights": weights_fingerprint(ckpt.path),
+        "max_prompt_tokens": config.data.max_prompt_tokens,
         "dataset": str(dataset_path(config).absolute()),
         "n_questions": len(samples),
         "question_ids_sha256": ids,
@@ -562,7 +611,7 @@ class CheckpointResult:
     checkpoint: CheckpointRef
     out_dir: Path
     scores: dict | None  # None for a benchmark without answers
-    missing_audio: list[str]  # question ids
+    missing_audio: list[str]  # ids of the questions skipped (unreadable audio or over-long prompt)
     left_out: int  # questions left out of the scores (skip_missing_audio)
     reused: bool  # predictions reused from an earlier run
 
@@ -584,7 +633,7 @@ def format_summary(results: Sequence[CheckpointResult], dataset: str) -> str:
                  else f"{'-':>{widths[t]}}" for t in tasks]
         total = r.scores["total"]
         mark = " *" if total["accuracy"] == best and len(scored) > 1 else ""
-        extra = f"  ({len(r.missing_audio)} missing audio, {r.left_out} left out)" if r.missing_audio else ""
+        extra = f"  ({len(r.missing_audio)} skipped, {r.left_out} left out)" if r.missing_audio else ""
         lines.append(f"{r.checkpoint.name:<{name_w}}  {r.checkpoint.step:>6}  " + "  ".join(cells)
                      + f"  {total['accuracy']:8.2f}  {total['count']:>6}{mark}{extra}")
     if len(scored) > 1:
@@ -599,7 +648,7 @@ def summary_json(results: Sequence[CheckpointResult], dataset: str, config: Eval
             "checkpoint": r.checkpoint.name, "path": str(r.checkpoint.path), "step": r.checkpoint.step,
             "total": None if r.scores is None else r.scores["total"],
             "task": None if r.scores is None else r.scores["task"],
-            "missing_audio": len(r.missing_audio), "left_out": r.left_out,
+            "skipped_samples": len(r.missing_audio), "left_out": r.left_out,
             "predictions": str(r.out_dir / "predictions.json"),
         })
     scored = [row for row in rows if row["total"] is not None]
@@ -621,6 +670,7 @@ def write_tensorboard(results: Sequence[CheckpointResult], dataset: str, log_dir
             for task, entry in r.scores["task"].items():
                 writer.add_scalar(f"eval/{dataset}/{task}", entry["accuracy"], r.checkpoint.step)
             writer.add_scalar(f"eval/{dataset}/total", r.scores["total"]["accuracy"], r.checkpoint.step)
+            writer.add_scalar(f"eval/{dataset}/skipped_samples", len(r.missing_audio), r.checkpoint.step)
     finally:
         writer.close()
 
@@ -642,6 +692,22 @@ def _load_checkpoint(ckpt: CheckpointRef, config: EvalConfig, device):
     # structural tokens (<|AUDIO|> ...) and ids the tokenizer cannot decode are never produced
     suppress = suppressed_token_ids(tokenizer, vocab_size=model.config.text_config.vocab_size)
     return model, processor, end_ids, pad_id, suppress
+
+
+def prompt_limit(config: EvalConfig, ckpt: CheckpointRef) -> int | None:
+    """Longest prompt allowed: the model's context (config.json) minus max_new_tokens, or
+    data.max_prompt_tokens when that is smaller; None when neither is known."""
+    text_config = _read_json(ckpt.path / "config.json").get("text_config", {}) \
+        if (ckpt.path / "config.json").is_file() else {}
+    context = text_config.get("max_position_embeddings")
+    limits = [config.data.max_prompt_tokens] if config.data.max_prompt_tokens else []
+    if context:
+        room = context - config.generation.max_new_tokens
+        if room < 1:
+            raise ConfigError(f"generation.max_new_tokens={config.generation.max_new_tokens} leaves no room for a "
+                              f"prompt in the context of {context} tokens of {ckpt.path}")
+        limits.append(room)
+    return min(limits) if limits else None
 
 
 def _generate_missing(config, ckpt, samples, fingerprint, out_dir, force, d: Dist) -> dict[int, Generated]:
@@ -692,7 +758,8 @@ def _generate_missing(config, ckpt, samples, fingerprint, out_dir, force, d: Dis
                 model, processor, samples, mine, template=config.data.prompt_template,
                 max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size,
                 device=device, end_ids=end_ids, pad_id=pad_id, suppress_ids=suppress_ids,
-                load_audio=loader, on_batch=save, progress=bar)
+                load_audio=loader, on_batch=save, progress=bar, on_error=config.data.on_error,
+                max_prompt_tokens=prompt_limit(config, ckpt))
         finally:
             if bar is not None:
                 bar.close()
@@ -734,12 +801,18 @@ def evaluate_checkpoint(config: EvalConfig, ckpt: CheckpointRef, samples: Sequen
 
     ordered = [results[i] for i in range(len(samples))]
     errors = [g for g in ordered if g.error is not None]
+    if errors and config.data.on_error != "skip":  # reused predictions made under data.on_error=skip
+        from data.datasets import DataError
+
+        raise DataError(f"{ckpt.name}: {len(errors)} question(s) could not be answered, first: {errors[0].error}; "
+                        "set data.on_error=skip to count them (or fix them and rerun with --force)")
     skip = config.data.skip_missing_audio
     records = prediction_records(samples, ordered, skip_missing_audio=skip)
     info = {
         "fingerprint": fingerprint,
         "checkpoint": ckpt.name, "step": ckpt.step, "dataset_name": dataset_name(config),
         "skip_missing_audio": skip,
+        "skipped_samples": len(errors),
         "missing_audio": [{"index": g.index, "id": samples[g.index].id, "error": g.error} for g in errors],
         "completion_tokens": [g.n_tokens for g in ordered],
         "truncated": [g.index for g in ordered if g.truncated],
@@ -750,7 +823,7 @@ def evaluate_checkpoint(config: EvalConfig, ckpt: CheckpointRef, samples: Sequen
     scores = None
     notes = []
     if errors:
-        notes.append(f"missing or unreadable audio: {len(errors)} questions "
+        notes.append(f"skipped (unreadable audio or over-long prompt): {len(errors)} questions "
                      + ("left out of the scores" if skip else "counted wrong"))
     answered = [g for g in ordered if g.error is None]
     if answered:
@@ -771,7 +844,7 @@ def evaluate_checkpoint(config: EvalConfig, ckpt: CheckpointRef, samples: Sequen
              f"{' [predictions reused]' if reused else ''}")
     if errors:
         shown = ", ".join(samples[g.index].id for g in errors[:20])
-        log.warning("%s: %d questions with missing or unreadable audio: %s%s", ckpt.name, len(errors),
+        log.warning("%s: %d questions skipped (unreadable audio or over-long prompt): %s%s", ckpt.name, len(errors),
                     shown, " ..." if len(errors) > 20 else "")
     if scores is not None:
         print(format_scores_table(scores, title=title, notes=notes), flush=True)
@@ -787,10 +860,12 @@ def evaluate_checkpoint(config: EvalConfig, ckpt: CheckpointRef, samples: Sequen
 def run_evaluation(config: EvalConfig, checkpoints: Sequence[str | Path], *, force: bool = False
                    ) -> list[CheckpointResult]:
     """Evaluate every checkpoint, then write the summary and TensorBoard scalars (rank 0)."""
+    from models.loading import CheckpointError
+
     d = init_dist(config.model.device)
     refs = resolve_checkpoints(checkpoints)
     if not refs:
-        raise FileNotFoundError(f"no checkpoints found in {list(checkpoints)}")
+        raise CheckpointError(f"no checkpoints found in {list(checkpoints)}")
     samples = load_samples(config, d)
     if d.is_main:
         log.info("%s: %d questions from %s; %d checkpoint(s): %s", dataset_name(config), len(samples),
@@ -810,11 +885,34 @@ def run_evaluation(config: EvalConfig, checkpoints: Sequence[str | Path], *, for
     return results
 
 
+def read_predictions(path: str | Path) -> list[dict]:
+    """A benchmark-schema predictions file, every record checked: DataError naming the file and record."""
+    from data.datasets import DataError
+    from data.scoring import record_problem
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f"line {err.lineno} column {err.colno}: " if isinstance(err, json.JSONDecodeError) else ""
+        raise DataError(f"{path}: {where}not valid JSON ({getattr(err, 'msg', err)})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
+    if not records:
+        raise DataError(f"{path}: no records to score")
+    for i, record in enumerate(records):
+        problem = record_problem(record)
+        if problem is not None:
+            named = f" (id {record['id']!r})" if isinstance(record, dict) and "id" in record else ""
+            raise DataError(f"{path}: record {i}{named}: {problem}")
+    return records
+
+
 def score_file(predictions: str | Path, output: str | Path | None = None) -> dict:
     """Rescore any benchmark-schema predictions file; print the tables; write the scores JSON."""
-    records = _read_json(Path(predictions))
-    if not isinstance(records, list):
-        raise ValueError(f"{predictions}: expected a JSON list of records")
+    records = read_predictions(predictions)
     report = score_report(records)
     notes = [f"{len(report.no_prediction)} records without a prediction left out"] if report.no_prediction else []
     print(format_scores_table(report.scores, title=str(predictions), notes=notes), flush=True)

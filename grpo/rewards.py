@@ -1,6 +1,6 @@
 """Rewards: each maps (completion text, sample) to a number; the trainer sums them, weighted.
 
-R1-AQA's two rewards are ``accuracy`` and ``format`` (SPEC section 1), each 0 or 1.
+R1-AQA's two rewards are ``accuracy`` and ``format`` (arXiv:2503.11197; docs/FACTS.md), each 0 or 1.
 ``think_format`` is the format reward of prompt <3>; ``mmau_match`` scores the answer
 with the MMAU benchmark's own matching rule, for training on MMAU-style answers.
 """
@@ -36,7 +36,7 @@ def think_format_reward(completion: str, sample: Sample) -> float:
 
 
 def mmau_match_reward(completion: str, sample: Sample) -> float:
-    """1 if the MMAU scorer (SPEC section 5) counts the extracted answer as correct."""
+    """1 if the MMAU scorer (data/scoring.py) counts the extracted answer as correct."""
     return float(is_correct(extract_answer(completion), sample.answer, sample.choices))
 
 

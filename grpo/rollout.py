@@ -2,7 +2,7 @@
 
 Each clip goes through the audio encoder once per rollout; its prompt embeddings are
 repeated G times for the G completions (R1-AQA's trainer repeats the features G times
-through the encoder instead, SPEC section 6).
+through the encoder instead; docs/FACTS.md, "The naive trainer").
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class SamplingSettings:
     """What ``generate`` needs besides the prompts: from the config and the checkpoint."""
 
     max_new_tokens: int
-    end_token_ids: list[int]  # generation stops at any of these (SPEC section 2)
+    end_token_ids: list[int]  # generation stops at any of these
     pad_token_id: int  # fills completions after their end
     suppress_token_ids: list[int]  # structural tokens that must never be sampled
     temperature: float = 1.0

@@ -10,7 +10,7 @@ One training step reads top to bottom (``Trainer.train_step``):
 Every rank holds B / world_size prompts with all G of their completions, so each group
 lives on one rank. Gradients are averaged across ranks by FSDP; the loss of each
 micro-batch is its share of the *global* batch loss, times world_size, so that the
-averaged gradient is the gradient of the whole batch (SPEC section 2).
+averaged gradient is the gradient of the whole batch.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.audio import AudioLoader
-from data.datasets import Sample, read_dataset
+from data.audio import AudioError, AudioLoader
+from data.collate import prompt_length
+from data.datasets import DataError, Sample, read_dataset
 from data.prompts import answer_target
 from grpo.algorithm import completion_mask, group_advantages, policy_loss
-from grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from grpo.config import Config, save_config
+from grpo.checkpoint import ResumeError, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from grpo.config import Config, ConfigError
 from grpo.rewards import accuracy_reward, check_reward_names, compute_rewards
 from grpo.rollout import (
     SamplingSettings,
@@ -44,6 +45,7 @@ from grpo.rollout import (
     sample_completions,
     slice_prompts,
 )
+from grpo.rundir import prepare_run_dir, record_config
 from grpo.stream import PromptStream
 from models.distributed import DistInfo, export_checkpoint, gathered_params, shard_model
 from models.loading import end_token_ids, load_generation_config, load_model, load_processor
@@ -139,7 +141,7 @@ def use_fsdp(cfg: Config, info: DistInfo) -> bool:
         return True
     if cfg.distribution.fsdp == "never":
         if info.world_size > 1:
-            raise ValueError("distribution.fsdp=never needs a single process")
+            raise ConfigError("distribution.fsdp=never needs a single process")
         return False
     return info.world_size > 1 or info.device.type == "cuda"
 
@@ -150,8 +152,19 @@ def use_fsdp(cfg: Config, info: DistInfo) -> bool:
 class Trainer:
     """Holds what a run needs between steps; each stage is a method listing its steps."""
 
-    def __init__(self, cfg: Config, info: DistInfo, *, resume: str | None = None):
-        """Steps: data -> model(s) -> optimizer -> stream -> logging -> optional resume."""
+    def __init__(self, cfg: Config, info: DistInfo, *, resume: str | None = None, allow_config_change: bool = False):
+        """``resume``: "latest" or a checkpoint path; ``allow_config_change``: resume although keys
+        that change the optimisation or the data order differ from the saved config."""
+        self.run_lock = None
+        try:
+            self._set_up(cfg, info, resume, allow_config_change)
+        except BaseException:  # a run that fails to start leaves its directory unlocked
+            if self.run_lock is not None:
+                self.run_lock.release()
+            raise
+
+    def _set_up(self, cfg: Config, info: DistInfo, resume: str | None, allow_config_change: bool) -> None:
+        """Steps: run directory -> data -> model(s) -> optimizer -> stream -> logging -> optional resume."""
         self.cfg, self.info = cfg, info
         self.device = info.device
         self.rank, self.world = info.rank, info.world_size
@@ -159,19 +172,25 @@ class Trainer:
         self.is_main = self.rank == 0
         check_reward_names(cfg.algorithm.rewards)
         if cfg.rollout.prompts_per_step % self.world:
-            raise ValueError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple "
+            raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple "
                              f"of the number of processes ({self.world})")
         self.local_prompts = cfg.rollout.prompts_per_step // self.world
 
-        # 1. data (built once by rank 0)
+        # 1. the run directory (locked for the run's lifetime), then data (built once by rank 0)
+        self.resume_path = resolve_resume(self.run_dir, resume) if resume else None
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_lock = prepare_run_dir(self.run_dir, resume=resume is not None, overwrite=cfg.run.overwrite)
+            record_config(self.run_dir, cfg, self.resume_path, allow_change=allow_config_change)
+            if resume and self.resume_path is None:
+                logger.info("no checkpoint to resume from in %s: starting fresh", self.run_dir)
+                self._truncate_history(0)  # what an earlier attempt logged describes no saved state
             prepare_model(cfg)
             prepare_data(cfg)
-            save_config(cfg, self.run_dir / "config.yaml")
         self._barrier()
         d = cfg.data
-        self.train_samples = read_dataset(d.format, d.train_path, audio_root=d.audio_root, on_error=d.on_error)
+        # a training question listing a choice twice is ambiguous for the accuracy reward and the warm-up
+        self.train_samples = read_dataset(d.format, d.train_path, audio_root=d.audio_root, on_error=d.on_error,
+                                          unique_choices=True)
         self.tasks = sorted({s.task for s in self.train_samples if s.task})  # question types, for metrics
         self.eval_samples = []
         if d.eval_path:
@@ -197,6 +216,14 @@ class Trainer:
         if cfg.algorithm.name == "grpo" and cfg.algorithm.beta > 0:
             self.ref_model = self._load_model(trainable=False)
 
+        # prompts are never cut (that would drop audio tokens): a prompt plus its completion must fit the context
+        context = self.model.config.text_config.max_position_embeddings
+        room = context - cfg.rollout.max_new_tokens
+        if room < 1:
+            raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt "
+                              f"in the model's context of {context} tokens ({cfg.model.path})")
+        self.max_prompt_tokens = min(room, d.max_prompt_tokens) if d.max_prompt_tokens else room
+
         # 3. optimizer: AdamW over what is trainable; the learning rate is set per update
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optimizer
@@ -209,14 +236,20 @@ class Trainer:
         # 4. the data stream of this rank
         self.load_audio = AudioLoader(max_seconds=self.processor.feature_extractor.chunk_length,
                                       channel=d.audio_channel)
-        keep = self._prompt_fits if d.max_prompt_length > 0 else None
         self.stream = PromptStream(self.train_samples, self.load_audio, seed=cfg.run.seed, rank=self.rank,
-                                   world_size=self.world, shuffle=d.shuffle, on_error=d.on_error, keep=keep,
-                                   silence=d.silence_audio)
+                                   world_size=self.world, shuffle=d.shuffle, on_error=d.on_error,
+                                   keep=self._prompt_fits, silence=d.silence_audio)
+        self.eval_skipped = 0
+        if self.eval_samples:  # now, not at the first evaluation: a bad clip stops the run before step 1
+            self.eval_samples = self._usable_eval_samples(self.eval_samples)
 
         # 5. counters, logging, signals
         self.step, self.update, self.nonfinite_in_a_row, self.nonfinite_total = 0, 0, 0, 0
         self.stop_requested = False
+        self.signal_received = 0  # the number of the signal that asked to stop
+        self.stopped_by_signal = 0  # set when the run stopped (after saving) because of it
+        self.saved_step = None  # the step of the newest checkpoint this run wrote or resumed from
+        self.applied_updates = 0  # optimizer steps taken (warm-up included): did a failed step change the weights?
         self.writer = None
         if self.is_main and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -225,12 +258,8 @@ class Trainer:
         if cfg.checkpointing.save_on_signal:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-        if resume:
-            path = resolve_resume(self.run_dir, resume)
-            if path is None:
-                logger.info("no checkpoint to resume from in %s: starting fresh", self.run_dir)
-            else:
-                self._resume(path)
+        if self.resume_path is not None:
+            self._resume(self.resume_path)
 
     # ----------------------------------------------------------------- set-up helpers
 
@@ -266,14 +295,53 @@ class Trainer:
         return model
 
     def _prompt_fits(self, sample: Sample, wave: np.ndarray) -> bool:
-        batch = prompt_batch([sample], [wave], self.processor, self.cfg.data.prompt_template, "cpu")
-        return batch["input_ids"].shape[1] <= self.cfg.data.max_prompt_length
+        """True when the prompt fits ``max_prompt_tokens``; an over-long one is a DataError naming
+        the sample, or (data.on_error=skip) False, and the stream counts it."""
+        n = prompt_length(sample, len(wave), self.processor, template=self.cfg.data.prompt_template)
+        if n <= self.max_prompt_tokens:
+            return True
+        if self.cfg.data.on_error != "skip":
+            d = self.cfg.data
+            limit = (f"data.max_prompt_tokens={d.max_prompt_tokens}" if d.max_prompt_tokens
+                     and d.max_prompt_tokens == self.max_prompt_tokens else
+                     f"the model's context ({self.model.config.text_config.max_position_embeddings}) minus "
+                     f"rollout.max_new_tokens ({self.cfg.rollout.max_new_tokens})")
+            raise DataError(f"sample {sample.id} ({sample.audio_path}): its prompt is {n} tokens (text + audio), "
+                            f"over {self.max_prompt_tokens} = {limit}. Prompts are never cut; "
+                            "data.on_error=skip leaves such samples out (counted)")
+        return False
+
+    def _usable_eval_samples(self, samples: list[Sample]) -> list[Sample]:
+        """Held-out questions whose clip loads and whose prompt fits; the others stop the run
+        (data.on_error=raise: AudioError naming the file, or DataError naming the sample)
+        or are left out and counted in ``eval_skipped`` (logged as eval/skipped_samples)."""
+        usable, reasons = [], []
+        for s in samples:
+            try:
+                wave = self.load_audio(s.audio_path)
+                if self._prompt_fits(s, wave):
+                    usable.append(s)
+                    continue
+                reasons.append(f"{s.id}: prompt over {self.max_prompt_tokens} tokens")
+            except AudioError as err:
+                if self.cfg.data.on_error != "skip":
+                    raise
+                reasons.append(f"{s.id}: {err}")
+        self.eval_skipped = len(reasons)
+        if reasons:
+            logger.warning("%s: %d of %d held-out questions skipped (data.on_error=skip), left out of "
+                           "eval/greedy_accuracy:\n  %s", self.cfg.data.eval_path, len(reasons), len(samples),
+                           "\n  ".join(reasons[:5]) + ("\n  ..." if len(reasons) > 5 else ""))
+        if not usable:
+            raise DataError(f"{self.cfg.data.eval_path}: no usable held-out question (see the warning above)")
+        return usable
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested:  # a second signal: stop now, without a checkpoint
             raise KeyboardInterrupt
         logger.warning("signal %d: saving a checkpoint after this step, then stopping", signum)
         self.stop_requested = True
+        self.signal_received = signum
 
     def _all_reduce(self, values: torch.Tensor, op=None) -> torch.Tensor:
         if dist.is_initialized():
@@ -537,6 +605,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr if lr is not None else lr_at(self.update, self.total_updates, o)
         self.optimizer.step()
+        self.applied_updates += 1
         self.optimizer.zero_grad(set_to_none=True)
         if lr is None:  # warm-up updates do not advance the schedule
             self.update += 1
@@ -634,6 +703,13 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
 
+    def close(self) -> None:
+        """Release the run directory (the lock); the trainer is not used afterwards."""
+        if self.writer is not None:
+            self.writer.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
+
     def save(self) -> Path:
         """Full training state plus (optionally) a transformers-format export."""
         def export(out_dir):
@@ -649,6 +725,7 @@ class Trainer:
                                keep_last=self.cfg.checkpointing.keep_last,
                                export_fn=export if self.cfg.checkpointing.export else None,
                                extra_models=self._saved_models())
+        self.saved_step = self.step
         if self.is_main:
             logger.info("checkpoint written: %s", path)
         return path
@@ -669,9 +746,10 @@ class Trainer:
         trainer_state, rank_state = load_checkpoint(path, self.model, self.optimizer, rank=self.rank,
                                                     extra_models=self._saved_models())
         if trainer_state.get("world_size", self.world) != self.world:
-            raise ValueError(f"{path} was saved by {trainer_state['world_size']} processes; "
+            raise ResumeError(f"{path} was saved by {trainer_state['world_size']} processes; "
                              f"resume it with the same number (now {self.world})")
         self.step, self.update = trainer_state["step"], trainer_state["update"]
+        self.saved_step = self.step
         self.nonfinite_total = trainer_state.get("nonfinite_total", 0)
         self.stream.load_state_dict(rank_state["stream"])
         if self.is_main:
@@ -704,7 +782,12 @@ class Trainer:
         return metrics
 
     def train(self) -> dict:
-        """Run to ``total_steps``: step, log, evaluate, checkpoint; stop cleanly on a signal."""
+        """Run to ``total_steps``: step, checkpoint, evaluate, log; stop cleanly on a signal.
+
+        A checkpoint that is due is written before that step's evaluation (so the final state
+        is on disk before the final evaluation runs), and a single-process run that fails
+        saves the last completed step on the way out (``_save_after_failure``).
+        """
         cfg = self.cfg
         bar = None
         if self.is_main and cfg.logging.progress_bar:
@@ -712,44 +795,97 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
         last: dict = {}
-        while self.step < self.total_steps:
-            t0 = time.perf_counter()
-            metrics = self.train_step()
-            self.step += 1
-            if self.step == self.warmup_steps:  # GRPO starts from the warmed-up model, fresh AdamW moments
-                self.optimizer.state.clear()
-                if self.ref_model is not None:
-                    self.snapshot_reference()
-            metrics["timing/step"] = time.perf_counter() - t0
-            metrics["perf/peak_memory_gb"] = peak_memory_gb(self.device)
-            metrics["train/phase"] = 0.0 if self.step <= self.warmup_steps and cfg.algorithm.name == "grpo" else 1.0
-            evaluate_now = self.eval_samples and (
-                (cfg.data.eval_every and self.step % cfg.data.eval_every == 0) or self.step == self.total_steps)
-            if evaluate_now:
-                for task, acc in self.greedy_accuracy().items():
-                    metrics["eval/greedy_accuracy" + (f"/{task}" if task else "")] = acc
-            self._log(metrics)
-            last = metrics
-            if self.is_main:  # one JSON line per step, written as it happens (survives a crash)
-                with (self.run_dir / "history.jsonl").open("a") as f:
-                    f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        before = pending = None  # the state before the running step; a completed step's unwritten metrics
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                before = self._state_between_steps()  # what a failure in this step restores
+                metrics = self.train_step()
+                self.step += 1
+                if self.step == self.warmup_steps:  # GRPO starts from the warmed-up model, fresh AdamW moments
+                    self.optimizer.state.clear()
+                    if self.ref_model is not None:
+                        self.snapshot_reference()
+                before, pending = None, metrics  # the step is complete: its state is consistent from here on
+                metrics["timing/step"] = time.perf_counter() - t0
+                metrics["perf/peak_memory_gb"] = peak_memory_gb(self.device)
+                metrics["train/phase"] = 0.0 if self.step <= self.warmup_steps and cfg.algorithm.name == "grpo" else 1.0
+                signum = int(self._all_reduce(torch.tensor([float(self.signal_received)]), dist.ReduceOp.MAX).item())
+                every = cfg.checkpointing.every
+                if signum or self.step == self.total_steps or (every and self.step % every == 0):
+                    self.save()
+                evaluate_now = self.eval_samples and (
+                    (cfg.data.eval_every and self.step % cfg.data.eval_every == 0) or self.step == self.total_steps)
+                if evaluate_now:
+                    for task, acc in self.greedy_accuracy().items():
+                        metrics["eval/greedy_accuracy" + (f"/{task}" if task else "")] = acc
+                    metrics["eval/skipped_samples"] = float(self.eval_skipped)
+                self._log(metrics)
+                last = metrics
+                self._write_history(metrics)
+                pending = None
+                if bar is not None:
+                    bar.update(1)
+                    shown = ("train/reward", "train/kl", "train/loss", "eval/greedy_accuracy")
+                    bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in shown if k in metrics})
+                if signum:
+                    self.stopped_by_signal = signum
+                    logger.warning("stopped by signal %d at step %d; continue with --resume", signum, self.step)
+                    break
+        except Exception:
+            self._save_after_failure(before, pending)
+            raise
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in
-                                 ("train/reward", "train/kl", "train/loss", "eval/greedy_accuracy") if k in metrics})
-            stop = self._all_reduce(torch.tensor([float(self.stop_requested)]),
-                                    dist.ReduceOp.MAX).item() > 0
-            every = cfg.checkpointing.every
-            if stop or self.step == self.total_steps or (every and self.step % every == 0):
-                self.save()
-            if stop:
-                logger.warning("stopped by a signal at step %d; continue with --resume", self.step)
-                break
-        if bar is not None:
-            bar.close()
-        if self.writer is not None:
-            self.writer.flush()
+                bar.close()
+            if self.writer is not None:
+                self.writer.flush()
         return last
+
+    def _write_history(self, metrics: dict) -> None:
+        if self.is_main:  # one JSON line per step, written as it happens (survives a crash)
+            with (self.run_dir / "history.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+
+    def _state_between_steps(self) -> dict:
+        """What a step changes besides the weights: restored when the step fails before any update."""
+        return {"step": self.step, "update": self.update, "applied_updates": self.applied_updates,
+                "nonfinite": (self.nonfinite_in_a_row, self.nonfinite_total),
+                "stream": self.stream.state_dict(), "rng": rng_state()}
+
+    def _save_after_failure(self, before: dict | None, unlogged: dict | None) -> None:
+        """On an exception: save the last completed step unless it is on disk already.
+
+        ``before`` is None when the failure came after a step completed (evaluation, logging,
+        saving): the state is that step's. Otherwise the failed step is undone (data position,
+        RNG, counters) when it had not updated the weights yet; when it had, the state is
+        neither this step's nor the last one's and nothing is saved. ``unlogged``: the metrics
+        of a completed step whose history line was not written yet.
+        Only in a single process: with several, the other ranks may be waiting in a collective.
+        """
+        if self.world > 1:
+            logger.error("failure on rank %d; the last checkpoint is step %s", self.rank, self.saved_step)
+            return
+        if before is not None:
+            if self.applied_updates != before["applied_updates"]:
+                logger.error("step %d failed after updating the weights: nothing saved; the last checkpoint is "
+                             "step %s", before["step"] + 1, self.saved_step)
+                return
+            self.step, self.update, self.applied_updates = before["step"], before["update"], before["applied_updates"]
+            self.nonfinite_in_a_row, self.nonfinite_total = before["nonfinite"]
+            self.stream.load_state_dict(before["stream"])
+            set_rng_state(before["rng"])
+            self.optimizer.zero_grad(set_to_none=True)
+        if unlogged is not None:
+            self._write_history(unlogged)
+        if self.step == 0 or self.saved_step == self.step:
+            return
+        logger.error("the run failed after step %d: saving that step before stopping", self.step)
+        try:
+            self.save()
+        except Exception as err:  # the original error is the one to report
+            logger.error("could not save after the failure (%s: %s); the last checkpoint is step %s",
+                         type(err).__name__, err, self.saved_step)
 
     def _log(self, metrics: dict) -> None:
         if not self.is_main:

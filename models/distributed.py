@@ -10,8 +10,6 @@ The trainer runs one process per device (``torchrun --nproc_per_node N train.py`
   ``frozen=True`` shards the frozen reference policy.
 - ``gathered_params(model)``: keep all parameters unsharded for a rollout phase, so that
   decoding does not all-gather the weights once per generated token.
-- ``set_gradient_sync(model, enabled)``: skip the gradient reduce-scatter on non-final
-  micro-batches of an accumulation.
 - ``export_checkpoint(...)``: gather the full weights and write a Hugging Face checkpoint
   directory from rank 0.
 
@@ -56,12 +54,8 @@ __all__ = [
     "cleanup",
     "is_main_process",
     "get_rank",
-    "get_world_size",
-    "barrier",
-    "all_reduce_sum",
     "shard_model",
     "is_sharded",
-    "set_gradient_sync",
     "gathered_params",
     "full_state_dict",
     "export_checkpoint",
@@ -142,7 +136,7 @@ def init_distributed(
         if timeout_s is not None:
             kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
         if use_cuda:
-            # Binding the device lets NCCL set up eagerly and makes barrier() use it.
+            # Binding the device lets NCCL set up eagerly and makes dist.barrier() use it.
             kwargs["device_id"] = dev
         if launched:
             dist.init_process_group(backend, rank=rank, world_size=world_size, **kwargs)
@@ -168,31 +162,9 @@ def get_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def get_world_size() -> int:
-    """The number of processes; 1 without a process group."""
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def is_main_process() -> bool:
     """True on rank 0 (the one that logs and writes files), and without a process group."""
     return get_rank() == 0
-
-
-def barrier() -> None:
-    """Wait for every rank; a no-op for a single process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks in place and return it (a no-op for a single process).
-
-    Used for the global counts the loss is normalised by (completions, tokens) and for
-    metrics. CPU tensors work everywhere (gloo); CUDA tensors on GPUs (NCCL).
-    """
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 # --------------------------------------------------------------------------------------
@@ -384,23 +356,6 @@ def shard_model(
     #    FSDP2 has no public lazy-init; ``_lazy_init`` is idempotent.)
     model._get_fsdp_state()._lazy_init()
     return model
-
-
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Turn the gradient reduce-scatter on or off for the next backward passes.
-
-    For gradient accumulation: ``set_gradient_sync(model, False)`` before the backward of
-    every micro-batch but the last, ``True`` before the last. Skipped micro-batches keep
-    their gradients *unsharded* and local (summed in the reduce dtype), and the last
-    backward reduce-scatters the accumulated sum once. That saves communication but holds
-    a full-size gradient of the whole model on every rank in between: for the 7B model
-    (about 33 GB in fp32) prefer syncing every micro-batch. A no-op for an unsharded model.
-    """
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled, recurse=True)
-    else:
-        for module in _fsdp_modules(model):
-            module.set_requires_gradient_sync(enabled, recurse=False)
 
 
 @contextlib.contextmanager

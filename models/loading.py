@@ -67,15 +67,6 @@ def _nested_feature_extractor(path):
     return f.is_file() and "feature_extractor" in json.loads(f.read_text())
 
 
-def check_checkpoint(path):
-    """Every file a full checkpoint needs (model + processor); raise CheckpointError naming the first missing."""
-    path = Path(path)
-    _require(path, "checkpoint directory")
-    _require(path / "config.json", "model config")
-    check_weights(path)
-    check_processor_files(path)
-
-
 def load_model(path, *, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
     """Qwen2AudioForConditionalGeneration from a local directory, in `dtype`, on `device`."""
     path = Path(path)

@@ -148,7 +148,7 @@ def _all_ranks_done(done, sync_ranks):
 @torch.no_grad()
 def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids, pad_token_id, suppress_token_ids,
              temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None, row_seeds=None,
-             sync_ranks=False, return_logprobs=False, group_size=1):
+             sync_ranks=False, group_size=1):
     """Sample completions with a KV cache: [N, T <= max_new_tokens] ids, `pad_token_id` after the first end token.
 
     With `group_size` G > 1, prompt_embeds [B, P, H] and prompt_mask [B, P] hold each prompt
@@ -160,8 +160,6 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
     (row_seeds[n], t) and its logits (counter-based Gumbel-max, models.sampling), so the
     draw does not depend on the batch, the chunking or the rank; else torch.multinomial
     with `generator`.
-    With return_logprobs, also [N, T] log pi of each sampled token under the raw logits /
-    temperature (no suppression or filtering: the distribution the loss uses); 0 at pads.
     """
     lm, embed = model.model.language_model, model.get_input_embeddings()
     device = prompt_embeds.device
@@ -180,11 +178,9 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
     N = hidden.shape[0]
     position = mask.sum(-1, keepdim=True)  # [N, 1]: position of the first new token
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    tokens, logps = [], []
+    tokens = []
     for step in range(max_new_tokens):
         logits = model.lm_head(hidden).float()  # [N, V]
-        if return_logprobs:
-            raw_logp = F.log_softmax(logits / temperature, dim=-1)
         if suppress.numel():
             logits[:, suppress] = float("-inf")
         if greedy:
@@ -197,8 +193,6 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
                 token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
         token = token.masked_fill(done, pad_token_id)  # [N]
         tokens.append(token)
-        if return_logprobs:
-            logps.append(raw_logp.gather(-1, token[:, None]).squeeze(-1).masked_fill(done, 0.0))
         done = done | torch.isin(token, ends)
         if step == max_new_tokens - 1 or _all_ranks_done(done, sync_ranks):
             break
@@ -208,10 +202,8 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
         cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
         position = position + 1
     if not tokens:  # max_new_tokens == 0
-        empty = torch.empty(N, 0, dtype=torch.long, device=device)
-        return (empty, empty.float()) if return_logprobs else empty
-    ids = torch.stack(tokens, dim=1)  # [N, T]
-    return (ids, torch.stack(logps, dim=1)) if return_logprobs else ids
+        return torch.empty(N, 0, dtype=torch.long, device=device)
+    return torch.stack(tokens, dim=1)  # [N, T]
 
 
 def suppressed_token_ids(tokenizer, *, vocab_size=None):

@@ -24,7 +24,7 @@ from transformers import (
 from models.loading import save_checkpoint
 
 # Same order as the real vocabulary (151643.. in Qwen2-Audio): appended after the BPE tokens.
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 
 # Qwen2-Audio-7B-Instruct's chat template (its chat_template.json); the `type == 'audio'` test is
 # added so that {"type": "audio"} parts without an `audio`/`audio_url` key render the same way.
@@ -103,10 +103,10 @@ def train_tokenizer(corpus, vocab_size):
     ])
     tok.decoder = decoders.ByteLevel()
     # the 256-byte initial alphabet makes every string encodable, whatever the corpus
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(CONTROL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train_from_iterator(corpus, trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CONTROL_TOKENS])
     return Qwen2Tokenizer(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",
                           pad_token="<|endoftext|>", padding_side="left", model_max_length=32768,
                           chat_template=CHAT_TEMPLATE)
@@ -146,7 +146,7 @@ def build_tiny_checkpoint(out_dir, *, seed=0, corpus=None, audio_seconds=3.0, te
     tokenizer = train_tokenizer(DEFAULT_CORPUS if corpus is None else list(corpus), vocab_size)
     if len(tokenizer) > vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={vocab_size}")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CONTROL_TOKENS}
     feature_extractor = WhisperFeatureExtractor(
         feature_size=128, sampling_rate=sampling_rate, hop_length=hop_length, chunk_length=audio_seconds,
         n_fft=400, padding_value=0.0, return_attention_mask=True)

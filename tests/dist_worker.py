@@ -31,7 +31,6 @@ from models.distributed import (  # noqa: E402
     export_checkpoint,
     gathered_params,
     init_distributed,
-    set_gradient_sync,
     shard_model,
 )
 from models.loading import end_token_ids, load_generation_config, load_model, load_processor  # noqa: E402
@@ -189,10 +188,9 @@ def scenario_grads(env: Env) -> dict:
         model = shard_model(env.load(), **kwargs)
         scale = env.world if kwargs["grad_reduce"] == "mean" else 1.0
         if name == "accumulation":
-            # one prompt per micro-batch; reduce-scatter only after the last one
+            # one prompt per micro-batch, each reduce-scattering; the shards accumulate
             reduce_scatters = []
             for i in range(PROMPTS_PER_RANK):
-                set_gradient_sync(model, i == PROMPTS_PER_RANK - 1)
                 c = slice(i * GROUP, (i + 1) * GROUP)
                 with CollectiveCounter("reduce_scatter_tensor") as counter:
                     loss = token_mean_loss(model, select(env.local_batch, i, i + 1), env.local_ids[c],

@@ -1,7 +1,7 @@
-"""grpo/algorithm.py against SPEC section 2.
+"""grpo/algorithm.py against the loss written out in its module docstring.
 
 The reference below is deliberately naive: explicit Python loops over groups, completions
-and tokens, one scalar at a time, written straight from the SPEC's equations. The
+and tokens, one scalar at a time, written straight from those equations. The
 vectorised functions must agree with it in value and in gradient for every combination
 of options.
 """
@@ -25,7 +25,7 @@ from grpo.algorithm import (
 DTYPE = torch.float64
 
 # ----------------------------------------------------------------------------------------
-# The naive reference (SPEC section 2, read literally)
+# The naive reference (the docstring's equations, read literally)
 # ----------------------------------------------------------------------------------------
 
 

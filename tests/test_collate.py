@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
-import torch
 
-from data.collate import IGNORE_INDEX, collate_prompts, collate_sft
+from data.collate import collate_prompts
 from data.datasets import Sample
 from data.prompts import format_prompt
 from data.synthetic import synthetic_corpus
@@ -82,26 +81,3 @@ def test_collate_prompts_left_pads_and_expands_audio(processor):
                              + "<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(ValueError):
         collate_prompts(samples, waves[:3], processor, template=2)
-
-
-def test_collate_sft_labels_only_the_target(processor):
-    samples = _samples(3)
-    waves = [np.zeros(int(s * SR), np.float32) for s in (1.0, 0.5, 2.0)]
-    b = collate_sft(samples, waves, processor, template=2)
-    prompts = collate_prompts(samples, waves, processor, template=2)
-    tok = processor.tokenizer
-    assert b["labels"].shape == b["input_ids"].shape == b["attention_mask"].shape
-    torch.testing.assert_close(b["input_features"], prompts["input_features"])
-    for i, s in enumerate(samples):
-        L = int(b["attention_mask"][i].sum())
-        assert b["attention_mask"][i, :L].all() and not b["attention_mask"][i, L:].any()  # right padded
-        prompt = prompts["input_ids"][i][prompts["attention_mask"][i].bool()]
-        assert torch.equal(b["input_ids"][i, :len(prompt)], prompt)
-        assert (b["labels"][i, :len(prompt)] == IGNORE_INDEX).all() and (b["labels"][i, L:] == IGNORE_INDEX).all()
-        target = b["labels"][i, len(prompt):L]
-        assert torch.equal(target, b["input_ids"][i, len(prompt):L])
-        assert tok.decode(target) == f"<answer>{s.answer}</answer><|im_end|>"
-    b1 = collate_sft(samples, waves, processor, template=1, targets=["x", "y", "z"])
-    assert [tok.decode(r[r != IGNORE_INDEX]) for r in b1["labels"]] == ["x<|im_end|>", "y<|im_end|>", "z<|im_end|>"]
-    with pytest.raises(ValueError, match="answer=None"):
-        collate_sft([Sample("a", "/a.wav", "q", ["x", "y"], None, None, {})], waves[:1], processor, template=2)

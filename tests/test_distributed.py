@@ -68,12 +68,12 @@ def result(two_ranks, name: str) -> dict:
 def test_sharded_gradient_equals_single_process(two_ranks):
     """(a) Each rank gets half of the batch; the FSDP-reduced full gradient equals the
     single-process whole-batch gradient, for mean (loss x world size) and sum reduction,
-    with activation checkpointing, without resharding, and with gradient accumulation where
-    only the last micro-batch reduce-scatters."""
+    with activation checkpointing, without resharding, and with gradient accumulation over
+    micro-batches, each reduce-scattering (what the trainer does)."""
     r = result(two_ranks, "grads")
     assert r["n_params_with_grad"] > 50
     first, last = r["accumulation_reduce_scatters"]
-    assert first == 0 and last > 0  # set_gradient_sync(False) skipped the reduce-scatter
+    assert first > 0 and last > 0  # every micro-batch reduce-scatters its gradient
     for variant in ("mean", "sum", "checkpointing", "no_reshard", "accumulation"):
         assert r[variant]["max_abs"] < GRAD_ATOL, (variant, r[variant])
         assert r[variant]["max_rel"] < 1e-4, (variant, r[variant])
@@ -147,9 +147,7 @@ def test_init_distributed_unlaunched(single_process_group):
     info = single_process_group
     assert (info.rank, info.world_size, info.local_rank) == (0, 1, 0)
     assert info.device == torch.device("cpu") and info.is_main
-    assert D.is_main_process() and D.get_world_size() == 1
-    D.barrier()
-    assert D.all_reduce_sum(torch.tensor([2.0])).item() == 2.0
+    assert D.is_main_process() and D.get_rank() == 0
 
 
 def test_shard_model_needs_a_process_group(tiny_model):
@@ -160,14 +158,13 @@ def test_shard_model_needs_a_process_group(tiny_model):
 
 
 def test_helpers_are_noops_on_a_plain_model(tiny_model, tiny_checkpoint, tmp_path):
-    """Without FSDP: gathered_params and set_gradient_sync do nothing; the state dict has
+    """Without FSDP: gathered_params does nothing; the state dict has
     from_pretrained's names; export writes a loadable checkpoint (replacing an old one)."""
     from models.loading import load_generation_config, load_model, load_processor
 
     assert not D.is_sharded(tiny_model)
     with D.gathered_params(tiny_model) as m:
         assert m is tiny_model
-    D.set_gradient_sync(tiny_model, False)
     state = D.full_state_dict(tiny_model)
     assert set(state) == set(tiny_model.state_dict())
 

@@ -130,7 +130,8 @@ def test_batching_restores_order_and_missing_audio_is_counted_wrong(tmp_path, mm
     (path.parent / records[4]["audio_id"]).unlink()
     runs = {}
     for batch in (1, 3, 8):
-        config = make_config(path, tmp_path / f"b{batch}", f"generation.batch_size={batch}", fmt="mmau")
+        config = make_config(path, tmp_path / f"b{batch}", f"generation.batch_size={batch}", "data.on_error=skip",
+                             fmt="mmau")
         last_choice_model["batches"].clear()
         [result] = ev.run_evaluation(config, [tiny])
         # the clip that cannot be read drops out of its batch; every other question is generated once
@@ -158,8 +159,8 @@ def test_batching_restores_order_and_missing_audio_is_counted_wrong(tmp_path, mm
     assert result.missing_audio == [missing] and result.left_out == 0
 
     # skip_missing_audio: same generations (reused), the record loses its prediction keys
-    config = make_config(path, tmp_path / "b8", "generation.batch_size=8", "data.skip_missing_audio=true",
-                         fmt="mmau")
+    config = make_config(path, tmp_path / "b8", "generation.batch_size=8", "data.on_error=skip",
+                         "data.skip_missing_audio=true", fmt="mmau")
     loads = last_choice_model["loads"]
     [skipped] = ev.run_evaluation(config, [tiny])
     assert skipped.reused and last_choice_model["loads"] == loads
@@ -168,7 +169,7 @@ def test_batching_restores_order_and_missing_audio_is_counted_wrong(tmp_path, mm
     scores = read(skipped.out_dir / "scores.json")
     assert scores["total"]["count"] == len(records) - 1 and scores["total"]["correct"] == expected
     assert skipped.left_out == 1
-    assert "1 missing audio, 1 left out" in (skipped.out_dir.parent / "summary.txt").read_text()
+    assert "1 skipped, 1 left out" in (skipped.out_dir.parent / "summary.txt").read_text()
 
 
 def test_benchmark_without_answers_gives_predictions_only(tmp_path, mmau_subset, last_choice_model, tiny):
@@ -353,3 +354,144 @@ def test_shipped_configs_load(name):
         other = ev.load_eval_config(REPO / "configs" / name, ["data.version=v05.15.25"])
         assert ev.dataset_path(other).name == "mmau-test-mini.v05.15.25.json"
         assert ev.output_dir(other) != ev.output_dir(config)
+
+
+# --------------------------------------------------------------------------- when things go wrong
+
+
+def test_an_unreadable_clip_stops_the_evaluation_naming_the_file(tmp_path, mmau_subset, last_choice_model, tiny):
+    from data.audio import AudioError
+
+    path, records = mmau_subset
+    (path.parent / records[4]["audio_id"]).unlink()
+    with pytest.raises(AudioError, match=re.escape(records[4]["audio_id"].lstrip("./")) + ": audio file not found"):
+        ev.run_evaluation(make_config(path, tmp_path / "out", fmt="mmau"), [tiny])
+    # skip: counted, logged and in the files
+    [result] = ev.run_evaluation(make_config(path, tmp_path / "out", "data.on_error=skip", fmt="mmau"), [tiny])
+    assert read(result.out_dir / "eval_info.json")["skipped_samples"] == 1
+    assert read(tmp_path / "out" / "summary.json")["checkpoints"][0]["skipped_samples"] == 1
+    # predictions made under skip are not silently reused under raise
+    with pytest.raises(Exception, match="could not be answered.*data.on_error=skip"):
+        ev.run_evaluation(make_config(path, tmp_path / "out", fmt="mmau"), [tiny])
+
+
+def test_an_over_long_prompt_is_an_error_or_a_counted_skip(tmp_path, mmau_subset, last_choice_model, tiny):
+    from data.datasets import DataError
+
+    from data.collate import prompt_length
+
+    path, records = mmau_subset
+    processor = load_processor(tiny)
+    samples = ev.load_samples(make_config(path, tmp_path / "out", fmt="mmau"))
+    lengths = sorted(prompt_length(s, 16000, processor, template=2) for s in samples)  # 1 s placeholder clips
+    limit = lengths[len(lengths) // 2]  # some prompts fit, the longer ones do not
+    assert lengths[0] <= limit < lengths[-1]
+    with pytest.raises(DataError, match=rf"sample .*: its prompt is \d+ tokens \(text \+ audio\), over the limit "
+                                        rf"of {limit}"):
+        ev.run_evaluation(make_config(path, tmp_path / "out", f"data.max_prompt_tokens={limit}", fmt="mmau"), [tiny])
+    [result] = ev.run_evaluation(make_config(path, tmp_path / "out", f"data.max_prompt_tokens={limit}",
+                                             "data.on_error=skip", fmt="mmau"), [tiny])
+    info = read(result.out_dir / "eval_info.json")
+    assert info["skipped_samples"] == sum(n > limit for n in lengths)
+    assert all(f"over the limit of {limit}" in m["error"] for m in info["missing_audio"])
+    # the context is the model's: max_new_tokens that leave no room is a config error
+    with pytest.raises(ConfigError, match="generation.max_new_tokens=4096 leaves no room"):
+        ev.run_evaluation(make_config(path, tmp_path / "full", "generation.max_new_tokens=4096", fmt="mmau"), [tiny])
+
+
+def test_new_weights_at_the_same_path_are_not_reused(tmp_path, synthetic, last_choice_model, tiny):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    config = make_config(synthetic, tmp_path / "out")
+    [first] = ev.run_evaluation(config, [model])
+    [again] = ev.run_evaluation(config, [model])
+    assert not first.reused and again.reused
+    [weights] = list(model.glob("*.safetensors"))
+    tensors = load_file(weights)
+    save_file({k: v + 1.0 for k, v in tensors.items()}, weights, metadata={"format": "pt"})  # same size
+    later = weights.stat().st_mtime_ns + 1_000_000_000  # a later write, whatever the clock resolution
+    os.utime(weights, ns=(later, later))
+    [after] = ev.run_evaluation(config, [model])
+    assert not after.reused
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[{\"id\": 1,", r"line 1 column \d+: not valid JSON"),
+    ("{\"id\": 1}", "expected a JSON list of records, got a dict"),
+    ("[]", "no records to score"),
+    ('[{"id": "q1", "choices": "abc", "answer": "a", "model_output": "a"}]',
+     r"record 0 \(id 'q1'\): 'choices' must be a non-empty list of strings, got 'abc'"),
+    ('[{"id": "q1", "choices": ["a", "b"], "answer": "a"}, 7]', "record 1: a int, not an object"),
+    ('[{"id": "q2", "choices": ["a", "b"], "model_output": "a"}]', r"record 0 \(id 'q2'\): no 'answer'"),
+])
+def test_score_only_names_the_file_and_record_of_a_malformed_predictions_file(tmp_path, capsys, content, message):
+    path = tmp_path / "predictions.json"
+    path.write_text(content)
+    assert evaluate.main(["--score-only", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(f"error: {re.escape(str(path))}: {message}", err), err
+    assert "Traceback" not in err
+    with pytest.raises(Exception, match=message):
+        evaluate.main(["--score-only", str(path), "--debug"])
+
+
+def _readme_commands(script: str) -> list[list[str]]:
+    """The README's command lines that run ``script``, as argument lists after the script."""
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if script in words:
+                commands.append(words[words.index(script) + 1:])
+    return commands
+
+
+def test_the_readme_evaluate_commands_parse_as_written():
+    commands = _readme_commands("evaluate.py")
+    assert len(commands) >= 4, commands
+    with_overrides = 0
+    for argv in commands:
+        args, overrides = evaluate.parse_args(argv)
+        assert all("=" not in c for c in args.checkpoint), argv  # no override read as a checkpoint
+        assert overrides == [a for a in argv if re.match(r"^\w+\.\w+=", a)]
+        if not args.score_only:
+            config = ev.load_eval_config(REPO / args.config, overrides)
+            with_overrides += bool(overrides)
+            if "data.version=v05.15.25" in overrides:
+                assert ev.dataset_path(config).name == "mmau-test-mini.v05.15.25.json"
+    assert with_overrides, "the README shows no evaluate command with an override after --checkpoint"
+
+
+def test_the_readme_train_commands_parse_as_written():
+    import train
+    from grpo.config import load_config
+
+    commands = _readme_commands("train.py")
+    assert len(commands) >= 4, commands
+    for argv in commands:
+        args, overrides = train.parse_args(argv)
+        assert args.resume is None or "=" not in args.resume, argv
+        cfg = load_config(REPO / args.config, overrides, require_paths=True)
+        for override in overrides:
+            key, value = override.split("=", 1)
+            section, name = key.split(".")
+            assert str(getattr(getattr(cfg, section), name)) == value
+
+
+def test_overrides_after_an_option_with_values_are_still_overrides():
+    args, overrides = evaluate.parse_args(["--config", "c.yaml", "--checkpoint", "a", "runs/lr=1e-6",
+                                           "data.version=x", "b"])
+    assert args.checkpoint == ["a", "runs/lr=1e-6", "b"] and overrides == ["data.version=x"]
+
+
+def test_a_missing_checkpoint_directory_is_one_line(tmp_path, synthetic, capsys):
+    make_config(synthetic, tmp_path / "out")
+    assert evaluate.main(["--config", str(tmp_path / "out.yaml"), "--checkpoint", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: --checkpoint {tmp_path / 'nope'}: no such directory" in err and "Traceback" not in err

@@ -1,8 +1,8 @@
 """The gradient of the optimizer batch does not depend on how the batch is cut.
 
-SPEC section 2: "Whatever the micro-batching and the number of ranks, the gradient must be
-that of the whole optimizer batch." Each micro-batch's `policy_loss` is its *share* of the
-batch loss (its own terms over the global counts total_sequences / total_tokens), so:
+Whatever the micro-batching and the number of ranks, the gradient must be that of the whole
+optimizer batch (docs/FACTS.md, "GRPO and its variants"). Each micro-batch's `policy_loss` is
+its *share* of the batch loss (its own terms over the global counts total_sequences / total_tokens), so:
 
     sum over micro-batches (and ranks) of grad(share) == grad(whole-batch loss)
 

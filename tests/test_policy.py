@@ -203,29 +203,15 @@ def test_greedy_matches_hf_generate(tiny_model, tiny_processor, batch):
     assert torch.equal(ours, hf[:, :ours.shape[1]])
 
 
-def test_kv_cache_logprobs_match_completion_logprobs(tiny_model, tiny_processor, batch):
-    embeds, mask = gen_inputs(tiny_model, batch)
-    kw = gen_kwargs(tiny_processor, max_new_tokens=10, temperature=0.7, top_k=50)
-    ids, logp = generate(tiny_model, embeds, mask, **kw, generator=torch.Generator().manual_seed(3),
-                         return_logprobs=True)
-    with torch.no_grad():
-        full = completion_logprobs(tiny_model, embeds, mask, ids, temperature=0.7)
-    ended = torch.isin(ids, torch.tensor(kw["end_token_ids"])).long()
-    live = (ended.cumsum(1) - ended) == 0  # tokens up to and including the first end token
-    torch.testing.assert_close(logp[live], full[live], atol=1e-5, rtol=1e-5)
-
-
 def test_shared_prefill_equals_prefilling_every_copy(tiny_model, tiny_processor, batch):
     """group_size=G prefills each prompt once and repeats its KV cache: the same completions
-    and log-probs as prefilling the G repeated copies (same per-row seeds)."""
+    as prefilling the G repeated copies (same per-row seeds)."""
     embeds, mask = gen_inputs(tiny_model, batch)  # [2*G, P, H]: each prompt already repeated G times
     kw = gen_kwargs(tiny_processor, max_new_tokens=10, temperature=1.0, top_k=50)
     seeds = torch.tensor([row_seed(0, i) for i in range(2 * G)])
-    ids, logp = generate(tiny_model, embeds, mask, **kw, row_seeds=seeds, return_logprobs=True)
-    ids_shared, logp_shared = generate(tiny_model, embeds[::G], mask[::G], **kw, row_seeds=seeds,
-                                       return_logprobs=True, group_size=G)
+    ids = generate(tiny_model, embeds, mask, **kw, row_seeds=seeds)
+    ids_shared = generate(tiny_model, embeds[::G], mask[::G], **kw, row_seeds=seeds, group_size=G)
     assert torch.equal(ids, ids_shared)
-    torch.testing.assert_close(logp, logp_shared, atol=1e-5, rtol=1e-5)
     assert len(set(map(tuple, ids.tolist()))) > 1  # the G rows of a prompt did sample differently
 
 

@@ -40,6 +40,6 @@ def test_answer_targets():
     assert answer_target("car", 1) == "car"
     assert answer_target("car", 2) == "<answer>car</answer>"
     assert answer_target("car", "3") == "<think></think><answer>car</answer>"
-    # the targets earn the format reward of their template (SPEC 1)
+    # the targets earn the format reward of their template (R1-AQA's format reward)
     assert re.fullmatch(r"<answer>.*?</answer>", answer_target("car", 2), re.S)
     assert re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", answer_target("car", 3), re.S)

@@ -1,4 +1,4 @@
-"""Rewards (SPEC section 1) and their failure messages."""
+"""R1-AQA's rewards (docs/FACTS.md) and their failure messages."""
 
 import pytest
 

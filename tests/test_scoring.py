@@ -1,4 +1,4 @@
-"""MMAU scoring rules (SPEC section 5) on the cases that trip up ad-hoc scorers."""
+"""MMAU scoring rules (docs/FACTS.md, "MMAU scoring") on the cases that trip up ad-hoc scorers."""
 
 import json
 import logging

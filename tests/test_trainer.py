@@ -354,8 +354,9 @@ def test_two_processes_train_like_one(world, one_process_run, two_process_run):
 
 @pytest.mark.slow
 def test_sigterm_then_resume_equals_the_uninterrupted_run(world, one_process_run, tmp_path):
-    """SIGTERM mid-run: a checkpoint is written at the end of the step; --resume continues
-    to exactly the run that was never stopped (same rewards, same weights)."""
+    """SIGTERM mid-run: a checkpoint is written at the end of the step, the exit status says
+    the run was terminated (143 = 128 + SIGTERM); --resume continues to exactly the run that
+    was never stopped (same rewards, same weights)."""
     out = tmp_path / "stopped"
     args = short_run(world, out, f"checkpointing.every={SAVE_AT}", "checkpointing.keep_last=2")
     proc = subprocess.Popen(_command(args, 1), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
@@ -367,7 +368,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(world, one_process_run
             break
         time.sleep(0.05)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     stopped_at = len(history(out))
     assert stopped_at < WARMUP + GRPO_STEPS, "the run finished before the signal: nothing was tested"
     assert (out / "checkpoints" / f"step_{stopped_at}" / "trainer_state.json").is_file()

@@ -201,7 +201,7 @@ def test_the_label_free_warm_up_never_sees_the_answers(world, tmp_path):
     from grpo.trainer import Trainer
     from models.distributed import DistInfo
 
-    flipped = tmp_path / "flipped" / "train.jsonl"
+    flipped = tmp_path / "flipped-data" / "train.jsonl"
     flipped.parent.mkdir()
     records = [json.loads(line) for line in Path(world["train"]).read_text().splitlines()]
     right = [r["multi_choice"][r["answer"]] for r in records]
@@ -342,7 +342,12 @@ def test_two_processes_train_like_one(world, one_process_run, two_process_run):
         for key in ("train/reward", "train/rewards/format/mean", "train/completions/mean_length"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-9), (a["step"], key)
-        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-3, abs=1e-5), a["step"]
+        # the warm-up's losses agree to ~1e-6; a GRPO step's logged loss is that of its second
+        # pass (mu = 2), after an update whose fresh AdamW moments make it ~lr * sign(g): a
+        # near-zero gradient entry whose sign differs by summation order moves by 2 lr, which
+        # shows in that pass's ratios and clipping at the 1e-3 level
+        rel = 1e-5 if a["train/phase"] == 0.0 else 1e-2
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=rel, abs=1e-5), a["step"]
     # AdamW divides by sqrt(v): summation-order noise in near-zero gradients moves single
     # entries by up to ~lr, so compare the runs' distance with the distance they travelled
     assert relative_weight_difference(final_export(one_process_run), final_export(two_process_run),

@@ -532,6 +532,7 @@ class Trainer:
              with the global counts; backward (gradients accumulate);
           2. clip the gradient norm; skip the update if loss or norm is not finite;
           3. AdamW step at the scheduled learning rate.
+        The logged loss and gradient norm are means over the mu passes.
         """
         cfg, a = self.cfg, self.cfg.algorithm
         G = cfg.rollout.group_size
@@ -540,6 +541,7 @@ class Trainer:
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
         trained_tokens = 0
+        pass_losses, pass_norms = [], []  # [mu] this rank's loss share, the global gradient norm
         for _ in range(a.mu):
             loss_total = 0.0
             for lo, hi in self._micro_batches(n_prompts):
@@ -567,7 +569,8 @@ class Trainer:
                         sums[key] = sums.get(key, 0.0) + float(value) * tokens
                 sums["entropy"] = sums.get("entropy", 0.0) + float((entropy.detach() * mask).sum())
                 sums["tokens"] = sums.get("tokens", 0.0) + tokens
-            grad_norm = self._optimizer_step(loss_total)
+            pass_norms.append(self._optimizer_step(loss_total))
+            pass_losses.append(loss_total)
         t_update = time.perf_counter() - t0
 
         keys = sorted(sums)
@@ -576,8 +579,8 @@ class Trainer:
         tokens = max(totals.pop("tokens"), 1.0)
         metrics = {f"train/{k}": v / tokens for k, v in totals.items()}  # token-weighted means
         metrics.update({
-            "train/loss": float(self._all_reduce(torch.tensor([loss_total], dtype=torch.float64)).item()),
-            "train/grad_norm": grad_norm,
+            "train/loss": float(self._all_reduce(torch.tensor(pass_losses, dtype=torch.float64)).mean().item()),
+            "train/grad_norm": sum(pass_norms) / len(pass_norms),
             "train/learning_rate": self.optimizer.param_groups[0]["lr"],
             "timing/update": t_update,
             "perf/train_tokens_per_second": self._sum(torch.tensor([float(trained_tokens)])) / max(t_update, 1e-9),

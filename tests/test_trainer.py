@@ -227,6 +227,32 @@ def test_the_label_free_warm_up_never_sees_the_answers(world, tmp_path):
     assert any(not torch.equal(weights[0][n], start[n]) for n in start), "the warm-up steps must train"
 
 
+def test_the_logged_loss_and_gradient_norm_are_means_over_the_mu_passes(world, tmp_path):
+    from grpo.config import load_config
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+
+    cfg = load_config(TINY, short_run(world, tmp_path / "mu")[2:] + [
+        "checkpointing.save_on_signal=false", "logging.tensorboard=false", "algorithm.mu=3", "optimizer.lr=0.05"])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    traj, _, _ = trainer.rollout(step=0)
+    traj = traj._replace(advantages=torch.randn(traj.advantages.shape, generator=torch.Generator().manual_seed(0)))
+    losses, norms = [], []
+    step = trainer._optimizer_step
+
+    def recording(loss_value, lr=None):
+        losses.append(loss_value)
+        norms.append(step(loss_value, lr=lr))
+        return norms[-1]
+
+    trainer._optimizer_step = recording
+    metrics = trainer.policy_update(traj)
+    trainer.close()
+    assert len(losses) == 3 and len(set(losses)) == 3, "each pass sees the updated policy"
+    assert metrics["train/loss"] == pytest.approx(sum(losses) / 3, rel=1e-12)
+    assert metrics["train/grad_norm"] == pytest.approx(sum(norms) / 3, rel=1e-12)
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "token_mean", "dr_grpo"])
 def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, tmp_path, loss_type):
     """The invariance of the GRPO core, through Trainer.policy_update: 4 prompts in 1, 2 or 4
@@ -342,9 +368,9 @@ def test_two_processes_train_like_one(world, one_process_run, two_process_run):
         for key in ("train/reward", "train/rewards/format/mean", "train/completions/mean_length"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-9), (a["step"], key)
-        # the warm-up's losses agree to ~1e-6; a GRPO step's logged loss is that of its second
-        # pass (mu = 2), after an update whose fresh AdamW moments make it ~lr * sign(g): a
-        # near-zero gradient entry whose sign differs by summation order moves by 2 lr, which
+        # the warm-up's losses agree to ~1e-6; a GRPO step logs the mean loss of its two passes
+        # (mu = 2), and the second follows an update that fresh AdamW moments make ~lr * sign(g):
+        # a near-zero gradient entry whose sign differs by summation order moves by 2 lr, which
         # shows in that pass's ratios and clipping at the 1e-3 level
         rel = 1e-5 if a["train/phase"] == 0.0 else 1e-2
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=rel, abs=1e-5), a["step"]

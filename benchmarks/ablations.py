@@ -12,9 +12,18 @@ way of doing the same work, on the same model, prompts and shapes as benchmarks/
     sampling               models.policy.generate for T tokens, counter-based Gumbel sampling
                            (row seeds: independent of batch, chunking and ranks) vs
                            torch.multinomial with one generator; the cost of the invariance
+    encoder real frames    prompt_embeddings on the B clips, forward and backward: the encoder
+                           over the batch's real frames (plus the convolutions' margin) vs over
+                           the whole window (naive column: real_frames=False)
+    shared prefix fwd+bwd  models.policy.policy_logprobs with gradients: each prompt through the
+                           decoder once per group (block mask) vs once per completion (naive
+                           column: shared_prefix=False); the encoder over real frames in both
 
-    python benchmarks/ablations.py --model anchor --prompts 2 --group-size 8 --new-tokens 32 \
+    python -m benchmarks.ablations --model anchor --prompts 2 --group-size 8 --new-tokens 32 \
         --threads 1 --json benchmarks/results/cpu-anchor-ablations.json
+
+(Run from the repository root with `-m`, so that `benchmarks` is importable; the project's
+packages come from the editable install.)
 """
 
 from __future__ import annotations
@@ -28,22 +37,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_step import BUILT_MODELS, checkpoint_setup, repeat_prompts, timed  # noqa: E402
-from grpo.rollout import completion_seeds  # noqa: E402
-from models.policy import _token_stats, generate, prompt_embeddings  # noqa: E402
+from benchmarks.bench_step import BUILT_MODELS, checkpoint_setup, repeat_prompts, timed
+from grpo.rollout import completion_seeds
+from models.policy import generate, policy_logprobs, prompt_embeddings, token_logprobs
 
 
-def head_ours(model, hidden, ids, P, temperature, chunk=1024):
-    """completion_logprobs' head: rows at completion positions only, chunks recomputed in backward."""
+def head_ours(model, hidden, ids, P, temperature):
+    """The trainer's head (models.policy.token_logprobs): rows at completion positions only,
+    in chunks recomputed in backward."""
     N, T = ids.shape
     h = hidden[:, P - 1:P + T - 1].reshape(N * T, -1)
-    flat = ids.reshape(-1)
-    return torch.cat([checkpoint(_token_stats, model.lm_head, h[i:i + chunk], flat[i:i + chunk], temperature, False,
-                                 use_reentrant=False) for i in range(0, N * T, chunk)]).view(N, T)
+    return token_logprobs(model.lm_head, h, ids.reshape(-1), temperature=temperature, chunk_size=1024,
+                          with_entropy=False).view(N, T)
 
 
 def head_naive(model, hidden, input_ids, P, temperature):
@@ -83,18 +89,18 @@ def ablate(setup, G, repeats, device):
         return run
 
     model.eval()
-    row("encoder forward", no_grad(lambda: prompt_embeddings(model, **rep)),
-        no_grad(lambda: prompt_embeddings(model, **prompts).repeat_interleave(G, dim=0)),
+    row("encoder forward", no_grad(lambda: prompt_embeddings(model, **rep, real_frames=False)),
+        no_grad(lambda: prompt_embeddings(model, **prompts, real_frames=False).repeat_interleave(G, dim=0)),
         f"{N} vs {B} clips through the audio encoder")
 
-    def enc_bwd(p, g):
+    def enc_bwd(p, g, real_frames=True):
         def run():
-            prompt_embeddings(model, **p).repeat_interleave(g, dim=0).sum().backward()
+            prompt_embeddings(model, **p, real_frames=real_frames).repeat_interleave(g, dim=0).sum().backward()
             model.zero_grad(set_to_none=True)
         return run
 
     model.train()
-    row("encoder fwd+bwd", enc_bwd(rep, 1), enc_bwd(prompts, G), f"{N} vs {B} clips, forward and backward")
+    row("encoder fwd+bwd", enc_bwd(rep, 1, False), enc_bwd(prompts, G, False), f"{N} vs {B} clips, forward and backward")
 
     ids = torch.randint(0, model.config.text_config.vocab_size, (N, T), device=device)
     input_ids = torch.cat([rep["input_ids"], ids], dim=1)
@@ -123,6 +129,19 @@ def ablate(setup, G, repeats, device):
                                  generator=torch_gen.manual_seed(0), **gen)),
         no_grad(lambda: generate(model, embeds, mask, group_size=G, max_new_tokens=T, row_seeds=seeds, **gen)),
         "naive = torch.multinomial, ours = counter-based Gumbel-max; below 1x = what the invariance costs")
+
+    model.train()
+    row("encoder real frames", enc_bwd(prompts, 1, real_frames=False), enc_bwd(prompts, 1),
+        f"{B} clips: the whole window vs the real frames (longest clip + 2 frames)")
+
+    def logprobs_bwd(shared):
+        def run():
+            policy_logprobs(model, prompts, ids, temperature=s.temperature, shared_prefix=shared).sum().backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    row("shared prefix fwd+bwd", logprobs_bwd(False), logprobs_bwd(True),
+        f"decoder tokens {N} x ({P} + {T}) vs {B} x ({P} + {G} x {T}), encoder and head included")
     return rows
 
 

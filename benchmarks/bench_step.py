@@ -31,10 +31,11 @@ micro-batches and optimizer; they differ only in how they call the model:
                  every copy of a clip goes through the encoder and    each clip encoded once, each prompt
                  every copy of the prompt is prefilled                prefilled once and its KV cache
                                                                       repeated G times, counter-based sampling
-    log-probs    model(**inputs) on the G-times repeated inputs,      models.policy.prompt_embeddings (clip
-                 logits [N, P+T, V] in fp32, log_softmax over the     once) + completion_logprobs (logits only
-                 whole sequence, then the completion columns kept     at completion positions, in chunks;
-                                                                      with the entropy, as the trainer logs it)
+    log-probs    model(**inputs) on the G-times repeated inputs,      models.policy.policy_logprobs: each clip
+                 logits [N, P+T, V] in fp32, log_softmax over the     once, over its real frames; each prompt
+                 whole sequence, then the completion columns kept     through the decoder once per group; logits
+                                                                      only at completion positions, in chunks;
+                                                                      with the entropy, as the trainer logs it
 
 Fixed completion length: both modes suppress the end tokens (ours: added to the suppressed ids;
 naive: generate's `suppress_tokens`), so every completion is exactly T tokens long and both
@@ -63,9 +64,14 @@ trainer was timed on, docs/FACTS.md),
 7b-random (Qwen2-Audio-7B's architecture, configs/qwen2_audio_7b_random.yaml, GPU only), or a
 checkpoint directory. Results and commands: benchmarks/RESULTS.md.
 
-    python benchmarks/bench_step.py --model anchor --mode both --prompts 2 --group-size 8 \
+    python -m benchmarks.bench_step --model anchor --mode ablation --prompts 2 --group-size 8 \
         --new-tokens 32 --repeats 3 --threads 1 --json runs/bench_anchor.json
-    python benchmarks/bench_step.py --config configs/tiny.yaml rollout.prompts_per_step=2
+    python -m benchmarks.bench_step --config configs/tiny.yaml rollout.prompts_per_step=2
+
+--mode ablation alternates five modes step by step: ours (the trainer's defaults), per_row
+(the trainer with both exact savings off: the encoder over the whole window, each prompt
+through the decoder once per completion, as before they existed), real_frames and
+shared_prefix (one saving each), and naive.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -88,16 +95,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+from data.datasets import Sample
+from grpo.algorithm import completion_mask, group_advantages, policy_loss
+from grpo.config import Config, load_config, to_dict
+from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions, slice_prompts
+from models.loading import end_token_ids, load_generation_config, load_model, load_processor
+from models.policy import audio_output_lengths, policy_logprobs, suppressed_token_ids
 
-from data.datasets import Sample  # noqa: E402
-from grpo.algorithm import completion_mask, group_advantages, policy_loss  # noqa: E402
-from grpo.config import Config, load_config, to_dict  # noqa: E402
-from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions, slice_prompts  # noqa: E402
-from models.loading import end_token_ids, load_generation_config, load_model, load_processor  # noqa: E402
-from models.policy import audio_output_lengths, completion_logprobs, prompt_embeddings, suppressed_token_ids  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG_7B = ROOT / "configs" / "qwen2_audio_7b_random.yaml"
 
@@ -251,18 +256,24 @@ def repeat_prompts(prompts, G):
     return {k: v.repeat_interleave(G, dim=0) for k, v in prompts.items()}
 
 
-def ours_generate(model, prompts, s, G, step, chunk_prompts=None):
+def ours_generate(model, prompts, s, G, step, chunk_prompts=None, real_frames=True):
     # the trainer's rollout: one row seed per completion (counter-based sampling)
     B = prompts["input_ids"].shape[0]
     seeds = completion_seeds(0, step, 0, list(range(B)), G)
     return sample_completions(model, prompts, s, group_size=G, chunk_prompts=chunk_prompts or B,
-                              row_seeds=seeds)  # [N, T]
+                              row_seeds=seeds, real_frames=real_frames)  # [N, T]
 
 
-def ours_logprobs(model, prompts, ids, G, temperature, with_entropy=False):
-    embeds = prompt_embeddings(model, **prompts).repeat_interleave(G, dim=0)  # [N, P, H], clip encoded once
-    pmask = prompts["attention_mask"].repeat_interleave(G, dim=0)  # [N, P]
-    return completion_logprobs(model, embeds, pmask, ids, temperature=temperature, with_entropy=with_entropy)
+def ours_logprobs(model, prompts, ids, G, temperature, with_entropy=False, shared_prefix=True, real_frames=True):
+    # the trainer's log-prob pass (grpo.trainer calls the same function with the config's switches)
+    return policy_logprobs(model, prompts, ids, temperature=temperature, with_entropy=with_entropy,
+                           shared_prefix=shared_prefix, real_frames=real_frames)
+
+
+def ours_variant(shared_prefix, real_frames):
+    """The trainer's path with the two exact savings (model.shared_prefix, model.audio_real_frames) on or off."""
+    return (partial(ours_generate, real_frames=real_frames),
+            partial(ours_logprobs, shared_prefix=shared_prefix, real_frames=real_frames))
 
 
 @torch.no_grad()
@@ -296,7 +307,17 @@ def naive_logprobs(model, prompts, ids, G, temperature, with_entropy=False):
     return token_logp[:, P - 1:]  # [N, T]  (TRL 0.14 logs no entropy: with_entropy is ignored)
 
 
-MODES = {"ours": (ours_generate, ours_logprobs), "naive": (naive_generate, naive_logprobs)}
+# ours: the trainer's defaults. per_row: the trainer with both exact savings off (the encoder over
+# the whole window, each prompt through the decoder once per completion); real_frames and
+# shared_prefix: one saving each. naive: the benchmark's own model of R1-AQA's trainer.
+MODES = {
+    "ours": ours_variant(shared_prefix=True, real_frames=True),
+    "per_row": ours_variant(shared_prefix=False, real_frames=False),
+    "real_frames": ours_variant(shared_prefix=False, real_frames=True),
+    "shared_prefix": ours_variant(shared_prefix=True, real_frames=False),
+    "naive": (naive_generate, naive_logprobs),
+}
+MODE_SETS = {"both": ["ours", "naive"], "ablation": ["ours", "per_row", "real_frames", "shared_prefix", "naive"]}
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -467,7 +488,7 @@ def grpo_step(bench, mode, step):
         for lo, hi in bench.micro_batches:
             c = slice(lo * G, hi * G)
             out = logprobs_fn(model, slice_prompts(prompts, lo, hi), ids[c], G, s.temperature,
-                              with_entropy=mode == "ours")  # the trainer logs the entropy
+                              with_entropy=mode != "naive")  # the trainer logs the entropy
             logp, entropy = out if isinstance(out, tuple) else (out, None)
             old = old_logp[c] if old_logp is not None else logp.detach()
             loss, stats = policy_loss(
@@ -576,6 +597,7 @@ def cross_check(bench):
     (lo, so, go), (ln, sn, gn) = out["ours"], out["naive"]
     return {
         "logp_max_abs_diff": (lo - ln).abs().max().item(),
+        "logp_max_abs_diff_vs_naive": {m: (o[0] - ln).abs().max().item() for m, o in out.items() if m != "naive"},
         "loss_ours": so, "loss_naive": sn, "loss_abs_diff": abs(so - sn),
         "grad_max_rel_diff": {k: ((go[k] - gn[k]).abs().max() / gn[k].abs().max().clamp(min=1e-30)).item()
                               for k in watched},
@@ -592,7 +614,8 @@ def parse_args(argv=None):
     p.add_argument("--config", help="a training config (YAML): model, batch shape, sampling, loss, optimizer")
     p.add_argument("--model", default=None, help="tiny | small | anchor | 7b-random | PATH to a checkpoint "
                    "directory (default: the config's model.path, or tiny without --config)")
-    p.add_argument("--mode", default="both", choices=["ours", "naive", "both"])
+    p.add_argument("--mode", default="both", choices=[*MODES, *MODE_SETS],
+                   help="one mode, 'both' (ours and naive) or 'ablation' (every mode, alternating)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
                    help="model.dtype (auto: bfloat16 on cuda, float32 on cpu)")
@@ -650,7 +673,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
-    modes = ["ours", "naive"] if args.mode == "both" else [args.mode]
+    modes = MODE_SETS.get(args.mode, [args.mode])
 
     with tempfile.TemporaryDirectory() as tmp:
         setup = build_setup(model_name, cfg, args, device, dtype, tmp)
@@ -669,7 +692,7 @@ def main(argv=None) -> dict:
     r, a = cfg.rollout, cfg.algorithm
     results = {
         "model": model_name if model_name is not None else cfg.model.path, "description": setup.description,
-        "command": " ".join(["benchmarks/bench_step.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.bench_step", *(argv if argv is not None else sys.argv[1:])]),
         "config_file": args.config,
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -694,17 +717,24 @@ def main(argv=None) -> dict:
           f"{results['shape']['prompt_length']}, {dtype}, {results['device']}", file=sys.stderr)
     results["modes"] = run_modes(bench, modes, args)
     write_json(results, args.json)  # before the cross-check: a failure there keeps the timings
-    if len(modes) == 2:
-        ours, naive = results["modes"]["ours"], results["modes"]["naive"]
-        results["speedup"] = {name: naive["phases"][name]["seconds"] / ours["phases"][name]["seconds"]
-                              for name in ours["phases"]}
-        results["speedup"]["step"] = naive["step"]["seconds"] / ours["step"]["seconds"]
-    if args.check if args.check is not None else len(modes) == 2:
+    if "ours" in modes and "naive" in modes:
+        results["speedup"] = speedups(results["modes"], "naive", "ours")
+    if "ours" in modes and "per_row" in modes:
+        results["speedup_vs_per_row"] = speedups(results["modes"], "per_row", "ours")
+    if args.check if args.check is not None else ("ours" in modes and "naive" in modes):
         results["check"] = cross_check(bench)
 
     print_table(results)
     write_json(results, args.json)
     return results
+
+
+def speedups(modes, slow, fast):
+    """Per phase and per step: seconds of mode `slow` / seconds of mode `fast`."""
+    a, b = modes[slow], modes[fast]
+    out = {name: a["phases"][name]["seconds"] / b["phases"][name]["seconds"] for name in b["phases"]}
+    out["step"] = a["step"]["seconds"] / b["step"]["seconds"]
+    return out
 
 
 def write_json(results, path):
@@ -718,19 +748,21 @@ def print_table(r):
     print(f"\n{r['description']} | {r['parameters'] / 1e6:.2f}M params | {r['dtype']} | {r['device']} | "
           f"B={sh['prompts']} G={sh['group_size']} T={sh['new_tokens']} P={sh['prompt_length']} "
           f"beta={sh['beta']} mu={sh['mu']} {sh['optimizer']}{' cpu-offload' if sh['cpu_offload'] else ''}")
-    print(f"{'mode':6} {'phase':17} {'median s':>9} {'tokens/s':>10} {'peak GB':>8}")
+    print(f"{'mode':13} {'phase':17} {'median s':>9} {'tokens/s':>10} {'peak GB':>8}")
     for mode, m in r["modes"].items():
         for name, ph in m["phases"].items():
             tps = f"{ph['tokens_per_s']:10.1f}" if ph["tokens_per_s"] else f"{'':10}"
-            print(f"{mode:6} {name:17} {ph['seconds']:9.3f} {tps} {ph['peak_memory_gb']:8.2f}")
+            print(f"{mode:13} {name:17} {ph['seconds']:9.3f} {tps} {ph['peak_memory_gb']:8.2f}")
         st = m["step"]
-        print(f"{mode:6} {'step':17} {st['seconds']:9.3f} {'':10} {st['peak_memory_gb']:8.2f}   "
+        print(f"{mode:13} {'step':17} {st['seconds']:9.3f} {'':10} {st['peak_memory_gb']:8.2f}   "
               f"{st['completions_per_s']:.2f} completions/s, {st['generated_tokens_per_s']:.1f} generated tok/s, "
               f"{st['training_tokens_per_s']:.1f} training tok/s")
     print("tokens/s: rollout = generated tokens; reference, old_logprobs, forward_backward = prompt + completion "
           "tokens through the model")
     if "speedup" in r:
         print("speed-up naive/ours: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["speedup"].items()))
+    if "speedup_vs_per_row" in r:
+        print("speed-up per_row/ours: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["speedup_vs_per_row"].items()))
     if "check" in r:
         c = r["check"]
         print(f"cross-check: max |logp ours - naive| {c['logp_max_abs_diff']:.2e}, "

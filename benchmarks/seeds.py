@@ -108,7 +108,6 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", default=None, help="write the table here")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(REPO))
     os.chdir(REPO)
     from grpo.config import load_config
     from grpo.trainer import prepare_data, prepare_model

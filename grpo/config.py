@@ -54,6 +54,8 @@ class ModelConfig:
     train_audio_encoder: bool = True  # R1-AQA trains the whole model
     train_projector: bool = True  # audio-to-text projector trainable
     train_decoder: bool = True  # language model (embeddings, layers, head) trainable
+    shared_prefix: bool = True  # log-prob passes put each prompt through the decoder once per group (same result)
+    audio_real_frames: bool = True  # the audio encoder runs over the clips' real frames, not the whole window (same result)
 
 
 @dataclass

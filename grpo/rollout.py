@@ -70,6 +70,7 @@ def sample_completions(
     generator: torch.Generator | None = None,
     row_seeds: torch.Tensor | None = None,
     sync_ranks: bool = False,
+    real_frames: bool = True,
 ) -> torch.Tensor:
     """G completions per prompt, ordered group by group: completion_ids [B*G, T].
 
@@ -80,12 +81,13 @@ def sample_completions(
 
     ``row_seeds`` [B*G] gives each completion its own counter-based random stream
     (``models.sampling``), so what is sampled does not depend on chunking or ranks.
+    ``real_frames``: the encoder over each chunk's real frames, not the whole window (same result).
     """
     n_prompts = prompts["input_ids"].shape[0]
     chunks = []
     for start in range(0, n_prompts, chunk_prompts):
         part = slice_prompts(prompts, start, start + chunk_prompts)
-        embeds = prompt_embeddings(model, **part)  # [b, P, H]
+        embeds = prompt_embeddings(model, **part, real_frames=real_frames)  # [b, P, H]
         chunks.append(
             generate(
                 model,

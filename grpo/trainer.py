@@ -49,7 +49,7 @@ from grpo.rundir import prepare_run_dir, record_config
 from grpo.stream import PromptStream
 from models.distributed import DistInfo, export_checkpoint, gathered_params, shard_model
 from models.loading import end_token_ids, load_generation_config, load_model, load_processor
-from models.policy import completion_logprobs, prompt_embeddings, set_trainable, suppressed_token_ids
+from models.policy import policy_logprobs, set_trainable, suppressed_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ class Trainer:
                 self.model, prompts, self.sampling, group_size=G,
                 chunk_prompts=cfg.rollout.generation_batch_prompts,
                 row_seeds=completion_seeds(cfg.run.seed, step, round_, self.stream.positions, G),
-                sync_ranks=self.fsdp,
+                sync_ranks=self.fsdp, real_frames=cfg.model.audio_real_frames,
             )
         texts = decode_completions(self.tokenizer, ids, self.end_ids)
         rewards, per_reward = compute_rewards(texts, [s for s in samples for _ in range(G)], cfg.algorithm.rewards)
@@ -505,15 +505,16 @@ class Trainer:
         step = self.cfg.algorithm.micro_batch_prompts
         return [(i, min(i + step, n_prompts)) for i in range(0, n_prompts, step)]
 
-    def _group_logprobs(self, model, prompts: dict, lo: int, hi: int, ids: torch.Tensor, with_entropy=False):
-        """log pi(o_t) of the completions of prompts lo..hi: each clip encoded once, its
-        prompt embeddings repeated G times. ids: [(hi-lo)*G, T] -> [(hi-lo)*G, T] (and entropy)."""
-        G = ids.shape[0] // (hi - lo)
-        part = slice_prompts(prompts, lo, hi)
-        embeds = prompt_embeddings(model, **part).repeat_interleave(G, dim=0)  # [n, P, H]
-        pmask = part["attention_mask"].repeat_interleave(G, dim=0)  # [n, P]
-        return completion_logprobs(model, embeds, pmask, ids, temperature=self.cfg.rollout.temperature,
-                                   with_entropy=with_entropy)
+    def _group_logprobs(self, model, prompts: dict, lo: int, hi: int, ids: torch.Tensor, with_entropy=False,
+                        temperature: float | None = None):
+        """log pi(o_t) of the completions of prompts lo..hi: ids [(hi-lo)*G, T] -> [(hi-lo)*G, T]
+        (and entropy): each clip encoded once, each prompt through the decoder once per group.
+        Under the sampling temperature unless ``temperature`` is given."""
+        m = self.cfg.model
+        temperature = self.cfg.rollout.temperature if temperature is None else temperature
+        return policy_logprobs(model, slice_prompts(prompts, lo, hi), ids, temperature=temperature,
+                               with_entropy=with_entropy, shared_prefix=m.shared_prefix,
+                               real_frames=m.audio_real_frames)
 
     def _logprobs(self, model, prompts: dict, ids: torch.Tensor) -> torch.Tensor:
         """log pi(o_t) of given completions under ``model``, micro-batch by micro-batch: [N, T]."""
@@ -625,34 +626,34 @@ class Trainer:
              (the format is learned, and the answer is pulled towards uniform over the
              choices: accuracy stays at chance and GRPO's groups start with the most
              reward variance; one random choice per question would leave a random bias);
-          2. for each micro-batch: prompt embeddings (each clip once, repeated for its
-             targets), log pi of the target tokens, token-mean NLL share over the whole
-             batch; backward;
+          2. for each micro-batch: log pi of the target tokens, each question's targets as
+             one group (its clip encoded once, its prompt through the decoder once),
+             token-mean NLL share over the whole batch; backward;
           3. clip and AdamW step.
         """
         cfg = self.cfg
         samples, waves = self.stream.take(self.local_prompts)
         answers = [s.choices if label_free else [s.answer] for s in samples]  # targets of each question
-        rows = torch.tensor([i for i, a in enumerate(answers) for _ in a], device=self.device)  # [n] question of each target
+        # K targets per question, as a group of K completions (a question with fewer choices
+        # repeats its first, masked out), so each prompt goes through the decoder once
+        K = max(len(a) for a in answers)
         targets = [self.tokenizer(answer_target(ans, cfg.data.prompt_template), add_special_tokens=False)["input_ids"]
-                   + [self.end_ids[0]] for a in answers for ans in a]
+                   + [self.end_ids[0]] for a in answers for ans in a + a[:1] * (K - len(a))]
         width = max(len(t) for t in targets)
-        ids = torch.full((len(targets), width), self.sampling.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(targets), width), dtype=torch.bool)
+        ids = torch.full((len(targets), width), self.sampling.pad_token_id, dtype=torch.long)  # [B*K, T]
+        mask = torch.zeros((len(targets), width), dtype=torch.bool)  # [B*K, T]
         for i, t in enumerate(targets):
-            ids[i, : len(t)], mask[i, : len(t)] = torch.tensor(t), True
+            if i % K < len(answers[i // K]):
+                mask[i, : len(t)] = True
+            ids[i, : len(t)] = torch.tensor(t)
         ids, mask = ids.to(self.device), mask.to(self.device)
         prompts = prompt_batch(samples, waves, self.processor, cfg.data.prompt_template, self.device)
         total_tokens = int(self._all_reduce(mask.sum().reshape(1).cpu()).item())
         t0 = time.perf_counter()
         loss_total = 0.0
         for lo, hi in self._micro_batches(len(samples)):
-            part = slice_prompts(prompts, lo, hi)
-            sel = ((rows >= lo) & (rows < hi)).nonzero().squeeze(1)  # targets of these questions
-            embeds = prompt_embeddings(self.model, **part).index_select(0, rows[sel] - lo)  # [n, P, H]
-            pmask = part["attention_mask"].index_select(0, rows[sel] - lo)
-            logp = completion_logprobs(self.model, embeds, pmask, ids[sel], temperature=1.0)
-            loss = sft_loss(logp, mask[sel], total_tokens)
+            logp = self._group_logprobs(self.model, prompts, lo, hi, ids[lo * K : hi * K], temperature=1.0)
+            loss = sft_loss(logp, mask[lo * K : hi * K], total_tokens)
             (loss * self.world).backward()
             loss_total += loss.item()
         grad_norm = self._optimizer_step(loss_total, lr=lr)

@@ -14,6 +14,14 @@ else of the model is called from here):
     model.model.language_model          the Qwen2 decoder, called with inputs_embeds
     model.lm_head                       hidden -> vocabulary logits (once per row chunk)
 
+Two exact savings over the stock forward (same outputs, up to float summation order):
+    - the audio encoder runs over each batch's real frames (plus the convolutions' margin),
+      not the whole 30 s window: its attention masks the padding, so the outputs at real
+      positions do not depend on it (`audio_features`);
+    - the log-prob passes put each prompt through the decoder once per group: the group is
+      one packed sequence [q, o_1, ..., o_G] whose block mask lets each completion see the
+      prompt and its own past only (`group_logprobs`).
+
 Shapes: B prompts, G completions per prompt, N = B * G rows, P prompt length (left padded),
 T completion length, H hidden size, V vocabulary size.
 """
@@ -22,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import BaseModelOutput
 
 from models.sampling import gumbel_sample
 
@@ -38,32 +47,85 @@ def audio_output_lengths(feature_lengths):
     return conv, (conv - 2) // 2 + 1
 
 
-def prompt_embeddings(model, input_ids, attention_mask, input_features, feature_attention_mask):
-    """[B, P, H] prompt embeddings: text embeddings with each clip's audio features scattered
-    into its <|AUDIO|> positions, exactly as Qwen2AudioModel.forward does, each clip through the
-    encoder once. `attention_mask` is not needed (the decoder gets it later); kept for symmetry.
+def _encoder_forward(self, input_features, attention_mask=None, **kwargs):
+    """Qwen2AudioEncoder.forward for any even number of mel frames, not only the full window.
+
+    The same layers in the same order (conv1, conv2, GELU, sinusoidal positions, the
+    transformer layers, 2x average pooling, layer norm); the stock forward refuses any
+    length but max_source_positions * 2. Bound to the encoder instance by `audio_features`
+    and called through the module, so module hooks (FSDP2's unsharding) still run.
     """
-    embeds = model.get_input_embeddings()(input_ids)  # [B, P, H]
-    if input_features is None:
-        return embeds
+    x = input_features.to(dtype=self.conv1.weight.dtype, device=self.conv1.weight.device)
+    x = F.gelu(self.conv2(F.gelu(self.conv1(x)))).permute(0, 2, 1)  # [B, S, Ha]
+    x = x + self.embed_positions.weight[: x.shape[1]]
+    x = F.dropout(x, p=self.dropout, training=self.training)
+    for layer in self.layers:
+        if self.training and self.layerdrop > 0 and torch.rand([]) < self.layerdrop:
+            continue
+        out = layer(x, attention_mask)
+        x = out[0] if isinstance(out, tuple) else out  # a tuple in older transformers
+    x = self.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)  # [B, S/2, Ha]
+    return BaseModelOutput(last_hidden_state=self.layer_norm(x))
+
+
+def kept_frames(feature_lengths, n_frames):
+    """Mel frames the encoder needs for a batch's real outputs: the longest clip + 2, even.
+
+    Conv1 (kernel 3, padding 1) then conv2 (kernel 3, stride 2, padding 1) give position j
+    a receptive field of frames 2j-2 .. 2j+2; the last real position, j = (L-1) // 2 for L
+    real frames, reaches frame L+1. Those frames are kept with their real values (the
+    feature extractor's padding), so every real output equals the full window's. Even, so
+    that conv2 gives exactly half as many positions.
+    """
+    needed = int(feature_lengths.max()) + 2
+    return min(n_frames, needed + needed % 2)
+
+
+def audio_features(model, input_features, feature_attention_mask, dtype, *, real_frames=True):
+    """[B, S/2, H] projected audio features, each clip through the encoder once, and the
+    number of real positions of each clip [B]. `dtype`: the compute dtype (of the encoder mask).
+
+    With `real_frames`, the features are cut to `kept_frames` (the batch's longest clip
+    plus the convolutions' margin) instead of the whole window: a 10 s clip in a 30 s
+    window runs a third of the positions and a ninth of the attention, same outputs.
+    """
     inner = model.model
     tower = inner.audio_tower
-    feature_attention_mask = feature_attention_mask.to(input_features.device)
-    conv_lengths, out_lengths = audio_output_lengths(feature_attention_mask.sum(-1))  # [B], [B]
+    feature_lengths = feature_attention_mask.to(input_features.device).sum(-1)  # [B]
+    conv_lengths, out_lengths = audio_output_lengths(feature_lengths)  # [B], [B]
+    if real_frames:
+        input_features = input_features[..., : kept_frames(feature_lengths, input_features.shape[-1])]
+        if not getattr(tower, "_any_length_forward", False):
+            tower.forward = _encoder_forward.__get__(tower)
+            tower._any_length_forward = True
 
     # the encoder attends (bidirectionally) only to the real frames of each clip
     B, _, n_frames = input_features.shape
     S = (n_frames - 2) // 2 + 1  # positions after conv2
     frame_mask = (torch.arange(S, device=conv_lengths.device)[None, :] < conv_lengths[:, None]).long()  # [B, S]
-    dummy = torch.zeros(B, S, 1, dtype=embeds.dtype, device=embeds.device)
+    dummy = torch.zeros(B, S, 1, dtype=dtype, device=input_features.device)
     encoder_mask = create_bidirectional_mask(config=tower.config, inputs_embeds=dummy, attention_mask=frame_mask)
     hidden = tower(input_features, attention_mask=encoder_mask).last_hidden_state  # [B, S/2, Ha]
-    audio = inner.multi_modal_projector(hidden)  # [B, S/2, H]
+    return inner.multi_modal_projector(hidden), out_lengths  # [B, S/2, H], [B]
+
+
+def prompt_embeddings(model, input_ids, attention_mask, input_features, feature_attention_mask, *,
+                      real_frames=True):
+    """[B, P, H] prompt embeddings: text embeddings with each clip's audio features scattered
+    into its <|AUDIO|> positions, exactly as Qwen2AudioModel.forward does, each clip through the
+    encoder once (over its real frames only, with `real_frames`: see `audio_features`).
+    `attention_mask` is not needed (the decoder gets it later); kept for symmetry.
+    """
+    embeds = model.get_input_embeddings()(input_ids)  # [B, P, H]
+    if input_features is None:
+        return embeds
+    audio, out_lengths = audio_features(model, input_features, feature_attention_mask, embeds.dtype,
+                                         real_frames=real_frames)
 
     # keep only positions of real audio, in clip order, then fill the <|AUDIO|> slots in order
     keep = torch.arange(audio.shape[1], device=audio.device)[None, :] < out_lengths.to(audio.device)[:, None]
     audio = audio[keep]  # [sum(out_lengths), H]
-    slots = input_ids == inner.config.audio_token_id  # [B, P]
+    slots = input_ids == model.model.config.audio_token_id  # [B, P]
     n_slots, n_audio = int(slots.sum()), audio.shape[0]
     if n_slots != n_audio:
         raise ValueError(f"prompt has {n_slots} <|AUDIO|> tokens but the clips give {n_audio} audio features "
@@ -87,11 +149,38 @@ def _token_stats(lm_head, hidden, ids, temperature, with_entropy):
     return token_logp, entropy
 
 
+def token_logprobs(lm_head, hidden, ids, *, temperature, chunk_size, with_entropy):
+    """hidden [n, H], ids [n] -> log pi(ids) [n] (and entropy [n], detached), chunk by chunk.
+
+    lm_head + log_softmax per chunk of rows; under grad, each chunk is recomputed in backward
+    (checkpoint), so the [chunk, V] logits are the only vocabulary-wide tensor alive at a time.
+    """
+    results = []
+    for start in range(0, ids.shape[0], chunk_size):
+        args = (lm_head, hidden[start:start + chunk_size], ids[start:start + chunk_size], temperature, with_entropy)
+        if torch.is_grad_enabled():
+            results.append(checkpoint(_token_stats, *args, use_reentrant=False))
+        else:
+            results.append(_token_stats(*args))
+    if not with_entropy:
+        return torch.cat(results)
+    logp, entropy = zip(*results)
+    return torch.cat(logp), torch.cat(entropy)
+
+
+def _reshape_scores(scores, N, T):
+    if isinstance(scores, tuple):
+        return tuple(x.view(N, T) for x in scores)
+    return scores.view(N, T)
+
+
 def completion_logprobs(model, prompt_embeds, prompt_mask, completion_ids, *, temperature=1.0, chunk_size=1024,
                         with_entropy=False):
     """log pi(o_t | prompt, o_<t) for every completion token: [N, T] (and entropy [N, T], detached).
 
-    prompt_embeds [N, P, H] (left padded), prompt_mask [N, P], completion_ids [N, T].
+    One decoder row per completion: prompt_embeds [N, P, H] (left padded), prompt_mask [N, P],
+    completion_ids [N, T]. Used where prompts have different numbers of completions (SFT
+    targets); G completions of one prompt are cheaper with `group_logprobs`.
     Tokens after a completion's end are scored too; the caller masks them.
     """
     N, P, _ = prompt_embeds.shape
@@ -103,22 +192,94 @@ def completion_logprobs(model, prompt_embeds, prompt_mask, completion_ids, *, te
                                      position_ids=position_ids_from_mask(mask), use_cache=False)
     # position P-1+t predicts completion token t
     hidden = out.last_hidden_state[:, P - 1:P + T - 1].reshape(N * T, -1)  # [N*T, H]
-    ids = completion_ids.reshape(N * T)
+    scores = token_logprobs(model.lm_head, hidden, completion_ids.reshape(N * T), temperature=temperature,
+                           chunk_size=chunk_size, with_entropy=with_entropy)
+    return _reshape_scores(scores, N, T)
 
-    # lm_head + log_softmax per chunk of rows; under grad, each chunk is recomputed in backward
-    # (checkpoint) so the [chunk, V] logits are the only vocabulary-wide tensor alive at a time
-    results = []
-    for start in range(0, N * T, chunk_size):
-        args = (model.lm_head, hidden[start:start + chunk_size], ids[start:start + chunk_size],
-                temperature, with_entropy)
-        if torch.is_grad_enabled():
-            results.append(checkpoint(_token_stats, *args, use_reentrant=False))
-        else:
-            results.append(_token_stats(*args))
-    if not with_entropy:
-        return torch.cat(results).view(N, T)
-    logp, entropy = zip(*results)
-    return torch.cat(logp).view(N, T), torch.cat(entropy).view(N, T)
+
+def group_attention(prompt_mask, group_size, completion_length, dtype):
+    """Additive [B, 1, L, L] mask of the packed groups [q, o_1, ..., o_G], L = P + G*T.
+
+    A prompt token sees the real prompt tokens before it (causal); a token of completion g
+    sees the real prompt tokens and the tokens of o_g up to itself, never another
+    completion: so each o_g is scored exactly as in its own row [q, o_g]. Every position
+    also sees itself, so the rows of left padding are not empty (an empty softmax row is
+    NaN, and its values would reach the next layer).
+    """
+    B, P = prompt_mask.shape
+    G, T = group_size, completion_length
+    L = P + G * T
+    device = prompt_mask.device
+    block = torch.cat([torch.zeros(P, dtype=torch.long, device=device),
+                       torch.arange(1, G + 1, device=device).repeat_interleave(T)])  # [L] 0: prompt, g: o_g
+    position = torch.arange(L, device=device)
+    causal = position[:, None] >= position[None, :]  # [L, L]
+    visible = causal & ((block[None, :] == 0) | (block[:, None] == block[None, :]))  # [L, L] query x key
+    real_key = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, G * T, dtype=torch.bool)], dim=1)  # [B, L]
+    allowed = (visible[None] & real_key[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # [B, L, L]
+    mask = torch.zeros(B, 1, L, L, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def group_logprobs(model, prompt_embeds, prompt_mask, completion_ids, *, temperature=1.0, chunk_size=1024,
+                   with_entropy=False):
+    """log pi(o_t | q, o_<t) of G completions per prompt, each prompt through the decoder once: [N, T].
+
+    prompt_embeds [B, P, H] (left padded) and prompt_mask [B, P] hold each prompt once;
+    completion_ids [N, T], N = B * G, row b * G + g is completion g of prompt b.
+
+    Each group is one packed sequence [q, o_1, ..., o_G] of length P + G*T with the block
+    mask of `group_attention`, and positions that restart after the prompt for every
+    completion (o_g's token t is at position |q| + t, as in its own row). The decoder's
+    outputs at each o_g are then those of the row [q, o_g] (the same keys with nonzero
+    weight, the same positions), so the log-probs and their gradients equal
+    `completion_logprobs` on G copies of the prompt, while the prompt's P tokens go through
+    the layers once instead of G times; the gradient of the prompt positions is the sum of
+    what its G completions send back, as with G copies. Needs a decoder attention that
+    takes a 4-D mask (sdpa, eager); others fall back to `completion_logprobs`.
+    """
+    B, P, H = prompt_embeds.shape
+    N, T = completion_ids.shape
+    G = N // B
+    lm = model.model.language_model
+    if getattr(lm.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):  # e.g. flash_attention_2
+        return completion_logprobs(model, prompt_embeds.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0),
+                                   completion_ids, temperature=temperature, chunk_size=chunk_size,
+                                   with_entropy=with_entropy)
+    completion_embeds = model.get_input_embeddings()(completion_ids).to(prompt_embeds.dtype)  # [N, T, H]
+    embeds = torch.cat([prompt_embeds, completion_embeds.reshape(B, G * T, H)], dim=1)  # [B, L, H]
+    prompt_length = prompt_mask.long().sum(-1, keepdim=True)  # [B, 1]
+    offsets = torch.arange(T, device=prompt_mask.device).repeat(G)[None, :]  # [1, G*T]
+    position_ids = torch.cat([position_ids_from_mask(prompt_mask), prompt_length + offsets], dim=1)  # [B, L]
+    out = lm(inputs_embeds=embeds, attention_mask=group_attention(prompt_mask, G, T, embeds.dtype),
+             position_ids=position_ids, use_cache=False)
+    # o_g's token t is predicted by the state before it: the prompt's last for t = 0, else o_g's token t-1
+    before = P + torch.arange(G, device=embeds.device)[:, None] * T + torch.arange(T, device=embeds.device) - 1  # [G, T]
+    before[:, 0] = P - 1
+    hidden = out.last_hidden_state[:, before.reshape(-1)].reshape(N * T, H)  # [N*T, H]
+    scores = token_logprobs(model.lm_head, hidden, completion_ids.reshape(N * T), temperature=temperature,
+                           chunk_size=chunk_size, with_entropy=with_entropy)
+    return _reshape_scores(scores, N, T)
+
+
+def policy_logprobs(model, prompts, completion_ids, *, temperature=1.0, with_entropy=False, shared_prefix=True,
+                    real_frames=True, chunk_size=1024):
+    """log pi(o_t | q, o_<t) [N, T] (and entropy [N, T]) of G completions per prompt, from the
+    processor's batch: the log-prob pass of the trainer (reference, old policy, update).
+
+    prompts: input_ids [B, P], attention_mask [B, P], input_features [B, M, F],
+    feature_attention_mask [B, F]; completion_ids [N, T], N = B * G, grouped by prompt.
+    Each clip through the encoder once (over its real frames with `real_frames`); each prompt
+    through the decoder once per group with `shared_prefix` (`group_logprobs`), else once per
+    completion (`completion_logprobs` on G copies). Both switches change the cost, not the result.
+    """
+    G = completion_ids.shape[0] // prompts["input_ids"].shape[0]
+    embeds = prompt_embeddings(model, **prompts, real_frames=real_frames)  # [B, P, H]
+    kw = dict(temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+    if shared_prefix:
+        return group_logprobs(model, embeds, prompts["attention_mask"], completion_ids, **kw)
+    return completion_logprobs(model, embeds.repeat_interleave(G, dim=0),
+                               prompts["attention_mask"].repeat_interleave(G, dim=0), completion_ids, **kw)
 
 
 def filter_logits(logits, *, top_k=0, top_p=1.0):

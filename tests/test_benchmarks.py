@@ -69,6 +69,21 @@ def test_ours_and_naive_compute_the_same_thing(results):
         assert diff < 1e-4, name
 
 
+def test_the_ablation_modes_are_timed_and_all_compute_the_same_thing(tmp_path):
+    """--mode ablation: ours, the trainer with both exact savings off (per_row), each saving
+    alone, and naive, alternating; every one gives naive's log-probs on the same completions."""
+    r = bench_step.main(["--model", "tiny", "--mode", "ablation", "--device", "cpu", "--prompts", "2",
+                         "--group-size", "2", "--new-tokens", "3", "--clip-seconds", "1.0", *FAST,
+                         "--json", str(tmp_path / "abl.json")])
+    assert list(r["modes"]) == ["ours", "per_row", "real_frames", "shared_prefix", "naive"]
+    for mode in r["modes"].values():
+        _check_mode(mode, ["rollout", "reference", "forward_backward", "optimizer"])
+    assert set(r["speedup_vs_per_row"]) == {"rollout", "reference", "forward_backward", "optimizer", "step"}
+    diffs = r["check"]["logp_max_abs_diff_vs_naive"]
+    assert set(diffs) == {"ours", "per_row", "real_frames", "shared_prefix"}
+    assert all(d < 1e-4 for d in diffs.values()), diffs
+
+
 def test_settings_from_a_training_config(tmp_path):
     """--config with overrides: the model built at model.path (not in the repo's artifacts/),
     the shape, mu > 1 (the old log-prob pass), micro-batches, and the CPU-offloaded optimizer."""
@@ -129,7 +144,7 @@ def test_ablations_run(tmp_path):
     r = ablations.main(["--model", "tiny", "--prompts", "1", "--group-size", "2", "--new-tokens", "2",
                         "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "abl.json")])
     assert list(r["rows"]) == ["encoder forward", "encoder fwd+bwd", "log-prob head fwd+bwd", "prefill (+1 token)",
-                               "sampling (T tokens)"]
+                               "sampling (T tokens)", "encoder real frames", "shared prefix fwd+bwd"]
     assert all(row["naive_s"] > 0 and row["ours_s"] > 0 for row in r["rows"].values())
 
 

@@ -79,12 +79,19 @@ def select(batch: dict, lo: int, hi: int) -> dict:
     return {k: v[lo:hi] for k, v in batch.items()}
 
 
-def token_mean_loss(model, batch, ids, mask, advantages, total_tokens) -> torch.Tensor:
+def token_mean_loss(model, batch, ids, mask, advantages, total_tokens, shared_prefix=False) -> torch.Tensor:
     """A GRPO-like loss through the policy functions: sum over this part's completion tokens of
-    -A * log pi, divided by the number of completion tokens of the *whole* batch."""
-    embeds = policy.prompt_embeddings(model, **batch).repeat_interleave(GROUP, dim=0)
-    pmask = batch["attention_mask"].repeat_interleave(GROUP, dim=0)
-    logp = policy.completion_logprobs(model, embeds, pmask, ids)
+    -A * log pi, divided by the number of completion tokens of the *whole* batch.
+
+    By default the plain path (the encoder over the whole window, each prompt through the
+    decoder once per completion); ``shared_prefix``: the trainer's path (the encoder over the
+    real frames, each prompt through the decoder once per group), which must give the same."""
+    if shared_prefix:
+        logp = policy.policy_logprobs(model, batch, ids, shared_prefix=True, real_frames=True)
+    else:
+        embeds = policy.prompt_embeddings(model, **batch, real_frames=False).repeat_interleave(GROUP, dim=0)
+        pmask = batch["attention_mask"].repeat_interleave(GROUP, dim=0)
+        logp = policy.completion_logprobs(model, embeds, pmask, ids)
     return -(logp * advantages[:, None] * mask).sum() / total_tokens
 
 
@@ -174,7 +181,8 @@ class Env:
 
 def scenario_grads(env: Env) -> dict:
     """(a) Sharded forward + backward on half the batch per rank == the whole-batch gradient,
-    for mean and sum reduction, with activation checkpointing, with gradient accumulation."""
+    for mean and sum reduction, with activation checkpointing, with gradient accumulation,
+    and through the shared-prefix path (plain and with checkpointing)."""
     expected = env.reference_grads()
     results = {}
     variants = {
@@ -183,9 +191,12 @@ def scenario_grads(env: Env) -> dict:
         "checkpointing": dict(grad_reduce="mean", activation_checkpointing=True),
         "no_reshard": dict(grad_reduce="mean", reshard_after_forward=False),
         "accumulation": dict(grad_reduce="mean"),
+        "shared_prefix": dict(grad_reduce="mean"),
+        "shared_prefix_checkpointing": dict(grad_reduce="mean", activation_checkpointing=True),
     }
     for name, kwargs in variants.items():
         model = shard_model(env.load(), **kwargs)
+        shared = name.startswith("shared_prefix")
         scale = env.world if kwargs["grad_reduce"] == "mean" else 1.0
         if name == "accumulation":
             # one prompt per micro-batch, each reduce-scattering; the shards accumulate
@@ -200,7 +211,7 @@ def scenario_grads(env: Env) -> dict:
             results["accumulation_reduce_scatters"] = reduce_scatters
         else:
             loss = token_mean_loss(model, env.local_batch, env.local_ids, env.local_mask, env.local_adv,
-                                   env.total_tokens)
+                                   env.total_tokens, shared_prefix=shared)
             (loss * scale).backward()
         got = full_grads(model)
         results[name] = {"max_abs": max_diff(got, expected), "max_rel": max_rel_diff(got, expected)}

@@ -69,12 +69,14 @@ def test_sharded_gradient_equals_single_process(two_ranks):
     """(a) Each rank gets half of the batch; the FSDP-reduced full gradient equals the
     single-process whole-batch gradient, for mean (loss x world size) and sum reduction,
     with activation checkpointing, without resharding, and with gradient accumulation over
-    micro-batches, each reduce-scattering (what the trainer does)."""
+    micro-batches, each reduce-scattering (what the trainer does), and through the trainer's
+    shared-prefix, real-frames log-prob path against the plain per-row, whole-window one."""
     r = result(two_ranks, "grads")
     assert r["n_params_with_grad"] > 50
     first, last = r["accumulation_reduce_scatters"]
     assert first > 0 and last > 0  # every micro-batch reduce-scatters its gradient
-    for variant in ("mean", "sum", "checkpointing", "no_reshard", "accumulation"):
+    for variant in ("mean", "sum", "checkpointing", "no_reshard", "accumulation", "shared_prefix",
+                    "shared_prefix_checkpointing"):
         assert r[variant]["max_abs"] < GRAD_ATOL, (variant, r[variant])
         assert r[variant]["max_rel"] < 1e-4, (variant, r[variant])
 

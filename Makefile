@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 
-.PHONY: install check-install lock train test test-fast clean
+.PHONY: install check-install lock train test test-fast test-oldest clean
 
 # Exactly the versions in the lock (direct and transitive), then the project itself without
 # resolving anything again, then a check that torch, torchaudio and transformers load together.
@@ -48,6 +48,18 @@ test: $(STAMP)
 # Everything but the slow tests, for a quick loop while editing.
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
+
+# The same suite on the oldest transformers pyproject.toml allows (5.17, the GPU image's): its
+# packages from requirements-oldest.lock laid over the locked venv, nothing else changed.
+OLDEST := $(VENV)/oldest
+$(OLDEST)/.installed: requirements-oldest.lock $(STAMP)
+	rm -rf $(OLDEST)
+	$(PY) -m pip install -q --no-deps --target $(OLDEST) -r requirements-oldest.lock
+	PYTHONPATH=$(OLDEST) $(PY) -c "import transformers; assert transformers.__version__ == '5.17.0', transformers.__version__"
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	PYTHONPATH=$(OLDEST) $(PY) -m pytest tests
 
 clean:
 	rm -rf $(VENV) runs artifacts .pytest_cache

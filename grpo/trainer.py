@@ -53,8 +53,8 @@ from grpo.rollout import (
 )
 from grpo.rundir import prepare_run_dir, record_config
 from grpo.stream import PromptStream
-from models.distributed import DistInfo, export_checkpoint, gathered_params, shard_model
-from models.loading import load_generation_config, load_model, load_processor
+from models.distributed import DistInfo, barrier, export_checkpoint, gathered_params, shard_model
+from models.loading import load_generation_config, load_model, load_processor, resolve_dtype
 from models.policy import policy_logprobs, set_trainable
 
 logger = logging.getLogger(__name__)
@@ -129,12 +129,6 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -221,7 +215,7 @@ class Trainer:
                 self._truncate_history(0)  # what an earlier attempt logged describes no saved state
             prepare_model(cfg)
             prepare_data(cfg)
-        self._barrier()
+        barrier()
         d = cfg.data
         # a training question listing a choice twice is ambiguous for the accuracy reward and the warm-up
         self.train_samples = read_dataset(d.format, d.train_path, audio_root=d.audio_root, on_error=d.on_error,
@@ -294,10 +288,6 @@ class Trainer:
             self._resume(self.resume_path)
 
     # ----------------------------------------------------------------- set-up helpers
-
-    def _barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
 
     def _load_model(self, trainable: bool):
         cfg = self.cfg

@@ -4,7 +4,8 @@ For each checkpoint (a transformers-format directory, or every ``checkpoints/ste
 export of a run directory):
 
 1. every rank takes a strided shard of the questions not answered yet, sorts it by prompt
-   length (similar lengths batch with little padding) and generates greedily, appending each
+   length (similar lengths batch with little padding) and answers greedily
+   (``grpo.rollout.greedy_answers``, the trainer's held-out path), appending each
    finished batch to ``progress/rank<r>.jsonl`` so a killed evaluation resumes where it stopped;
 2. the answers are gathered on rank 0 (``all_gather_object``), deduplicated by question index
    and checked to cover every question exactly once;
@@ -27,6 +28,7 @@ predictions with an empty answer (counted wrong: the denominator stays the bench
 it out, exactly as the official MMAU script does with unanswered records.
 
 Predictions are reused only when the fingerprint matches: the weights files (names, sizes,
+modification times) as well as the data, prompt and length settings.
 
 Where each part lives: ``evaluation.config`` (the config), ``evaluation.answers`` (greedy
 answers and their files), ``evaluation.report`` (tables, summary, TensorBoard), this module
@@ -45,6 +47,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
 
 from data.scoring import score_report
 from evaluation.answers import (
@@ -67,9 +72,9 @@ from evaluation.config import (
 from evaluation.report import format_scores_table, format_summary, summary_json, write_tensorboard
 from grpo.checkpoint import STEP_DIR, list_exports, step_of
 from grpo.config import ConfigError
+from grpo.rollout import sampling_settings
 from models.distributed import DistInfo, barrier, init_distributed
 from models.loading import CheckpointError, resolve_dtype
-from grpo.rollout import sampling_settings
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +149,6 @@ def init_dist(device_setting: str) -> DistInfo:
     A single process joins no process group, so evaluation can be called from tests or tools
     without leaving one behind.
     """
-    import torch
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not dist.is_initialized():
         if device_setting == "auto":
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -160,8 +162,6 @@ def _broadcast(d: DistInfo, value: Any) -> Any:
     """Rank 0's ``value`` on every rank."""
     if d.world_size == 1:
         return value
-    import torch.distributed as dist
-
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -170,8 +170,6 @@ def _broadcast(d: DistInfo, value: Any) -> Any:
 def _gather(d: DistInfo, value: Any) -> list[Any]:
     if d.world_size == 1:
         return [value]
-    import torch.distributed as dist
-
     out: list[Any] = [None] * d.world_size
     dist.all_gather_object(out, value)
     return out
@@ -260,8 +258,6 @@ def prompt_limit(config: EvalConfig, ckpt: CheckpointRef) -> int | None:
 
 def _generate_missing(config, ckpt, samples, fingerprint, out_dir, force, d: DistInfo) -> dict[int, Generated]:
     """Generate every question not in the progress files; returns all outcomes (rank 0)."""
-    import torch
-
     from data.audio import AudioLoader
 
     progress_dir = out_dir / "progress"

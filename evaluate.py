@@ -8,7 +8,7 @@ A --checkpoint is a transformers-format directory, or a run directory standing f
 exports (checkpoints/step_<N>/hf). Predictions already complete for a checkpoint (same
 weights, data, prompt template and length limit) are reused unless --force. Overrides are
 section.key=value, anywhere on the line, also after --checkpoint (sections data, generation,
-model, output: see grpo/evaluation.py for every key). Exit status: 0 done, 1 an error (one
+model, output: see evaluation/config.py for every key). Exit status: 0 done, 1 an error (one
 line; --debug for the traceback), 2 a config error.
 """
 
@@ -56,11 +56,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args, overrides: list[str]) -> int:
-    from grpo.evaluation import load_eval_config, run_evaluation, score_file
-
     if args.score_only:
+        from evaluation.report import score_file
+
         score_file(args.score_only, args.output)
         return 0
+    from evaluation.config import load_eval_config
+    from evaluation.sweep import run_evaluation
+
     config = load_eval_config(args.config, overrides)
     try:
         run_evaluation(config, args.checkpoint, force=args.force)

@@ -99,7 +99,7 @@ from data.datasets import Sample
 from grpo.algorithm import completion_mask, group_advantages, policy_loss
 from grpo.config import Config, load_config, to_dict
 from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions, slice_prompts
-from models.loading import end_token_ids, load_generation_config, load_model, load_processor
+from models.loading import end_token_ids, load_generation_config, load_model, load_processor, resolve_dtype
 from models.policy import audio_output_lengths, policy_logprobs, suppressed_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -671,8 +671,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    dtype = resolve_dtype(cfg.model.dtype, device)
     modes = MODE_SETS.get(args.mode, [args.mode])
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -223,6 +223,7 @@ def read_mmar(path, *, audio_root=None, on_error="raise", check_audio=False, uni
 
 
 READERS = {"avqa": read_avqa, "mmau": read_mmau, "mmar": read_mmar, "synthetic": read_avqa}
+FORMATS = tuple(READERS)  # the values of data.format
 
 
 def read_dataset(format, path, *, audio_root=None, on_error="raise", check_audio=False, unique_choices=False):

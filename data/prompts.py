@@ -15,9 +15,12 @@ _SUFFIX = {
 AUDIO_PLACEHOLDER = "<audio>"
 
 
+TEMPLATES = (1, 2, 3)  # R1-AQA's prompts <1>, <2>, <3>
+
+
 def template_id(template):
     """1/2/3 or "1"/"2"/"3" -> int; anything else is a ValueError."""
-    if isinstance(template, bool) or str(template) not in ("1", "2", "3"):
+    if isinstance(template, bool) or str(template) not in [str(t) for t in TEMPLATES]:
         raise ValueError(f"prompt template must be 1, 2 or 3, got {template!r}")
     return int(template)
 

@@ -31,9 +31,11 @@ Two deliberate extensions, neither changing MMAU results:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
@@ -221,6 +223,30 @@ def score(items: Sequence[Mapping[str, Any]], *, prediction_key: str | None = No
             len(report.no_prediction), len(items), _preview(report.no_prediction),
         )
     return report.scores
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    """A benchmark-schema predictions file, every record checked: DataError naming the file and record."""
+    from data.datasets import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f"line {err.lineno} column {err.colno}: " if isinstance(err, json.JSONDecodeError) else ""
+        raise DataError(f"{path}: {where}not valid JSON ({getattr(err, 'msg', err)})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
+    if not records:
+        raise DataError(f"{path}: no records to score")
+    for i, record in enumerate(records):
+        problem = record_problem(record)
+        if problem is not None:
+            named = f" (id {record['id']!r})" if isinstance(record, dict) and "id" in record else ""
+            raise DataError(f"{path}: record {i}{named}: {problem}")
+    return records
 
 
 def _preview(ids: Sequence[Any], limit: int = 10) -> str:

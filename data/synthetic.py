@@ -27,13 +27,14 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from data.prompts import answer_target, format_prompt
+from data.prompts import TEMPLATES, answer_target, format_prompt
 
 logger = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16000
 SYNTHETIC_TASKS = ("pitch", "count", "loudness", "sweep", "tone_or_noise")
-DIFFICULTIES = ("easy", "medium", "hard")  # plus "mixed": drawn per clip
+DIFFICULTIES = ("easy", "medium", "hard")
+DIFFICULTY_CHOICES = DIFFICULTIES + ("mixed",)  # "mixed": drawn per clip
 NUMBER_WORDS = ("one", "two", "three", "four", "five")
 PITCH_SPLIT_HZ = 500.0  # every "low" tone is below it, every "high" tone above
 
@@ -225,8 +226,8 @@ def generate_synthetic(out_dir, *, n, seed, tasks=None, difficulty="easy", clip_
     unknown = [t for t in tasks if t not in TASK_FNS]
     if not tasks or unknown:
         raise ValueError(f"unknown synthetic tasks {unknown}; choose from {SYNTHETIC_TASKS}")
-    if difficulty not in DIFFICULTIES + ("mixed",):
-        raise ValueError(f"difficulty must be one of {DIFFICULTIES + ('mixed',)}, got {difficulty!r}")
+    if difficulty not in DIFFICULTY_CHOICES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTY_CHOICES}, got {difficulty!r}")
     if clip_seconds < 0.5:
         raise ValueError(f"clip_seconds must be >= 0.5, got {clip_seconds}")
     if n < 1:
@@ -265,11 +266,11 @@ def synthetic_corpus():
         texts += words
         for q in QUESTIONS[task]:
             texts.append(q)
-            for template in (1, 2, 3):
+            for template in TEMPLATES:
                 texts.append(format_prompt(q, words, template))
                 texts.append(format_prompt(q, words[::-1], template))
         for w in words:
-            texts += [answer_target(w, t) for t in (1, 2, 3)]
+            texts += [answer_target(w, t) for t in TEMPLATES]
     return texts
 
 
@@ -280,7 +281,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="train")
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(SYNTHETIC_TASKS)}")
-    p.add_argument("--difficulty", default="easy", choices=DIFFICULTIES + ("mixed",))
+    p.add_argument("--difficulty", default="easy", choices=DIFFICULTY_CHOICES)
     p.add_argument("--clip-seconds", type=float, default=2.0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -35,6 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from models.distributed import barrier
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "trainer_state.json"
 
@@ -42,11 +43,6 @@ COMPLETE = "trainer_state.json"
 class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed from: incomplete, unsafe to load, or saved by
     another number of processes. The message names the checkpoint or the file."""
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -95,6 +91,24 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def list_exports(run_dir: str | Path) -> list[Path]:
+    """``<run>/checkpoints/step_<N>/hf`` export directories of a run, by step (what evaluate.py sweeps)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p / "hf") for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "hf").is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def step_of(path: str | Path) -> int:
+    """N of the innermost ``step_<N>`` folder in ``path``; 0 when there is none (a base model)."""
+    for part in reversed(Path(path).parts):
+        match = STEP_DIR.match(part)
+        if match:
+            return int(match.group(1))
+    return 0
+
+
 def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     """``latest`` -> the newest complete full state of the run (None if there is none); else a path."""
     if resume == "latest":
@@ -134,7 +148,7 @@ def save_checkpoint(
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     state.update({name: get_model_state_dict(m) for name, m in (extra_models or {}).items()})
@@ -142,13 +156,13 @@ def save_checkpoint(
     torch.save({"rng": rng_state(), **rank_state}, tmp / f"rank{rank}.pt")
     if export_fn is not None:
         export_fn(tmp / "hf")
-    _barrier()
+    barrier()
     if rank == 0:
         (tmp / COMPLETE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _prune(run_dir, keep_last)
-    _barrier()
+    barrier()
     return final
 
 

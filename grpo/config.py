@@ -24,6 +24,12 @@ from typing import Any
 
 import yaml
 
+from data.audio import CHANNELS
+from data.datasets import FORMATS, ON_ERROR
+from data.prompts import TEMPLATES
+from data.synthetic import DIFFICULTY_CHOICES
+from grpo.algorithm import ADVANTAGE_SCALES, IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES
+
 
 class ConfigError(ValueError):
     """A bad configuration: the message names the key, where it came from, and a fix."""
@@ -164,19 +170,22 @@ class Config:
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
 
 
+DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: bfloat16 on GPU, float32 on CPU
+
 # Values that must come from a fixed set: checked after loading, with the choices named.
+# Each set is defined once, by the code that acts on the value.
 CHOICES = {
-    "model.dtype": ("auto", "bfloat16", "float32", "float16"),
-    "data.format": ("avqa", "synthetic", "mmau", "mmar"),
-    "data.on_error": ("raise", "skip"),
-    "data.audio_channel": ("first", "mean"),
-    "data.prompt_template": (1, 2, 3),
-    "data.synthetic_difficulty": ("easy", "medium", "hard", "mixed"),
+    "model.dtype": DTYPES,
+    "data.format": FORMATS,
+    "data.on_error": ON_ERROR,
+    "data.audio_channel": CHANNELS,
+    "data.prompt_template": TEMPLATES,
+    "data.synthetic_difficulty": DIFFICULTY_CHOICES,
     "algorithm.name": ("grpo", "sft"),
-    "algorithm.kl_estimator": ("k1", "k2", "k3"),
-    "algorithm.importance_level": ("token", "sequence"),
-    "algorithm.loss_type": ("grpo", "token_mean", "dr_grpo"),
-    "algorithm.advantage_scale": ("group", "batch", "none"),
+    "algorithm.kl_estimator": KL_ESTIMATORS,
+    "algorithm.importance_level": IMPORTANCE_LEVELS,
+    "algorithm.loss_type": LOSS_TYPES,
+    "algorithm.advantage_scale": ADVANTAGE_SCALES,
     "optimizer.schedule": ("constant", "linear", "cosine"),
     "distribution.fsdp": ("auto", "always", "never"),
 }

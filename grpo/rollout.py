@@ -3,6 +3,9 @@
 Each clip goes through the audio encoder once per rollout; its prompt embeddings are
 repeated G times for the G completions (R1-AQA's trainer repeats the features G times
 through the encoder instead; docs/FACTS.md, "The naive trainer").
+
+Greedy answers (the trainer's held-out accuracy and ``evaluate.py``) go through the same
+path with G = 1 (``greedy_answers``), under the same settings rule (``sampling_settings``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 from data.collate import collate_prompts
 from data.datasets import Sample
 from grpo.algorithm import completion_mask
-from models.policy import generate, prompt_embeddings
+from models.loading import end_token_ids
+from models.policy import generate, prompt_embeddings, suppressed_token_ids
 from models.sampling import row_seed
 
 
@@ -30,6 +34,18 @@ class SamplingSettings:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+
+
+def sampling_settings(tokenizer, generation_config, *, max_new_tokens: int, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0) -> SamplingSettings:
+    """The one rule for every generation, sampled or greedy: stop at the checkpoint's end ids,
+    pad with its generation config's pad id (else the last end id), never produce the
+    structural audio and chat tokens (a sampled ``<|AUDIO|>`` breaks the next forward)."""
+    end_ids = end_token_ids(generation_config)
+    pad_id = generation_config.pad_token_id if generation_config.pad_token_id is not None else end_ids[-1]
+    return SamplingSettings(max_new_tokens=max_new_tokens, end_token_ids=end_ids, pad_token_id=pad_id,
+                            suppress_token_ids=suppressed_token_ids(tokenizer), temperature=temperature,
+                            top_k=top_k, top_p=top_p)
 
 
 def prompt_batch(samples: list[Sample], waves: list[np.ndarray], processor, template: int, device) -> dict:
@@ -52,9 +68,9 @@ def completion_seeds(seed: int, step: int, round_: int, positions: list[int], gr
                         dtype=torch.int64)
 
 
-def pad_right(rows: list[torch.Tensor], pad_value) -> torch.Tensor:
-    """Stack [n_i, T_i] tensors into [sum n_i, max T_i], padding on the right."""
-    width = max(r.shape[1] for r in rows)
+def pad_right(rows: list[torch.Tensor], pad_value, width: int | None = None) -> torch.Tensor:
+    """Stack [n_i, T_i] tensors into [sum n_i, width], padding on the right (width: max T_i by default)."""
+    width = max(r.shape[1] for r in rows) if width is None else width
     return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=pad_value) for r in rows])
 
 
@@ -110,16 +126,33 @@ def sample_completions(
     return pad_right(chunks, settings.pad_token_id)
 
 
-def decode_completions(tokenizer, completion_ids: torch.Tensor, end_token_ids: list[int]) -> list[str]:
+@torch.no_grad()
+def greedy_answers(model, processor, samples: list[Sample], waves: list[np.ndarray], settings: SamplingSettings, *,
+                   template: int, device, batch_prompts: int, sync_ranks: bool = False) -> torch.Tensor:
+    """Greedy completions of a batch of questions: completion_ids [B, T], padded after the end.
+
+    The one greedy path of the project: the trainer's held-out accuracy and ``evaluate.py``
+    both call it (sampling_settings gives the end, pad and suppressed tokens). Steps:
+    left-padded prompts on ``device``; then ``sample_completions`` with G = 1, greedy, in
+    chunks of ``batch_prompts`` questions.
+    """
+    prompts = prompt_batch(samples, waves, processor, template, device)
+    return sample_completions(model, prompts, settings, group_size=1, chunk_prompts=batch_prompts, greedy=True,
+                              sync_ranks=sync_ranks)
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, end_token_ids: list[int], *,
+                       skip_special_tokens: bool = False) -> list[str]:
     """Completion texts, each cut before its first end token.
 
-    Other special tokens stay in the text, so a completion that wanders into them does not
-    look well formatted to the format reward.
+    By default other special tokens stay in the text, so a completion that wanders into them
+    does not look well formatted to the format reward; ``skip_special_tokens=True`` drops them,
+    as R1-AQA's test script decodes its benchmark answers.
     """
     mask = completion_mask(completion_ids, end_token_ids)  # [N, T], end token included
     is_end = torch.isin(completion_ids, torch.as_tensor(end_token_ids, device=completion_ids.device))
     keep = mask & ~is_end
     return [
-        tokenizer.decode(row[m].tolist(), skip_special_tokens=False)
+        tokenizer.decode(row[m].tolist(), skip_special_tokens=skip_special_tokens)
         for row, m in zip(completion_ids.cpu(), keep.cpu())
     ]

@@ -1,11 +1,15 @@
 """The GRPO trainer (and the SFT baseline) for Qwen2-Audio, on one CPU core or many GPUs.
 
-One training step reads top to bottom (``Trainer.train_step``):
+One GRPO step reads top to bottom on one screen (``Trainer.grpo_step``: ``rollout``, then
+``policy_update``, next to each other):
 
-    rollout    B prompts -> G completions each -> rewards -> group advantages
-    reference  log pi_ref of the completions (only when beta > 0)
+    rollout    B prompts -> G completions each (``_sample_round``)
+    rewards    each completion scored; with dynamic sampling, more rounds (``_select_groups``)
+    advantages group-normalised over the global batch (``_advantages``)
+    reference  log pi_ref of the completions (only when beta > 0; ``_reference_logprobs``)
     update     mu passes of micro-batches, gradients accumulated with the whole
-               batch's normalisation, one clip and one AdamW step per pass
+               batch's normalisation (``_update_pass``), one clip and one AdamW step per pass
+    metrics    reduced over the ranks (``_rollout_metrics``, ``_update_metrics``)
 
 Every rank holds B / world_size prompts with all G of their completions, so each group
 lives on one rank. Gradients are averaged across ranks by FSDP; the loss of each
@@ -38,24 +42,38 @@ from grpo.checkpoint import ResumeError, load_checkpoint, resolve_resume, rng_st
 from grpo.config import Config, ConfigError
 from grpo.rewards import accuracy_reward, check_reward_names, compute_rewards
 from grpo.rollout import (
-    SamplingSettings,
     completion_seeds,
     decode_completions,
+    greedy_answers,
+    pad_right,
     prompt_batch,
     sample_completions,
+    sampling_settings,
     slice_prompts,
 )
 from grpo.rundir import prepare_run_dir, record_config
 from grpo.stream import PromptStream
-from models.distributed import DistInfo, export_checkpoint, gathered_params, shard_model
-from models.loading import end_token_ids, load_generation_config, load_model, load_processor
-from models.policy import policy_logprobs, set_trainable, suppressed_token_ids
+from models.distributed import DistInfo, barrier, export_checkpoint, gathered_params, shard_model
+from models.loading import load_generation_config, load_model, load_processor, resolve_dtype
+from models.policy import policy_logprobs, set_trainable
 
 logger = logging.getLogger(__name__)
 
 
+class Round(NamedTuple):
+    """One rollout round on this rank: B questions, G completions each, N = B*G."""
+
+    samples: list[Sample]  # [B] the questions
+    waves: list[np.ndarray]  # [B] their clips, [S_b] float32 each
+    prompts: dict  # input_ids [B, P], attention_mask [B, P], input_features [B, M, F], feature_attention_mask [B, F]
+    ids: torch.Tensor  # [N, T] sampled tokens, padded after the end token
+    texts: list[str]  # [N] the completions as text, cut before the end token
+    rewards: torch.Tensor  # [B, G] total reward of each completion
+    per_reward: dict[str, list[float]]  # reward name -> [N] that reward alone
+
+
 class Trajectory(NamedTuple):
-    """One rank's share of a rollout; B prompts, G completions each, N = B*G."""
+    """One rank's share of a rollout, ready for the update; B prompts, G completions each, N = B*G."""
 
     samples: list[Sample]  # [B] the questions
     prompts: dict  # input_ids [B, P], attention_mask [B, P], input_features [B, M, F], feature_attention_mask [B, F]
@@ -90,16 +108,27 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, total_tokens: int) -> torch
     return -(logp * mask).sum() / max(total_tokens, 1)
 
 
+def sft_targets(tokenizer, answers: list[list[str]], template: int, end_id: int, pad_id: int):
+    """The SFT step's targets, K per question (K: the most answers of any question), as groups.
+
+    Each target is ``answer_target(answer)`` plus the end token. A question with fewer than K
+    answers repeats its first, masked out, so every question is a group of K rows and its
+    prompt goes through the decoder once. Returns ids [B*K, T] (right padded with pad_id),
+    mask [B*K, T] (the real targets' tokens) and K.
+    """
+    K = max(len(a) for a in answers)
+    rows = [tokenizer(answer_target(x, template), add_special_tokens=False)["input_ids"] + [end_id]
+            for a in answers for x in a + a[:1] * (K - len(a))]
+    ids = pad_right([torch.tensor([r], dtype=torch.long) for r in rows], pad_id)  # [B*K, T]
+    lengths = torch.tensor([len(r) if i % K < len(answers[i // K]) else 0 for i, r in enumerate(rows)])  # [B*K]
+    mask = torch.arange(ids.shape[1]) < lengths[:, None]  # [B*K, T]
+    return ids, mask, K
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -186,7 +215,7 @@ class Trainer:
                 self._truncate_history(0)  # what an earlier attempt logged describes no saved state
             prepare_model(cfg)
             prepare_data(cfg)
-        self._barrier()
+        barrier()
         d = cfg.data
         # a training question listing a choice twice is ambiguous for the accuracy reward and the warm-up
         self.train_samples = read_dataset(d.format, d.train_path, audio_root=d.audio_root, on_error=d.on_error,
@@ -203,13 +232,10 @@ class Trainer:
         self.tokenizer = self.processor.tokenizer
         gen_cfg = load_generation_config(cfg.model.path)
         self.generation_config = gen_cfg
-        self.end_ids = end_token_ids(gen_cfg)
-        pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else self.end_ids[-1]
-        self.sampling = SamplingSettings(
-            max_new_tokens=cfg.rollout.max_new_tokens, end_token_ids=self.end_ids, pad_token_id=pad_id,
-            suppress_token_ids=suppressed_token_ids(self.tokenizer), temperature=cfg.rollout.temperature,
-            top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
-        )
+        self.sampling = sampling_settings(self.tokenizer, gen_cfg, max_new_tokens=cfg.rollout.max_new_tokens,
+                                          temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k,
+                                          top_p=cfg.rollout.top_p)
+        self.end_ids = self.sampling.end_token_ids
         self.fsdp = use_fsdp(cfg, info)
         self.model = self._load_model(trainable=True)
         self.ref_model = None
@@ -262,10 +288,6 @@ class Trainer:
             self._resume(self.resume_path)
 
     # ----------------------------------------------------------------- set-up helpers
-
-    def _barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
 
     def _load_model(self, trainable: bool):
         cfg = self.cfg
@@ -343,20 +365,84 @@ class Trainer:
         self.stop_requested = True
         self.signal_received = signum
 
-    def _all_reduce(self, values: torch.Tensor, op=None) -> torch.Tensor:
-        if dist.is_initialized():
-            values = values.to(self.device if self.device.type == "cuda" else "cpu")
-            dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
-        return values
+    # ----------------------------------------------------------------- the GRPO step: read these three first
 
-    def _rollout_context(self):
-        return gathered_params(self.model) if self.fsdp else nullcontext()
-
-    # ----------------------------------------------------------------- stage 1: rollout
+    def grpo_step(self) -> dict:
+        """One GRPO step on this rank's B questions (N = B*G completions): ``rollout`` runs
+        stages 1-5 without gradients and hands a Trajectory to ``policy_update`` (stages 6-8)."""
+        traj, metrics, texts = self.rollout(self.step)
+        metrics.update(self.policy_update(traj))
+        self._last_texts = (traj.samples, texts)
+        return metrics
 
     @torch.no_grad()
-    def _sample_round(self, step: int, round_: int) -> dict:
-        """Take B questions from the stream, sample G completions each, score them."""
+    def rollout(self, step: int) -> tuple[Trajectory, dict, list[str]]:
+        """Stages 1-5 of a GRPO step, in order:
+
+          1. rollout: B questions from the stream, G completions each from the policy;
+          2. rewards: every completion scored against its question (in the round);
+          3. dynamic sampling (DAPO, optional): more rounds, all ranks in lockstep, until every
+             rank holds B groups whose rewards differ; those groups first;
+          4. advantages over the global batch, and the loss mask of the completions;
+          5. log pi_old (only when mu > 1) and the reference log-probs (only when beta > 0).
+        Returns the Trajectory for the update, the rollout's metrics and the completion texts.
+        """
+        a = self.cfg.algorithm
+        self.model.eval()
+        t0 = time.perf_counter()
+
+        # 1-2. rollout and rewards
+        rounds = [self._sample_round(step, 0)]
+        # 3. dynamic sampling (the loop's condition is a collective: every rank runs the same rounds)
+        while a.dynamic_sampling and len(rounds) <= a.max_sampling_rounds and self._short_of_signal(rounds):
+            rounds.append(self._sample_round(step, len(rounds)))
+        batch = self._select_groups(rounds) if a.dynamic_sampling else rounds[0]
+        ids = self._pad_to_global_width(batch.ids)  # [N, T], the same T on every rank
+        t_rollout = time.perf_counter() - t0
+
+        # 4. advantages and the loss mask
+        mask, lengths, ended = self._loss_mask(ids)  # [N, T] bool, [N] tokens, [N] bool
+        all_rewards = self._gather(batch.rewards.reshape(-1).float())  # [W*N], every rank's rewards
+        advantages = self._advantages(all_rewards)  # [N], this rank's slice
+
+        # 5. log pi_old and log pi_ref of the completions
+        t1 = time.perf_counter()
+        old_logp = self._logprobs(self.model, batch.prompts, ids) if a.mu > 1 else None  # [N, T]
+        t_old = time.perf_counter() - t1
+        ref_logp = self._reference_logprobs(batch.prompts, ids)  # [N, T] or None
+        t_ref = time.perf_counter() - t1 - t_old
+        self.model.train()
+
+        total_tokens = int(self._all_reduce(mask.sum().reshape(1).cpu()).item())  # loss tokens, all ranks
+        timings = {"rollout": t_rollout, "old_logp": t_old, "reference": t_ref}
+        metrics = self._rollout_metrics(rounds, batch, all_rewards, lengths, ended, timings)
+        traj = Trajectory(batch.samples, batch.prompts, ids, mask, advantages.to(self.device), old_logp, ref_logp,
+                          total_tokens)
+        return traj, metrics, batch.texts
+
+    def policy_update(self, traj: Trajectory) -> dict:
+        """Stages 6-8 of a GRPO step, in order:
+
+          6. mu passes over the batch, micro-batch by micro-batch: log pi_theta, the loss share
+             of the whole batch, backward (gradients accumulate; ``_update_pass``);
+          7. an optimizer step after each pass (clip, skip if not finite, AdamW);
+          8. metrics over all ranks; the loss and gradient norm are means over the mu passes.
+        """
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}  # token-weighted statistics of all passes, this rank
+        losses, norms, trained_tokens = [], [], 0  # [mu] loss share, [mu] global gradient norm
+        for _ in range(self.cfg.algorithm.mu):
+            loss, tokens = self._update_pass(traj, sums)
+            norms.append(self._optimizer_step(loss))
+            losses.append(loss)
+            trained_tokens += tokens
+        return self._update_metrics(sums, losses, norms, trained_tokens, time.perf_counter() - t0)
+
+    # ----------------------------------------------------------------- rollout: sampling
+
+    @torch.no_grad()
+    def _sample_round(self, step: int, round_: int) -> Round:
+        """Take B questions from the stream, sample G completions each, decode and score them."""
         cfg, G = self.cfg, self.cfg.rollout.group_size
         samples, waves = self.stream.take(self.local_prompts)
         prompts = prompt_batch(samples, waves, self.processor, cfg.data.prompt_template, self.device)
@@ -369,123 +455,69 @@ class Trainer:
             )
         texts = decode_completions(self.tokenizer, ids, self.end_ids)
         rewards, per_reward = compute_rewards(texts, [s for s in samples for _ in range(G)], cfg.algorithm.rewards)
-        return {"samples": samples, "waves": waves, "prompts": prompts, "ids": ids, "texts": texts,
-                "rewards": torch.tensor(rewards).view(-1, G), "per_reward": per_reward}
+        return Round(samples, waves, prompts, ids, texts, torch.tensor(rewards).view(-1, G), per_reward)
 
-    def _select_groups(self, rounds: list[dict]) -> dict:
+    def _select_groups(self, rounds: list[Round]) -> Round:
         """Dynamic sampling (DAPO): keep the B groups whose rewards differ first, then fill
         with all-equal groups (zero advantage) if the rounds ran out. Re-collates the prompts."""
         G, B = self.cfg.rollout.group_size, self.local_prompts
-        groups = [(r, i) for r in rounds for i in range(len(r["samples"]))]
-        informative = [g for g in groups if g[0]["rewards"][g[1]].std() > 0]
-        rest = [g for g in groups if g[0]["rewards"][g[1]].std() == 0]
+        groups = [(r, i) for r in rounds for i in range(len(r.samples))]
+        informative = [g for g in groups if g[0].rewards[g[1]].std() > 0]
+        rest = [g for g in groups if g[0].rewards[g[1]].std() == 0]
         chosen = (informative + rest)[:B]
-        samples = [r["samples"][i] for r, i in chosen]
-        waves = [r["waves"][i] for r, i in chosen]
-        width = max(r["ids"].shape[1] for r in rounds)
-        pad = self.sampling.pad_token_id
-        ids = torch.cat([torch.nn.functional.pad(r["ids"][i * G : (i + 1) * G], (0, width - r["ids"].shape[1]), value=pad)
-                         for r, i in chosen])
-        return {
-            "samples": samples, "waves": waves, "ids": ids,
-            "prompts": prompt_batch(samples, waves, self.processor, self.cfg.data.prompt_template, self.device),
-            "texts": [t for r, i in chosen for t in r["texts"][i * G : (i + 1) * G]],
-            "rewards": torch.stack([r["rewards"][i] for r, i in chosen]),
-            "per_reward": {k: [v for r, i in chosen for v in r["per_reward"][k][i * G : (i + 1) * G]]
-                           for k in rounds[0]["per_reward"]},
-        }
+        samples = [r.samples[i] for r, i in chosen]
+        waves = [r.waves[i] for r, i in chosen]
+        width = max(r.ids.shape[1] for r in rounds)
+        return Round(
+            samples=samples, waves=waves,
+            prompts=prompt_batch(samples, waves, self.processor, self.cfg.data.prompt_template, self.device),
+            ids=pad_right([r.ids[i * G : (i + 1) * G] for r, i in chosen], self.sampling.pad_token_id, width),
+            texts=[t for r, i in chosen for t in r.texts[i * G : (i + 1) * G]],
+            rewards=torch.stack([r.rewards[i] for r, i in chosen]),
+            per_reward={k: [v for r, i in chosen for v in r.per_reward[k][i * G : (i + 1) * G]]
+                        for k in rounds[0].per_reward},
+        )
 
-    @torch.no_grad()
-    def rollout(self, step: int) -> tuple[Trajectory, dict, list[str]]:
-        """Sample and score one batch on this rank.
-
-        Steps:
-          1. take B questions from the stream and build left-padded prompts;
-          2. sample G completions per prompt (each clip encoded once, shared by its G);
-          3. with dynamic sampling, more rounds (all ranks in lockstep, at most
-             max_sampling_rounds extra) until every rank has B groups whose rewards differ;
-          4. completion mask: tokens up to and including the first end token
-             (optionally none for completions cut at the length limit);
-          5. advantages from the rewards, normalised over the group (or the whole batch,
-             gathered from all ranks), sign flipped for the control experiment;
-          6. log pi_old when mu > 1 and log pi_ref when beta > 0 (no gradients);
-          7. count the loss tokens of the whole batch over all ranks.
-        """
-        a, G = self.cfg.algorithm, self.cfg.rollout.group_size
-        self.model.eval()
-        t0 = time.perf_counter()
-        rounds = [self._sample_round(step, 0)]
-        zero_std_first = (rounds[0]["rewards"].std(dim=1) == 0).float() if G > 1 else torch.ones(self.local_prompts)
-        if a.dynamic_sampling:
-            for extra in range(1, a.max_sampling_rounds + 1):
-                informative = sum(int((r["rewards"].std(dim=1) > 0).sum()) for r in rounds)
-                short = torch.tensor([float(informative < self.local_prompts)])
-                if self._all_reduce(short, dist.ReduceOp.MAX).item() == 0:
-                    break
-                rounds.append(self._sample_round(step, extra))
-        batch = self._select_groups(rounds) if a.dynamic_sampling else rounds[0]
-        samples, prompts, ids, texts = batch["samples"], batch["prompts"], batch["ids"], batch["texts"]
-        # every rank pads to the same width, so micro-batches line up across ranks
-        width = int(self._all_reduce(torch.tensor([ids.shape[1]]), dist.ReduceOp.MAX))
-        ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.sampling.pad_token_id)
-        t_rollout = time.perf_counter() - t0
-
+    def _loss_mask(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens that enter the loss [N, T] (up to and including the first end token; none of a
+        completion cut at the length limit with algorithm.mask_truncated), the completion
+        lengths [N] (end token included) and which completions ended [N]."""
         mask = completion_mask(ids, self.end_ids)  # [N, T]
         ended = torch.isin(ids, torch.as_tensor(self.end_ids, device=ids.device)).any(dim=1)  # [N]
         lengths = mask.sum(dim=1)
-        if a.mask_truncated:
+        if self.cfg.algorithm.mask_truncated:
             mask = mask & ended[:, None]
+        return mask, lengths, ended
 
-        # Advantages over the global batch: every rank computes them on the gathered
-        # rewards and keeps its slice (so scale="batch" uses the std of the whole batch).
-        rewards_local = batch["rewards"].reshape(-1).float()  # [N]
-        all_rewards = self._gather(rewards_local)  # [world * N]
-        advantages = group_advantages(all_rewards, G, scale=a.advantage_scale, eps=a.advantage_eps)
-        n_local = rewards_local.numel()
+    def _advantages(self, all_rewards: torch.Tensor) -> torch.Tensor:
+        """This rank's slice [N] of the advantages of the global batch's rewards [W*N]: every rank
+        normalises all of them (so scale="batch" uses the std of the whole batch); the sign is
+        flipped for the control experiment."""
+        a = self.cfg.algorithm
+        advantages = group_advantages(all_rewards, self.cfg.rollout.group_size, scale=a.advantage_scale,
+                                      eps=a.advantage_eps)
+        n_local = all_rewards.numel() // self.world
         advantages = advantages[self.rank * n_local : (self.rank + 1) * n_local]
-        if a.flip_advantage_sign:
-            advantages = -advantages
+        return -advantages if a.flip_advantage_sign else advantages
 
-        t1 = time.perf_counter()
-        old_logp = self._logprobs(self.model, prompts, ids) if a.mu > 1 else None
-        t_old = time.perf_counter() - t1
-        ref_logp = self._logprobs(self.ref_model, prompts, ids) if self.ref_model is not None else None
-        t_ref = time.perf_counter() - t1 - t_old
-        self.model.train()
+    # ----------------------------------------------------------------- rollout: collectives
 
-        total_tokens = int(self._all_reduce(mask.sum().reshape(1).cpu()).item())
-        group_std = all_rewards.view(-1, G).std(dim=1) if G > 1 else torch.zeros(all_rewards.numel())
-        metrics = {
-            "train/reward": all_rewards.mean().item(),
-            "train/reward_std": group_std.mean().item(),
-            "train/frac_reward_zero_std": self._mean(zero_std_first),  # before dynamic sampling
-            "train/completions/mean_length": self._mean(lengths.float()),
-            "train/completions/clipped_ratio": self._mean((~ended).float()),
-            "train/sampling_rounds": float(len(rounds)),
-            "timing/rollout": t_rollout,
-            "timing/old_logp": t_old,
-            "timing/reference": t_ref,
-            "perf/generated_tokens_per_second": self._sum(lengths.float()) / max(t_rollout, 1e-9),
-        }
-        for name, values in batch["per_reward"].items():
-            metrics[f"train/rewards/{name}/mean"] = self._mean(torch.tensor(values))
-        if len(self.tasks) > 1 and "accuracy" in rounds[0]["per_reward"]:  # which question types carry signal
-            first = rounds[0]
-            accuracy = torch.tensor(first["per_reward"]["accuracy"]).view(-1, G).mean(dim=1)  # [B]
-            for name, per_group in (("rewards/accuracy", accuracy), ("frac_reward_zero_std", zero_std_first)):
-                for task, value in self._per_task_means(first["samples"], per_group).items():
-                    metrics[f"train/{name}/{task}"] = value
-        traj = Trajectory(samples, prompts, ids, mask, advantages.to(self.device), old_logp, ref_logp, total_tokens)
-        return traj, metrics, texts
+    def _short_of_signal(self, rounds: list[Round]) -> bool:
+        """True while any rank has fewer than B groups whose rewards differ."""
+        informative = sum(int((r.rewards.std(dim=1) > 0).sum()) for r in rounds)
+        short = torch.tensor([float(informative < self.local_prompts)])
+        return self._all_reduce(short, dist.ReduceOp.MAX).item() != 0
 
-    def _per_task_means(self, samples: list[Sample], values: torch.Tensor) -> dict[str, float]:
-        """Mean of ``values`` [B] over each task's questions, over all ranks (same tasks on every rank)."""
-        sums = torch.zeros(2, len(self.tasks), dtype=torch.float64)  # [sum, count] per task
-        for s, v in zip(samples, values.tolist()):
-            sums[0, self.tasks.index(s.task)] += v
-            sums[1, self.tasks.index(s.task)] += 1
-        sums = self._all_reduce(sums).cpu()
-        return {t: (sums[0, i] / sums[1, i]).item() for i, t in enumerate(self.tasks) if sums[1, i] > 0}
+    def _pad_to_global_width(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every rank pads its completions to the widest rank's, so micro-batches line up."""
+        width = int(self._all_reduce(torch.tensor([ids.shape[1]]), dist.ReduceOp.MAX))
+        return pad_right([ids], self.sampling.pad_token_id, width)
+
+    def _all_reduce(self, values: torch.Tensor, op=None) -> torch.Tensor:
+        if dist.is_initialized():
+            values = values.to(self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+        return values
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         if not dist.is_initialized():
@@ -500,6 +532,49 @@ class Trainer:
 
     def _sum(self, x: torch.Tensor) -> float:
         return self._all_reduce(torch.tensor([x.sum().item()], dtype=torch.float64)).item()
+
+    def _rollout_context(self):
+        return gathered_params(self.model) if self.fsdp else nullcontext()
+
+    # ----------------------------------------------------------------- rollout: metrics
+
+    def _rollout_metrics(self, rounds: list[Round], batch: Round, all_rewards: torch.Tensor, lengths: torch.Tensor,
+                         ended: torch.Tensor, timings: dict[str, float]) -> dict:
+        """Rewards, lengths and timings of the rollout, over all ranks. all_rewards [W*N];
+        lengths [N] completion tokens (end token included); ended [N]."""
+        G = self.cfg.rollout.group_size
+        first = rounds[0]  # frac_reward_zero_std and the per-task numbers: before dynamic sampling
+        zero_std_first = (first.rewards.std(dim=1) == 0).float() if G > 1 else torch.ones(self.local_prompts)  # [B]
+        group_std = all_rewards.view(-1, G).std(dim=1) if G > 1 else torch.zeros(all_rewards.numel())
+        metrics = {
+            "train/reward": all_rewards.mean().item(),
+            "train/reward_std": group_std.mean().item(),
+            "train/frac_reward_zero_std": self._mean(zero_std_first),
+            "train/completions/mean_length": self._mean(lengths.float()),
+            "train/completions/clipped_ratio": self._mean((~ended).float()),
+            "train/sampling_rounds": float(len(rounds)),
+            **{f"timing/{name}": seconds for name, seconds in timings.items()},
+            "perf/generated_tokens_per_second": self._sum(lengths.float()) / max(timings["rollout"], 1e-9),
+        }
+        for name, values in batch.per_reward.items():
+            metrics[f"train/rewards/{name}/mean"] = self._mean(torch.tensor(values))
+        if len(self.tasks) > 1 and "accuracy" in first.per_reward:  # which question types carry signal
+            accuracy = torch.tensor(first.per_reward["accuracy"]).view(-1, G).mean(dim=1)  # [B]
+            for name, per_group in (("rewards/accuracy", accuracy), ("frac_reward_zero_std", zero_std_first)):
+                for task, value in self._per_task_means(first.samples, per_group).items():
+                    metrics[f"train/{name}/{task}"] = value
+        return metrics
+
+    def _per_task_means(self, samples: list[Sample], values: torch.Tensor) -> dict[str, float]:
+        """Mean of ``values`` [B] over each task's questions, over all ranks (same tasks on every rank)."""
+        sums = torch.zeros(2, len(self.tasks), dtype=torch.float64)  # [sum, count] per task
+        for s, v in zip(samples, values.tolist()):
+            sums[0, self.tasks.index(s.task)] += v
+            sums[1, self.tasks.index(s.task)] += 1
+        sums = self._all_reduce(sums).cpu()
+        return {t: (sums[0, i] / sums[1, i]).item() for i, t in enumerate(self.tasks) if sums[1, i] > 0}
+
+    # ----------------------------------------------------------------- log-probabilities
 
     def _micro_batches(self, n_prompts: int):
         step = self.cfg.algorithm.micro_batch_prompts
@@ -522,66 +597,60 @@ class Trainer:
         return torch.cat([self._group_logprobs(model, prompts, lo, hi, ids[lo * G : hi * G])
                           for lo, hi in self._micro_batches(prompts["input_ids"].shape[0])])
 
-    # ----------------------------------------------------------------- stage 2: update
+    def _reference_logprobs(self, prompts: dict, ids: torch.Tensor) -> torch.Tensor | None:
+        """log pi_ref of the completions [N, T], or None when there is no reference (beta = 0)."""
+        return self._logprobs(self.ref_model, prompts, ids) if self.ref_model is not None else None
 
-    def policy_update(self, traj: Trajectory) -> dict:
-        """mu optimizer updates on one rollout.
+    # ----------------------------------------------------------------- update
 
-        Steps, for each of the mu passes:
-          1. for each micro-batch of prompts: prompt embeddings with gradients (each clip
-             once), repeated G times; log pi_theta of the completions; the GRPO loss share
-             with the global counts; backward (gradients accumulate);
-          2. clip the gradient norm; skip the update if loss or norm is not finite;
-          3. AdamW step at the scheduled learning rate.
-        The logged loss and gradient norm are means over the mu passes.
-        """
+    def _update_pass(self, traj: Trajectory, sums: dict[str, float]) -> tuple[float, int]:
+        """One pass over the batch, micro-batch by micro-batch: log pi_theta (and entropy) of the
+        completions, the GRPO loss share with the global counts, backward. Adds the statistics,
+        weighted by loss tokens, to ``sums``; returns this rank's loss share and the tokens
+        through the model (prompt rows x G + loss tokens)."""
         cfg, a = self.cfg, self.cfg.algorithm
         G = cfg.rollout.group_size
         n_prompts = len(traj.samples)
-        total_sequences = n_prompts * G * self.world
-        sums: dict[str, float] = {}
-        t0 = time.perf_counter()
-        trained_tokens = 0
-        pass_losses, pass_norms = [], []  # [mu] this rank's loss share, the global gradient norm
-        for _ in range(a.mu):
-            loss_total = 0.0
-            for lo, hi in self._micro_batches(n_prompts):
-                c = slice(lo * G, hi * G)
-                mask = traj.mask[c]
-                width = max(int(mask.any(dim=0).nonzero().max().item()) + 1, 1) if mask.any() else 1
-                ids, mask = traj.completion_ids[c, :width], mask[:, :width]  # trim padding columns
-                logp, entropy = self._group_logprobs(self.model, traj.prompts, lo, hi, ids, with_entropy=True)
-                old = traj.old_logp[c, :width] if traj.old_logp is not None else logp.detach()
-                ref = traj.ref_logp[c, :width] if traj.ref_logp is not None else None
-                loss, stats = policy_loss(
-                    logp, old, traj.advantages[c], mask, ref_logp=ref, beta=a.beta if ref is not None else 0.0,
-                    kl_estimator=a.kl_estimator, eps_low=a.eps_low, eps_high=a.eps_high,
-                    importance_level=a.importance_level, loss_type=a.loss_type,
-                    max_completion_length=cfg.rollout.max_new_tokens,
-                    total_sequences=total_sequences, total_tokens=traj.total_tokens,
-                )
-                # FSDP averages gradients over ranks; the share times world_size makes it a sum.
-                (loss * self.world).backward()
-                loss_total += loss.item()
-                tokens = float(mask.sum().item())
-                trained_tokens += int(traj.prompts["attention_mask"][lo:hi].sum()) * G + int(tokens)  # prompt rows x G
-                for key, value in stats.items():
-                    if key != "tokens":
-                        sums[key] = sums.get(key, 0.0) + float(value) * tokens
-                sums["entropy"] = sums.get("entropy", 0.0) + float((entropy.detach() * mask).sum())
-                sums["tokens"] = sums.get("tokens", 0.0) + tokens
-            pass_norms.append(self._optimizer_step(loss_total))
-            pass_losses.append(loss_total)
-        t_update = time.perf_counter() - t0
+        loss_total, trained_tokens = 0.0, 0
+        for lo, hi in self._micro_batches(n_prompts):
+            c = slice(lo * G, hi * G)
+            mask = traj.mask[c]
+            width = max(int(mask.any(dim=0).nonzero().max().item()) + 1, 1) if mask.any() else 1
+            ids, mask = traj.completion_ids[c, :width], mask[:, :width]  # trim padding columns
+            logp, entropy = self._group_logprobs(self.model, traj.prompts, lo, hi, ids, with_entropy=True)
+            old = traj.old_logp[c, :width] if traj.old_logp is not None else logp.detach()
+            ref = traj.ref_logp[c, :width] if traj.ref_logp is not None else None
+            loss, stats = policy_loss(
+                logp, old, traj.advantages[c], mask, ref_logp=ref, beta=a.beta if ref is not None else 0.0,
+                kl_estimator=a.kl_estimator, eps_low=a.eps_low, eps_high=a.eps_high,
+                importance_level=a.importance_level, loss_type=a.loss_type,
+                max_completion_length=cfg.rollout.max_new_tokens,
+                total_sequences=n_prompts * G * self.world, total_tokens=traj.total_tokens,
+            )
+            # FSDP averages gradients over ranks; the share times world_size makes it a sum.
+            (loss * self.world).backward()
+            loss_total += loss.item()
+            tokens = float(mask.sum().item())
+            trained_tokens += int(traj.prompts["attention_mask"][lo:hi].sum()) * G + int(tokens)  # prompt rows x G
+            for key, value in stats.items():
+                if key != "tokens":
+                    sums[key] = sums.get(key, 0.0) + float(value) * tokens
+            sums["entropy"] = sums.get("entropy", 0.0) + float((entropy.detach() * mask).sum())
+            sums["tokens"] = sums.get("tokens", 0.0) + tokens
+        return loss_total, trained_tokens
 
+    def _update_metrics(self, sums: dict[str, float], losses: list[float], norms: list[float], trained_tokens: int,
+                        t_update: float) -> dict:
+        """Token-weighted means of the loss statistics over all ranks; the loss and gradient norm
+        as means over the mu passes."""
         keys = sorted(sums)
         reduced = self._all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
         totals = dict(zip(keys, reduced.tolist()))
         tokens = max(totals.pop("tokens"), 1.0)
         metrics = {f"train/{k}": v / tokens for k, v in totals.items()}  # token-weighted means
         metrics.update({
-            "train/loss": float(self._all_reduce(torch.tensor(pass_losses, dtype=torch.float64)).mean().item()),
-            "train/grad_norm": sum(pass_norms) / len(pass_norms),
+            "train/loss": float(self._all_reduce(torch.tensor(losses, dtype=torch.float64)).mean().item()),
+            "train/grad_norm": sum(norms) / len(norms),
             "train/learning_rate": self.optimizer.param_groups[0]["lr"],
             "timing/update": t_update,
             "perf/train_tokens_per_second": self._sum(torch.tensor([float(trained_tokens)])) / max(t_update, 1e-9),
@@ -634,18 +703,8 @@ class Trainer:
         cfg = self.cfg
         samples, waves = self.stream.take(self.local_prompts)
         answers = [s.choices if label_free else [s.answer] for s in samples]  # targets of each question
-        # K targets per question, as a group of K completions (a question with fewer choices
-        # repeats its first, masked out), so each prompt goes through the decoder once
-        K = max(len(a) for a in answers)
-        targets = [self.tokenizer(answer_target(ans, cfg.data.prompt_template), add_special_tokens=False)["input_ids"]
-                   + [self.end_ids[0]] for a in answers for ans in a + a[:1] * (K - len(a))]
-        width = max(len(t) for t in targets)
-        ids = torch.full((len(targets), width), self.sampling.pad_token_id, dtype=torch.long)  # [B*K, T]
-        mask = torch.zeros((len(targets), width), dtype=torch.bool)  # [B*K, T]
-        for i, t in enumerate(targets):
-            if i % K < len(answers[i // K]):
-                mask[i, : len(t)] = True
-            ids[i, : len(t)] = torch.tensor(t)
+        ids, mask, K = sft_targets(self.tokenizer, answers, cfg.data.prompt_template, self.end_ids[0],
+                                   self.sampling.pad_token_id)  # [B*K, T] each
         ids, mask = ids.to(self.device), mask.to(self.device)
         prompts = prompt_batch(samples, waves, self.processor, cfg.data.prompt_template, self.device)
         total_tokens = int(self._all_reduce(mask.sum().reshape(1).cpu()).item())
@@ -691,9 +750,9 @@ class Trainer:
                 waves = [self.load_audio(s.audio_path) for s in chunk]
                 if self.cfg.data.silence_audio:
                     waves = [np.zeros_like(w) for w in waves]
-                prompts = prompt_batch(chunk, waves, self.processor, self.cfg.data.prompt_template, self.device)
-                ids = sample_completions(self.model, prompts, self.sampling, group_size=1, chunk_prompts=batch,
-                                         greedy=True, sync_ranks=self.fsdp)
+                ids = greedy_answers(self.model, self.processor, chunk, waves, self.sampling,
+                                     template=self.cfg.data.prompt_template, device=self.device,
+                                     batch_prompts=batch, sync_ranks=self.fsdp)  # [b, T]
                 texts = decode_completions(self.tokenizer, ids, self.end_ids)
                 for t, s, w in zip(texts, chunk, weights[lo : lo + batch]):
                     hit = w * accuracy_reward(t, s)
@@ -780,10 +839,7 @@ class Trainer:
             return self.sft_step(label_free=False)
         if self.step < self.warmup_steps:
             return self.sft_step(label_free=True, lr=a.format_warmup_lr or self.cfg.optimizer.lr)
-        traj, metrics, texts = self.rollout(self.step)
-        metrics.update(self.policy_update(traj))
-        self._last_texts = (traj.samples, texts)
-        return metrics
+        return self.grpo_step()
 
     def train(self) -> dict:
         """Run to ``total_steps``: step, checkpoint, evaluate, log; stop cleanly on a signal.

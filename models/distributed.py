@@ -52,6 +52,7 @@ __all__ = [
     "DistInfo",
     "init_distributed",
     "cleanup",
+    "barrier",
     "is_main_process",
     "get_rank",
     "shard_model",
@@ -155,6 +156,12 @@ def cleanup() -> None:
     """Destroy the default process group, if any (call once at the end of the script)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank; nothing to wait for without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def get_rank() -> int:

@@ -109,6 +109,13 @@ def load_generation_config(path):
     return GenerationConfig(eos_token_id=eos, pad_token_id=pad)
 
 
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """``auto`` -> bfloat16 on a GPU, float32 on the CPU; any other name -> ``torch.<name>``."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 def end_token_ids(generation_config):
     """The set of ids that end a completion, as a sorted-by-appearance list without duplicates."""
     eos = generation_config.eos_token_id

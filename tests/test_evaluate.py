@@ -1,4 +1,4 @@
-"""evaluate.py / grpo.evaluation on CPU: a tiny Qwen2-Audio, synthetic questions, MMAU records.
+"""evaluate.py / the evaluation package on CPU: a tiny Qwen2-Audio, synthetic questions, MMAU records.
 
 Two kinds of model:
 * the real tiny model (models.tiny) for the end-to-end paths: generation, resume, torchrun;
@@ -21,9 +21,11 @@ import soundfile as sf
 import torch
 
 import evaluate
-import grpo.evaluation as ev
+import evaluation.sweep as ev
+import grpo.rollout as rollout
 from data.scoring import extract_answer
 from data.synthetic import generate_synthetic, synthetic_corpus
+from evaluation.config import load_eval_config
 from grpo.config import ConfigError
 from models.loading import end_token_ids, load_generation_config, load_processor
 from models.tiny import build_tiny_checkpoint
@@ -54,7 +56,7 @@ def make_config(path, out_dir, *overrides, fmt="synthetic"):
         "generation: {max_new_tokens: 4, batch_size: 4}\n"
         "model: {dtype: float32, device: cpu}\n"
         f"output: {{dir: '{out_dir}', progress_bar: false}}\n")
-    return ev.load_eval_config(yaml_path, list(overrides))
+    return load_eval_config(yaml_path, list(overrides))
 
 
 def read(path):
@@ -67,8 +69,6 @@ def read(path):
 @pytest.fixture
 def last_choice_model(monkeypatch, tiny):
     """Replace model loading and generation: each prompt is answered with its last choice."""
-    import models.policy as policy
-
     processor = load_processor(tiny)
     tok = processor.tokenizer
     end_ids = end_token_ids(load_generation_config(tiny))
@@ -77,9 +77,11 @@ def last_choice_model(monkeypatch, tiny):
 
     def fake_load(ckpt, config, device):
         calls["loads"] += 1
-        return None, processor, end_ids, pad_id, []
+        return None, processor, rollout.SamplingSettings(max_new_tokens=config.generation.max_new_tokens,
+                                                         end_token_ids=end_ids, pad_token_id=pad_id,
+                                                         suppress_token_ids=[])
 
-    def fake_embeddings(model, input_ids, attention_mask, input_features, feature_attention_mask):
+    def fake_embeddings(model, input_ids, attention_mask, input_features, feature_attention_mask, **kwargs):
         return input_ids  # the "embeddings" are the ids, so generate can read the prompt back
 
     def fake_generate(model, embeds, mask, *, max_new_tokens, end_token_ids, pad_token_id, **kwargs):
@@ -94,8 +96,8 @@ def last_choice_model(monkeypatch, tiny):
         return torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
 
     monkeypatch.setattr(ev, "_load_checkpoint", fake_load)
-    monkeypatch.setattr(policy, "prompt_embeddings", fake_embeddings)
-    monkeypatch.setattr(policy, "generate", fake_generate)
+    monkeypatch.setattr(rollout, "prompt_embeddings", fake_embeddings)
+    monkeypatch.setattr(rollout, "generate", fake_generate)
     return calls
 
 
@@ -337,21 +339,21 @@ def test_config_errors_name_the_key_and_the_file(tmp_path):
     path = tmp_path / "eval.yaml"
     path.write_text("data: {format: mmau, path: x.json, prompt_templat: 2}\n")
     with pytest.raises(ConfigError, match=r"data\.prompt_templat.*eval\.yaml.*prompt_template"):
-        ev.load_eval_config(path)
+        load_eval_config(path)
     path.write_text("data: {format: mmau, path: 'mmau-test-mini.{version}.json'}\n")
     with pytest.raises(ConfigError, match="data.version"):
-        ev.load_eval_config(path)
-    config = ev.load_eval_config(path, ["data.version=v05.15.25"])
+        load_eval_config(path)
+    config = load_eval_config(path, ["data.version=v05.15.25"])
     assert ev.dataset_path(config).name == "mmau-test-mini.v05.15.25.json"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("eval_*.yaml")))
 def test_shipped_configs_load(name):
-    config = ev.load_eval_config(REPO / "configs" / name)
+    config = load_eval_config(REPO / "configs" / name)
     assert config.data.path
     if name == "eval_mmau_testmini.yaml":
         assert ev.dataset_path(config).name == "mmau-test-mini.2024-12.json"
-        other = ev.load_eval_config(REPO / "configs" / name, ["data.version=v05.15.25"])
+        other = load_eval_config(REPO / "configs" / name, ["data.version=v05.15.25"])
         assert ev.dataset_path(other).name == "mmau-test-mini.v05.15.25.json"
         assert ev.output_dir(other) != ev.output_dir(config)
 
@@ -461,7 +463,7 @@ def test_the_readme_evaluate_commands_parse_as_written():
         assert all("=" not in c for c in args.checkpoint), argv  # no override read as a checkpoint
         assert overrides == [a for a in argv if re.match(r"^\w+\.\w+=", a)]
         if not args.score_only:
-            config = ev.load_eval_config(REPO / args.config, overrides)
+            config = load_eval_config(REPO / args.config, overrides)
             with_overrides += bool(overrides)
             if "data.version=v05.15.25" in overrides:
                 assert ev.dataset_path(config).name == "mmau-test-mini.v05.15.25.json"

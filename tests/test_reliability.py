@@ -33,7 +33,7 @@ def test_every_numeric_training_key_rejects_a_negative_value_by_name(key):
 
 
 def test_every_numeric_evaluation_key_rejects_a_negative_value_by_name():
-    from grpo.evaluation import EvalConfig, load_eval_config
+    from evaluation.config import EvalConfig, load_eval_config
 
     keys = _numeric_keys(EvalConfig())
     assert "generation.max_new_tokens" in keys

@@ -1,0 +1,229 @@
+"""Greedy answers of one checkpoint to a benchmark's questions, and the files that keep them.
+
+``generate_answers`` orders the questions by prompt length, batches them and answers each
+batch with ``grpo.rollout.greedy_answers`` (the trainer's held-out evaluation uses the same
+function, under the same end, pad and suppressed-token rule). A question whose clip cannot be
+read, or whose prompt does not fit, is an error (``on_error="raise"``) or an outcome with the
+reason (``"skip"``).
+
+Files: per-rank progress files (a killed evaluation resumes), ``predictions.json`` in the
+benchmark's own schema, and the reuse of a complete earlier evaluation with the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from data.scoring import extract_answer
+
+
+@dataclass
+class Generated:
+    """One question's outcome: a completion, or the reason its audio could not be read."""
+
+    index: int
+    completion: str | None = None
+    error: str | None = None
+    n_tokens: int = 0  # completion tokens, end token included
+    truncated: bool = False  # stopped by max_new_tokens, not by an end token
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+
+def prompt_length_estimate(sample, text_tokens: int, window_seconds: float = 30.0) -> float:
+    """Decoder prompt length without running the processor: text + ~25 tokens per second of audio.
+
+    Only used to order questions so a batch holds similar lengths; the audio part dominates.
+    """
+    try:
+        import soundfile
+
+        seconds = min(soundfile.info(sample.audio_path).duration, window_seconds)
+    except Exception:  # missing or broken: reported when the clip is actually loaded
+        seconds = 0.0
+    return text_tokens + 25.0 * seconds
+
+
+
+def generate_answers(
+    model,
+    processor,
+    samples: Sequence,
+    indices: Sequence[int],
+    *,
+    template: int,
+    settings,
+    batch_size: int,
+    device,
+    load_audio,
+    on_batch=None,
+    progress=None,
+    on_error: str = "skip",
+    max_prompt_tokens: int | None = None,
+) -> list[Generated]:
+    """Greedy completions for ``samples[i]`` for i in ``indices`` (any order in, same order out).
+
+    Steps:
+      1. sort the questions by estimated prompt length, longest first (an out-of-memory batch
+         shows up at once), and batch them;
+      2. per batch: load each clip and check its prompt length (``data.collate.prompt_length``,
+         exact) against ``max_prompt_tokens``; a clip that cannot be read or a prompt that is
+         too long raises (``on_error="raise"``: AudioError naming the file, DataError naming the
+         sample) or gives a ``Generated`` with the reason in ``error`` (``"skip"``);
+      3. answer the rest with ``greedy_answers`` under ``settings`` (a ``SamplingSettings``) and
+         decode them as R1-AQA's test script does (special tokens dropped);
+      4. ``on_batch(list[Generated])`` after each batch (progress files).
+    """
+    import torch
+
+    from data.audio import AudioError
+    from data.collate import prompt_length
+    from data.datasets import DataError
+    from data.prompts import format_prompt
+    from grpo.algorithm import completion_mask
+    from grpo.rollout import decode_completions, greedy_answers
+
+    tokenizer = processor.tokenizer
+    fe = processor.feature_extractor
+    window = fe.n_samples / fe.sampling_rate
+    end_ids = settings.end_token_ids
+    lengths = {}
+    for i in indices:
+        s = samples[i]
+        text = format_prompt(s.question, s.choices, template)
+        lengths[i] = prompt_length_estimate(s, len(tokenizer(text).input_ids), window)
+    order = sorted(indices, key=lambda i: -lengths[i])
+    out: dict[int, Generated] = {}
+    for start in range(0, len(order), batch_size):
+        batch_idx = order[start: start + batch_size]
+        done: list[Generated] = []
+        ok, waves = [], []
+        for i in batch_idx:
+            try:
+                wave = load_audio(samples[i].audio_path)
+            except AudioError as err:
+                if on_error != "skip":
+                    raise
+                done.append(Generated(index=i, error=str(err)))
+                continue
+            n = prompt_length(samples[i], len(wave), processor, template=template)
+            if max_prompt_tokens is not None and n > max_prompt_tokens:  # prompts are never cut: left out
+                reason = (f"sample {samples[i].id} ({samples[i].audio_path}): its prompt is {n} tokens (text + "
+                          f"audio), over the limit of {max_prompt_tokens}")
+                if on_error != "skip":
+                    raise DataError(f"{reason}. Prompts are never cut; data.on_error=skip leaves such "
+                                    "questions out (counted)")
+                done.append(Generated(index=i, error=reason))
+                continue
+            ok.append(i)
+            waves.append(wave)
+        if ok:
+            ids = greedy_answers(model, processor, [samples[i] for i in ok], waves, settings, template=template,
+                                 device=device, batch_prompts=len(ok)).cpu()  # [b, T]
+            texts = decode_completions(tokenizer, ids, end_ids, skip_special_tokens=True)
+            n_tokens = completion_mask(ids, end_ids).sum(dim=1).tolist()  # end token included
+            ended = torch.isin(ids, torch.tensor(end_ids)).any(dim=1).tolist()  # [b]
+            for i, text, n_tok, end in zip(ok, texts, n_tokens, ended):
+                done.append(Generated(index=i, completion=text, n_tokens=int(n_tok), truncated=not end))
+        for g in done:
+            out[g.index] = g
+        if on_batch is not None:
+            on_batch(done)
+        if progress is not None:
+            progress.update(len(batch_idx))
+    return [out[i] for i in indices]
+
+
+# --------------------------------------------------------------------------- files
+
+def write_json(path: Path, value: Any) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def weights_fingerprint(path: Path) -> list[list]:
+    """``[name, size, mtime_ns]`` of every weights and config file of a checkpoint directory:
+    new weights written at the same path change it (hashing 16 GB of weights would take minutes)."""
+    wanted = (".safetensors", ".bin", ".json")
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(path).iterdir())
+            if p.is_file() and p.name.endswith(wanted)]
+
+
+
+def read_progress(folder: Path) -> dict[int, Generated]:
+    """Finished questions from the per-rank progress files (a torn last line is ignored)."""
+    done: dict[int, Generated] = {}
+    for path in sorted(folder.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[row["index"]] = Generated(**row)
+    return done
+
+
+def previous_results(out_dir: Path, fingerprint: dict, samples: Sequence) -> dict[int, Generated] | None:
+    """Outcomes stored in a complete earlier evaluation with the same fingerprint, else None."""
+    info_path, pred_path = out_dir / "eval_info.json", out_dir / "predictions.json"
+    if not (info_path.is_file() and pred_path.is_file()):
+        return None
+    try:
+        info, records = read_json(info_path), read_json(pred_path)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if info.get("fingerprint") != fingerprint or len(records) != len(samples):
+        return None
+    errors = {m["index"]: m["error"] for m in info.get("missing_audio", [])}
+    lengths = info.get("completion_tokens", [])
+    truncated = set(info.get("truncated", []))
+    results = {}
+    for i, record in enumerate(records):
+        if str(record.get("id")) != samples[i].id:
+            return None
+        if i in errors:
+            results[i] = Generated(index=i, error=errors[i])
+        elif "model_completion" in record and record["model_completion"] is not None:
+            n_tok = lengths[i] if i < len(lengths) else 0
+            results[i] = Generated(index=i, completion=record["model_completion"], n_tokens=n_tok,
+                                   truncated=i in truncated)
+        else:
+            return None  # neither an answer nor a known audio error: not complete
+    return results
+
+
+def prediction_records(samples: Sequence, results: Sequence[Generated], *, skip_missing_audio: bool,
+                       submission: bool = False) -> list[dict]:
+    """The benchmark's own records, in file order, each with the model's answer added."""
+    records = []
+    for sample, g in zip(samples, results):
+        record = dict(sample.meta)
+        if g.error is not None:
+            if not skip_missing_audio:
+                # an empty answer is wrong, and keeps the benchmark's denominator
+                record.update(model_prediction="", model_output="")
+                if not submission:
+                    record["model_completion"] = None
+            # skipped: no prediction key, so the scorer leaves the record out
+        else:
+            answer = extract_answer(g.completion)
+            record.update(model_prediction=answer, model_output=answer)
+            if not submission:
+                record["model_completion"] = g.completion
+        records.append(record)
+    return records
+

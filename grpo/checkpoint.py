@@ -167,8 +167,10 @@ def _prune(run_dir: str | Path, keep_last: int) -> None:
 
 
 def _options(frozen: bool) -> StateDictOptions | None:
-    # None keeps torch's defaults, so a run without LoRA saves and loads exactly as before
-    return None if frozen else StateDictOptions(ignore_frozen_params=True)
+    # None keeps torch's defaults, so a run without LoRA saves and loads exactly as before.
+    # Without the frozen weights, loading is not strict about them (they stay as loaded
+    # from model.path); dcp.load still fails on any key the checkpoint lacks.
+    return None if frozen else StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def load_checkpoint(path: str | Path, model, optimizer, *, rank: int, extra_models: dict | None = None,

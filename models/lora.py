@@ -16,9 +16,8 @@ Design choices, and why:
     (``...q_proj.weight``), so loading, FSDP2 sharding and export need no renaming; the
     adapters add ``...q_proj.lora_A`` and ``...q_proj.lora_B``.
   - The adapters are fp32 whatever the base's dtype: they are the master weights the
-    optimizer updates (the low-rank product is computed in the adapters' dtype and added
-    in the layer's output dtype). Under FSDP2 mixed precision they are cast like any
-    parameter.
+    optimizer updates; the low-rank product is computed in the layer input's dtype (bf16
+    on a GPU), as FSDP2 mixed precision would cast any parameter.
   - ``adapters_disabled(model)`` switches every adapter off inside a block: the model is
     then exactly its base, which is the GRPO reference policy (no second copy of the
     weights is needed).
@@ -55,6 +54,9 @@ TARGET_GROUPS = {
     "audio_encoder": r"model\.audio_tower\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
     # the audio-to-text projector (one linear layer)
     "projector": r"model\.multi_modal_projector\.linear",
+    # the output head: a rank-r change of the logits. A trained model does not need it; a
+    # random tiny one does (its frozen head and norms cap how peaked any output can be)
+    "lm_head": r"lm_head",
 }
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -101,9 +103,11 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        # the low-rank path in the adapters' dtype (fp32 masters, or the FSDP2 compute dtype)
-        low = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # [..., r]
-        return y + (F.linear(low, self.lora_B) * self.scaling).to(y.dtype)
+        # The low-rank path runs in the input's (compute) dtype: the fp32 masters are cast,
+        # not x, so backward keeps the x the base layer saved instead of an fp32 copy of it
+        # per adapter (for a bf16 7B decoder that copy would cost more than the layer itself).
+        low = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # [..., r]
+        return y + F.linear(low, self.lora_B.to(x.dtype)) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha / r) B A: [out, in] in fp32."""

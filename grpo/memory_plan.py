@@ -81,7 +81,7 @@ class Plan:
                             ("update (one micro-batch)", self.update)):
             lines.append(f"  {title}:")
             lines += [f"    {name:<42} {value / GB:8.2f} GB" for name, value in part.items()]
-        lines.append(f"    {"CUDA context, workspaces":<42} {self.overhead / GB:8.2f} GB")
+        lines.append(f"    {'CUDA context, workspaces':<42} {self.overhead / GB:8.2f} GB")
         lines.append(f"  peak: {self.peak / GB:.2f} GB of {self.device_bytes / GB:.0f} GB")
         if self.fits:
             lines.append(f"  fits with {(self.device_bytes - self.peak) / GB:.1f} GB free")
@@ -171,10 +171,11 @@ def decoder_layer_bytes(H: int, Hkv: int, I: int, c: int, *, lora_dropout: bool)
     """Bytes one Qwen2 decoder layer saves for backward, per position, compute dtype of c bytes.
 
     Two RMSNorms (each saves its input upcast to fp32, and hands its output on), q, k, v,
-    rotated q and k, the attention output, and the MLP's gate, up, act(gate) and product.
+    rotated q and k, the head-major copies attention takes of q, k, v and gives back of its
+    output, the attention output, and the MLP's gate, up, act(gate) and product.
     With LoRA dropout each adapted input is also saved dropped-out (7 of them, one of width I).
     """
-    per = 2 * 4 * H + c * (2 * H + (H + 2 * Hkv) + (H + Hkv) + H + 4 * I)
+    per = 2 * 4 * H + c * (2 * H + (H + 2 * Hkv) + (H + Hkv) + (2 * H + 2 * Hkv) + H + 4 * I)
     if lora_dropout:
         per += c * (6 * H + I)
     return per
@@ -262,10 +263,12 @@ def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", 
         Ha, Fa = audio.d_model, audio.encoder_ffn_dim
         positions = micro * audio_tokens * 2  # before the 2x pooling
         per = encoder_layer_bytes(Ha, Fa, c)
-        update["audio encoder activations"] = positions * ((audio.encoder_layers * Ha * c + per) if ckpt
-                                                           else audio.encoder_layers * per)
+        convs = 2 * positions * Ha * c * 3 // 2  # conv1 and its GELU at 2x the positions, conv2 and its GELU
+        update["audio encoder activations"] = convs + positions * ((audio.encoder_layers * Ha * c + per) if ckpt
+                                                                   else audio.encoder_layers * per)
     chunk = min(LOGITS_CHUNK, micro * G * T)
-    update["log-softmax chunk (fwd + bwd)"] = chunk * V * (c + 4 + 4 + c)  # logits, fp32 logp, its grad, back
+    # logits, fp32 log-probs, the entropy's exp and product (no grad), the log-probs' gradient, the logits'
+    update["log-softmax chunk (fwd + bwd)"] = chunk * V * (c + 4 + 4 + 4 + 4 + c)
     if fsdp:
         update["FSDP unsharded units"] = 2 * max(n["layer"], n["lm_head"]) * c
 

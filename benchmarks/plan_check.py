@@ -139,7 +139,8 @@ def measure(shape: str, lora: bool, steps: int, work: Path) -> dict:
 
     def recording_rollout(step):  # the shapes the plan is computed for
         traj, metrics, texts = rollout(step)
-        shapes.append((traj.prompts["input_ids"].shape[1], traj.completion_ids.shape[1]))
+        seconds = int(traj.prompts["feature_attention_mask"].sum(-1).max()) / 100  # 100 mel frames per second
+        shapes.append((traj.prompts["input_ids"].shape[1], traj.completion_ids.shape[1], seconds))
         return traj, metrics, texts
 
     trainer.rollout = recording_rollout
@@ -157,7 +158,9 @@ def measure(shape: str, lora: bool, steps: int, work: Path) -> dict:
     finally:
         trainer.close()
     P, T = max(s[0] for s in shapes), max(s[1] for s in shapes)
-    plan = plan_memory(cfg, world_size=1, device_type="cpu", prompt_tokens=P, completion_tokens=T)
+    seconds = max(s[2] for s in shapes)
+    plan = plan_memory(cfg, world_size=1, device_type="cpu", prompt_tokens=P, completion_tokens=T,
+                       audio_seconds=seconds)
     measured = held + max(peaks)
     return {
         "shape": shape, "lora": lora, "P": P, "T": T, "trainable": sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"]),

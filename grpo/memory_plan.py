@@ -173,18 +173,26 @@ def decoder_layer_bytes(H: int, Hkv: int, I: int, c: int, *, lora_dropout: bool)
     Two RMSNorms (each saves its input upcast to fp32, and hands its output on), q, k, v,
     rotated q and k, the head-major copies attention takes of q, k, v and gives back of its
     output, the attention output, and the MLP's gate, up, act(gate) and product.
-    With LoRA dropout each adapted input is also saved dropped-out (7 of them, one of width I).
+    With LoRA dropout each adapted input is also saved dropped-out, with its mask (7 of them,
+    one of width I).
     """
     per = 2 * 4 * H + c * (2 * H + (H + 2 * Hkv) + (H + Hkv) + (2 * H + 2 * Hkv) + H + 4 * I)
     if lora_dropout:
-        per += c * (6 * H + I)
+        per += (c + 1) * (6 * H + I)
     return per
 
 
 def encoder_layer_bytes(Ha: int, Fa: int, c: int) -> int:
     """Bytes one Whisper encoder layer saves per position: two LayerNorms' inputs and outputs,
-    q, k, v, the attention output, fc1 and its GELU."""
-    return c * (4 * Ha + 3 * Ha + Ha + 2 * Fa)
+    q, k, v (head-major), the attention output and its token-major copy, fc1 and its GELU."""
+    return c * (4 * Ha + 3 * Ha + 2 * Ha + 2 * Fa)
+
+
+def encoder_stem_bytes(Ha: int, n_mels: int, c: int, positions: int) -> int:
+    """Bytes the encoder saves per position outside its layers: the fp32 mel input (2 frames
+    per position), conv1 and its GELU (at 2x the positions), conv2 and the position sum,
+    the pooling and the final norm's input; plus the [S, S] attention mask (per position: S)."""
+    return 2 * n_mels * 4 + c * (4 * Ha + 2 * Ha + 2 * Ha) + positions * c
 
 
 # --------------------------------------------------------------------------- the plan
@@ -195,11 +203,12 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", gpu_memory_gb: float | None = None,
-                prompt_tokens: int | None = None, completion_tokens: int | None = None) -> Plan:
+                prompt_tokens: int | None = None, completion_tokens: int | None = None,
+                audio_seconds: float | None = None) -> Plan:
     """The plan of ``cfg`` on ``world_size`` devices of ``device_type`` (``cpu``: as the trainer
     runs on the CPU, for the validation against measured peaks). ``prompt_tokens`` /
-    ``completion_tokens``: the shapes to plan for; default the worst case (a clip filling the
-    audio window plus TEXT_TOKENS, and max_new_tokens)."""
+    ``completion_tokens`` / ``audio_seconds`` (the longest clip): the shapes to plan for;
+    default the worst case (a clip filling the audio window plus TEXT_TOKENS, and max_new_tokens)."""
     config, described, window = model_config(cfg)
     n = count_parameters(cfg, config)
     text, audio = config.text_config, config.audio_config
@@ -236,6 +245,8 @@ def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", 
     B = cfg.rollout.prompts_per_step // world_size
     G = cfg.rollout.group_size
     audio_tokens = int(window * 25)  # 25 decoder positions per second of audio (after pooling)
+    # the encoder runs over the longest clip's frames (model.audio_real_frames), else the whole window
+    clip = min(audio_seconds or window, window) if cfg.model.audio_real_frames else window
     P = prompt_tokens if prompt_tokens is not None else audio_tokens + TEXT_TOKENS
     T = completion_tokens if completion_tokens is not None else cfg.rollout.max_new_tokens
     micro = min(cfg.algorithm.micro_batch_prompts, B)
@@ -248,6 +259,7 @@ def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", 
         "gathered weights (compute dtype)": n["total"] * c if fsdp else 0.0,
         "KV cache": 2 * layers * rows * (P + T) * Hkv * c,
         "logits of a decoding step": rows * V * (4 * 3 + (12 if top_p else 0)),
+        "prompt batch (mel features)": B * audio.num_mel_bins * int(window * 100) * 4,
     }
 
     # update: gradients, one micro-batch's activations, the logits chunks, FSDP's unsharded units
@@ -258,14 +270,19 @@ def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", 
         decoder = tokens * (layers * H * c + layer)  # each layer's input, and one layer recomputed
     else:
         decoder = tokens * layers * layer
-    update = {"gradients": on_gpu * train_bytes / shard, "decoder activations": decoder}
+    # outside the layers: the final norm's input and output, the hidden states gathered at the
+    # completion positions, the [L, L] block mask
+    decoder += tokens * 2 * H * c + micro * G * T * H * c + micro * L * L * c
+    features = B * audio.num_mel_bins * int(window * 100) * 4  # the step's prompt batch: fp32 mel frames
+    update = {"gradients": on_gpu * train_bytes / shard, "decoder activations": decoder,
+              "prompt batch (mel features)": features}
     if n["encoder_trains"]:
         Ha, Fa = audio.d_model, audio.encoder_ffn_dim
-        positions = micro * audio_tokens * 2  # before the 2x pooling
+        positions = micro * int(clip * 50)  # encoder positions: 50 per second, before the 2x pooling
         per = encoder_layer_bytes(Ha, Fa, c)
-        convs = 2 * positions * Ha * c * 3 // 2  # conv1 and its GELU at 2x the positions, conv2 and its GELU
-        update["audio encoder activations"] = convs + positions * ((audio.encoder_layers * Ha * c + per) if ckpt
-                                                                   else audio.encoder_layers * per)
+        stem = positions * encoder_stem_bytes(Ha, audio.num_mel_bins, c, positions // micro)
+        update["audio encoder activations"] = stem + positions * ((audio.encoder_layers * Ha * c + per) if ckpt
+                                                                  else audio.encoder_layers * per)
     chunk = min(LOGITS_CHUNK, micro * G * T)
     # logits, fp32 log-probs, the entropy's exp and product (no grad), the log-probs' gradient, the logits'
     update["log-softmax chunk (fwd + bwd)"] = chunk * V * (c + 4 + 4 + 4 + 4 + c)

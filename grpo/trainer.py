@@ -781,12 +781,12 @@ class Trainer:
         """pi_ref <- pi_theta (after the format warm-up: the KL anchors GRPO to the model that
         formats, as R1-AQA's reference is the instruction-tuned model it starts from).
 
-        With LoRA the warm-up's adapters are merged into the base weights and B is zeroed:
-        the model computes the same, and "adapters off" (the reference) is now the
-        warmed-up model; GRPO's adapters start again from B A = 0.
+        With LoRA the warm-up's adapters are merged into the base weights and fresh adapters
+        start (B = 0): the model computes the same, and "adapters off" (the reference) is
+        now the warmed-up model; GRPO's adapters start again from B A = 0.
         """
         if self.cfg.lora.enabled:
-            merge_adapters_(self.model)
+            merge_adapters_(self.model, seed=self.cfg.run.seed)
             return
         for ref_p, p in zip(self.ref_model.parameters(), self.model.parameters()):
             ref_p.copy_(p)

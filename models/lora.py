@@ -21,9 +21,9 @@ Design choices, and why:
   - ``adapters_disabled(model)`` switches every adapter off inside a block: the model is
     then exactly its base, which is the GRPO reference policy (no second copy of the
     weights is needed).
-  - ``merge_adapters_(model)`` folds B A into W in place and zeroes B (A keeps its values,
-    so B still receives gradients): the model's function is unchanged and the adapters
-    start again from B A = 0. The trainer uses it at the end of the format warm-up, so
+  - ``merge_adapters_(model)`` folds B A into W in place and starts fresh adapters (B = 0,
+    A drawn again): the model's function is unchanged and the adapters start again from
+    B A = 0. The trainer uses it at the end of the format warm-up, so
     that "adapters off" becomes the warmed-up model.
   - ``merged_state_dict(state, scaling)`` does the same on a plain (gathered) state dict
     and drops the adapter keys: the export is an ordinary transformers checkpoint.
@@ -170,25 +170,35 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _assign(param: torch.Tensor, full: torch.Tensor, *, add: bool = False) -> None:
+    """param <- full (or += full), for a plain tensor or an FSDP2 DTensor shard of it."""
+    if hasattr(param, "device_mesh"):  # every rank holds the same `full`: take this rank's shard
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(param.to_local().device), param.device_mesh, param.placements)
+    full = full.to(param.dtype)
+    param.add_(full) if add else param.copy_(full)
+
+
 @torch.no_grad()
-def merge_adapters_(model: nn.Module) -> None:
-    """W <- W + (alpha / r) B A for every adapter, then B <- 0: the same function, adapters
-    starting again from B A = 0 (A keeps its values, so B still gets gradients).
+def merge_adapters_(model: nn.Module, *, seed: int = 0) -> None:
+    """W <- W + (alpha / r) B A for every adapter, then fresh adapters: B <- 0 and A drawn
+    again as at initialisation. The model computes the same; the adapters start again from
+    B A = 0 at their initial scale (a trained A can be much larger, which would make the
+    first steps on B correspondingly larger).
 
-    A collective under FSDP2 (every rank calls it): the small A and B are gathered, the
-    update is added to each rank's shard of W.
+    A is drawn from a generator seeded with ``seed`` and the adapter's index, not from the
+    global RNG: every rank draws the same A, and a run's sampling stream is untouched.
+    A collective under FSDP2 (every rank calls it): A and B are gathered (they are small)
+    and each rank updates its shard of W.
     """
-    for m in lora_modules(model):
-        delta = (_local(m.lora_B).float() @ _local(m.lora_A).float()) * m.scaling  # [out, in]
-        w = m.weight
-        if hasattr(w, "device_mesh"):  # a DTensor shard: add the matching shard of the update
-            from torch.distributed.tensor import distribute_tensor
-
-            delta = distribute_tensor(delta.to(w.to_local().device), w.device_mesh, w.placements)
-            w.add_(delta.to(w.dtype))
-        else:
-            w.add_(delta.to(w.dtype))
-        m.lora_B.zero_()
+    for i, m in enumerate(lora_modules(model)):
+        A, B = _local(m.lora_A).float(), _local(m.lora_B).float()
+        _assign(m.weight, (B @ A) * m.scaling, add=True)  # [out, in]
+        bound = 1.0 / math.sqrt(m.in_features)  # kaiming_uniform_(a=sqrt(5)), as reset_adapter
+        gen = torch.Generator().manual_seed(seed * 100_003 + i)
+        _assign(m.lora_A, torch.empty(A.shape).uniform_(-bound, bound, generator=gen))
+        _assign(m.lora_B, torch.zeros(B.shape))
 
 
 def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:

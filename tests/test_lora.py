@@ -132,7 +132,7 @@ def test_merge_then_export_loads_with_plain_transformers_and_equals_the_adapted_
     exported = Qwen2AudioForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
     torch.testing.assert_close(logprobs(exported, prompts, completion_ids), expected, atol=1e-5, rtol=1e-5)
 
-    merge_adapters_(model)  # in place: same function, B back to zero
+    merge_adapters_(model)  # in place: same function, fresh adapters (B back to zero)
     assert all(m.lora_B.abs().sum() == 0 for m in lora_modules(model))
     torch.testing.assert_close(logprobs(model, prompts, completion_ids), expected, atol=1e-5, rtol=1e-5)
     with adapters_disabled(model):  # the base is now the merged model

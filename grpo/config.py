@@ -461,11 +461,17 @@ def _flatten(mapping: dict) -> dict:
 _ABSENT = "<absent>"
 
 
-def config_changes(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
-    """``(section.key, saved value, new value)`` for every key that differs, in key order."""
+def config_changes(saved: dict, new: dict, defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
+    """``(section.key, saved value, new value)`` for every key that differs, in key order.
+
+    ``defaults`` (a resolved default config): a key the saved config lacks (written before
+    the key existed) is no change when the new value is its default.
+    """
     old, now = _flatten(saved), _flatten(new)
+    base = _flatten(defaults or {})
     return [(k, old.get(k, _ABSENT), now.get(k, _ABSENT)) for k in sorted(old.keys() | now.keys())
-            if old.get(k, _ABSENT) != now.get(k, _ABSENT)]
+            if old.get(k, _ABSENT) != now.get(k, _ABSENT)
+            and not (k not in old and k in base and now.get(k, _ABSENT) == base[k])]
 
 
 def save_config(config: Config, path: str | Path) -> None:

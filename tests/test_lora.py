@@ -301,3 +301,14 @@ def test_grpo_with_lora_learns_the_synthetic_audio_questions(tmp_path):
     warm = [r for r in evals if r["train/phase"] == 0.0]
     assert warm and warm[-1]["eval/greedy_accuracy"] <= 0.65, "the warm-up alone must not solve the task"
     assert evals[-1]["eval/greedy_accuracy"] >= 0.8, evals[-1]
+
+
+def test_a_run_saved_before_the_lora_keys_resumes_without_a_config_change():
+    from grpo.config import Config, config_changes, to_dict
+
+    saved = to_dict(Config())
+    del saved["lora"]  # a config.yaml written before the section existed
+    assert config_changes(saved, to_dict(Config()), defaults=to_dict(Config())) == []
+    on = Config()
+    on.lora.enabled = True
+    assert [c[0] for c in config_changes(saved, to_dict(on), defaults=to_dict(Config()))] == ["lora.enabled"]

@@ -109,7 +109,7 @@ def allocation_peak(fn) -> int:
     return tracker.peak
 
 
-def measure(shape: str, lora: bool, steps: int, work: Path) -> dict:
+def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1) -> dict:
     from data.synthetic import generate_synthetic
     from grpo.config import load_config
     from grpo.memory_plan import plan_memory
@@ -152,9 +152,12 @@ def measure(shape: str, lora: bool, steps: int, work: Path) -> dict:
             t0 = time.perf_counter()
             peaks.append(allocation_peak(trainer.train_step))
             times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        trainer.train_step()  # timed without the profiler
-        step_s = time.perf_counter() - t0
+        step_times = []
+        for _ in range(timed):  # timed without the tracker
+            t0 = time.perf_counter()
+            trainer.train_step()
+            step_times.append(time.perf_counter() - t0)
+        step_s = sorted(step_times)[len(step_times) // 2]
     finally:
         trainer.close()
     P, T = max(s[0] for s in shapes), max(s[1] for s in shapes)
@@ -167,7 +170,7 @@ def measure(shape: str, lora: bool, steps: int, work: Path) -> dict:
         "measured_tensor_peak_gb": measured / 2**30, "plan_peak_gb": plan.peak / 2**30,
         "plan_over_measured": plan.peak / measured,
         "held_between_steps_gb": held / 2**30,
-        "step_seconds": step_s,
+        "step_seconds": step_s, "step_seconds_all": step_times,
         "rss_peak_minus_baseline_gb": rss_gb() - baseline_rss,
         "plan": plan.render(),
     }
@@ -178,13 +181,14 @@ def main(argv=None) -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--lora", choices=["off", "on", "both"], default="off")
     p.add_argument("--steps", type=int, default=2, help="measured steps (after one unmeasured step)")
+    p.add_argument("--timed", type=int, default=1, help="steps timed afterwards (the median is reported)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--show-plan", action="store_true")
     args = p.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for lora in {"off": [False], "on": [True], "both": [False, True]}[args.lora]:
-            r = measure(args.shape, lora, args.steps, Path(tmp))
+            r = measure(args.shape, lora, args.steps, Path(tmp), timed=args.timed)
             results.append(r)
             print(f"{r['shape']:>6} lora={'on ' if lora else 'off'} P={r['P']} T={r['T']} "
                   f"trainable={r['trainable']:,}: measured tensor peak {r['measured_tensor_peak_gb'] * 1024:.1f} MB, "

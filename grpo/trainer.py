@@ -212,6 +212,8 @@ class Trainer:
             top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
         )
         self.fsdp = use_fsdp(cfg, info)
+        if cfg.lora.enabled:  # LoRA's dropout draws from the global RNG: seeded, so a LoRA run repeats exactly
+            torch.manual_seed(cfg.run.seed + self.rank)
         self.model = self._load_model(trainable=True)
         self.ref_model = None
         # with LoRA the reference is the same model with its adapters off: no second copy
@@ -277,7 +279,8 @@ class Trainer:
                            attn_implementation=cfg.model.attn_implementation)
         if trainable and cfg.lora.enabled:  # only the adapters train; before sharding and checkpoint wrappers
             lo = cfg.lora
-            apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets)
+            apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets,
+                       seed=cfg.run.seed)
             model.train()
         elif trainable:
             set_trainable(model, audio_encoder=cfg.model.train_audio_encoder, projector=cfg.model.train_projector,

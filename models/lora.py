@@ -79,7 +79,8 @@ class LoRALinear(nn.Linear):
     over, not copied): ``LoRALinear(base, rank=r, alpha=alpha, dropout=p)``.
     """
 
-    def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
         nn.Module.__init__(self)  # not nn.Linear.__init__: the base's parameters are reused as they are
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # [out, in]
@@ -91,13 +92,17 @@ class LoRALinear(nn.Linear):
         factory = dict(device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))  # [r, in]
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # [out, r]
-        self.reset_adapter()
+        self.reset_adapter(generator)
 
-    def reset_adapter(self) -> None:
-        """A ~ Kaiming-uniform (as nn.Linear's own init), B = 0: B A = 0, the base's function."""
+    @torch.no_grad()
+    def reset_adapter(self, generator: torch.Generator | None = None) -> None:
+        """A ~ U(-1/sqrt(in), 1/sqrt(in)) (nn.Linear's own init: Kaiming-uniform with a = sqrt(5)),
+        B = 0: B A = 0, the base's function. ``generator``: where A's draw comes from."""
         if self.lora_A.device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+            bound = 1.0 / math.sqrt(self.in_features)
+            draw = torch.empty(self.lora_A.shape).uniform_(-bound, bound, generator=generator)
+            self.lora_A.copy_(draw)
+            self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         y = F.linear(x, self.weight, self.bias)
@@ -118,9 +123,12 @@ class LoRALinear(nn.Linear):
 
 
 def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
-               targets: list[str] = ("decoder",)) -> list[str]:
+               targets: list[str] = ("decoder",), seed: int = 0) -> list[str]:
     """Replace every targeted ``nn.Linear`` of ``model`` by a ``LoRALinear``, in place; freeze
     everything else. Returns the replaced modules' names; none found is a ValueError.
+
+    The A matrices are drawn from a generator seeded with ``seed``, not the global RNG: a
+    run's adapters are the same on every rank and on every repetition of the run.
 
     Call it on the plain model, before FSDP2 sharding and activation checkpointing (both
     wrap modules; the names they see are then the adapted ones).
@@ -128,11 +136,12 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.
     patterns = target_patterns(list(targets))
     model.requires_grad_(False)  # the base is frozen: only the adapters below train
     replaced = []
+    generator = torch.Generator().manual_seed(seed)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and is_target(name, patterns):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout))
+            setattr(parent, child, LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout, generator=generator))
             replaced.append(name)
     if not replaced:
         raise ValueError(f"LoRA targets {list(targets)} match no linear layer of the model")

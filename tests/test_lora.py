@@ -312,3 +312,27 @@ def test_a_run_saved_before_the_lora_keys_resumes_without_a_config_change():
     on = Config()
     on.lora.enabled = True
     assert [c[0] for c in config_changes(saved, to_dict(on), defaults=to_dict(Config()))] == ["lora.enabled"]
+
+
+def test_lora_under_fsdp2_with_activation_checkpointing_trains_like_a_plain_process(world, uninterrupted, tmp_path):
+    """FSDP2 with activation checkpointing: the adapters shard, the warm-up merge updates the
+    shard of W, and the run matches the unsharded one."""
+    out = tmp_path / "fsdp"
+    train(lora_run(world, out, "checkpointing.every=2", "checkpointing.keep_last=5", "distribution.fsdp=always",
+                   "distribution.activation_checkpointing=true"))
+    rows, reference = history(out), history(uninterrupted)
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for a, b in zip(rows, reference):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-6), a["step"]
+    assert max_weight_difference(final_export(out), final_export(uninterrupted)) < 1e-4
+
+
+@pytest.mark.slow
+def test_lora_on_two_processes_trains_like_one(world, tmp_path):
+    """2 ranks (FSDP2) against 1 plain process, without dropout (its masks are per rank)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(lora_run(world, one, "lora.dropout=0"))
+    train(lora_run(world, two, "lora.dropout=0", "distribution.activation_checkpointing=true"), nproc=2)
+    for a, b in zip(history(two), history(one)):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-6), a["step"]
+    assert max_weight_difference(final_export(two), final_export(one)) < 1e-4

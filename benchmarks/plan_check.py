@@ -34,12 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     # configs/tiny.yaml as make train runs it (16 prompts x G = 4, 12 new tokens, one micro-batch)
-    "tiny": dict(model=dict(), overrides=[]),
-    # the CPU anchor of benchmarks/bench_step.py: hidden 256, 4 + 4 layers, 30 s window; 2 prompts x G = 8 x 32 tokens
+    "tiny": dict(model=dict(), overrides=[], clip_seconds=None),
+    # the CPU anchor of benchmarks/bench_step.py: hidden 256, 4 + 4 layers, 30 s window; 2 prompts x G = 8 x 32
+    # tokens; 10 s clips (AVQA's length: prompts of ~340 tokens, as the step benchmark's)
     "anchor": dict(model=dict(text_hidden=256, text_layers=4, audio_hidden=256, audio_layers=4, audio_seconds=30),
                    overrides=["rollout.prompts_per_step=2", "rollout.group_size=8", "rollout.max_new_tokens=32",
                               "rollout.generation_batch_prompts=2", "rollout.top_k=50", "rollout.top_p=1.0",
-                              "algorithm.micro_batch_prompts=2", "data.synthetic_difficulty=easy"]),
+                              "algorithm.micro_batch_prompts=2"], clip_seconds=10.0),
 }
 
 
@@ -121,9 +122,10 @@ def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1) -> d
     model_dir = work / f"model-{shape}"
     if not (model_dir / "config.json").is_file():
         build_tiny_checkpoint(model_dir, seed=0, **spec["model"])
-    data = work / "data"
+    data = work / f"data-{shape}"
     if not (data / "train.jsonl").is_file():
-        generate_synthetic(data, n=64, seed=0, tasks=["pitch", "tone_or_noise"], split="train")
+        extra = {"clip_seconds": spec["clip_seconds"]} if spec["clip_seconds"] else {}
+        generate_synthetic(data, n=64, seed=0, tasks=["pitch", "tone_or_noise"], split="train", **extra)
     overrides = [f"run.output_dir={work / f'run-{shape}-{lora}'}", "run.overwrite=true", f"model.path={model_dir}",
                  "model.build_tiny=false", f"data.train_path={data / 'train.jsonl'}", "data.eval_path=null",
                  "data.synthetic_generate=false", "algorithm.format_warmup_steps=0", "distribution.fsdp=never",

@@ -71,8 +71,10 @@ class Plan:
 
     def render(self) -> str:
         s = self.setting
-        lines = [f"memory plan, per GPU ({s['world']} x {self.device_bytes / GB:.0f} GB, {s['mode']}):",
-                 f"  model {s['model']}: {s['params'] / 1e9:.3f}B parameters, {s['trainable'] / 1e6:.2f}M trainable"
+        where = (f"per GPU ({s['world']} x {self.device_bytes / GB:.0f} GB" if s["device"] == "cuda" else
+                 f"per process (CPU, {s['world']} process(es)")
+        lines = [f"memory plan, {where}, {s['mode']}):",
+                 f"  model {s['model']}: {s['params'] / 1e6:,.1f}M parameters, {s['trainable'] / 1e6:,.2f}M trainable"
                  f"{' (LoRA r=%d)' % s['lora_rank'] if s['lora_rank'] else ''}",
                  f"  shapes: B={s['B']} prompts/rank, G={s['G']}, P={s['P']} prompt tokens, T={s['T']} new tokens, "
                  f"micro-batch {s['micro']} prompt(s) (L={s['L']} packed positions each), compute {s['compute']}, "
@@ -306,7 +308,8 @@ def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", 
                    (f" over {world_size} ranks" if fsdp and world_size > 1 else ""),
                    model=described, params=n["total"], trainable=n["trainable"],
                    lora_rank=cfg.lora.rank if lora else 0, B=B, G=G, P=P, T=T, micro=micro, L=L,
-                   compute=str(compute).replace("torch.", ""), checkpointing=ckpt, offload=offload, fsdp=fsdp)
+                   compute=str(compute).replace("torch.", ""), checkpointing=ckpt, offload=offload, fsdp=fsdp,
+                   device=device_type)
     overhead = CUDA_OVERHEAD_GB * GB if device_type == "cuda" else 0.0
     return Plan(setting, persistent, rollout, update, overhead, device_bytes, notes)
 

@@ -102,9 +102,13 @@ class Plan:
             opts.append("algorithm.micro_batch_prompts=1")
         if s["fsdp"] and not s["offload"]:
             opts.append("distribution.cpu_offload=true")
-        opts.append("more GPUs (FSDP2 shards weights, gradients and optimizer state)")
+        if s["fsdp"]:
+            opts.append("more GPUs (FSDP2 shards weights, gradients and optimizer state)")
+        elif not s["lora_rank"]:
+            opts.append("several GPUs with distribution.fsdp=auto (FSDP2 shards the state)")
         if s["T"] > 128:
             opts.append("a smaller rollout.max_new_tokens")
+        opts.append("a GPU with more memory")
         return opts
 
 

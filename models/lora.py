@@ -185,8 +185,10 @@ def _assign(param: torch.Tensor, full: torch.Tensor, *, add: bool = False) -> No
         from torch.distributed.tensor import distribute_tensor
 
         full = distribute_tensor(full.to(param.to_local().device), param.device_mesh, param.placements)
-    full = full.to(param.dtype)
-    param.add_(full) if add else param.copy_(full)
+    if add:
+        param.add_(full.to(param.dtype))
+    else:
+        param.copy_(full.to(param.dtype))
 
 
 @torch.no_grad()

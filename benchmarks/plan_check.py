@@ -168,7 +168,8 @@ def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1) -> d
                        audio_seconds=seconds)
     measured = held + max(peaks)
     return {
-        "shape": shape, "lora": lora, "P": P, "T": T, "trainable": sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"]),
+        "shape": shape, "lora": lora, "P": P, "T": T,
+        "trainable": sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"]),
         "measured_tensor_peak_gb": measured / 2**30, "plan_peak_gb": plan.peak / 2**30,
         "plan_over_measured": plan.peak / measured,
         "held_between_steps_gb": held / 2**30,
@@ -195,11 +196,14 @@ def main(argv=None) -> int:
             print(f"{r['shape']:>6} lora={'on ' if lora else 'off'} P={r['P']} T={r['T']} "
                   f"trainable={r['trainable']:,}: measured tensor peak {r['measured_tensor_peak_gb'] * 1024:.1f} MB, "
                   f"plan {r['plan_peak_gb'] * 1024:.1f} MB (plan/measured {r['plan_over_measured']:.3f}); "
-                  f"step {r['step_seconds']:.2f} s; peak RSS - baseline {r['rss_peak_minus_baseline_gb'] * 1024:.0f} MB")
+                  f"step {r['step_seconds']:.2f} s; "
+                  f"peak RSS - baseline {r['rss_peak_minus_baseline_gb'] * 1024:.0f} MB")
             if args.show_plan:
                 print(r["plan"])
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": "see RESULTS.md", "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"machine": "see benchmarks/RESULTS.md", "torch": torch.__version__,
+                                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                               "results": results}, indent=2))
     return 0
 
 

@@ -3,6 +3,8 @@
     python train.py --config configs/tiny.yaml
     torchrun --nproc_per_node 8 train.py --config configs/r1_aqa.yaml model.path=pretrained/Qwen2-Audio-7B-Instruct
     python train.py --config configs/tiny.yaml --resume latest
+    python train.py --config configs/r1_aqa_lora_24gb.yaml --plan          # the memory plan only
+    python train.py --config configs/r1_aqa.yaml --plan --gpus 8 --gpu-memory-gb 80
 
 Overrides are ``section.key=value`` (anywhere on the line); see grpo/config.py for every key.
 A fresh run refuses a run directory that already holds a run (--resume continues it,
@@ -30,6 +32,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="with --resume: accept keys that change the optimisation or the data order "
                              "(logged, saved as config.resume-step<N>.yaml)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of configuration and data errors")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the memory plan per GPU (from the config, no weights loaded) and exit")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="with --plan: the number of GPUs to plan for (default: WORLD_SIZE, else 1)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="memory per GPU to plan against (default: distribution.gpu_memory_gb, the "
+                             "visible GPU's, or 80)")
     # overrides are told apart by their shape first: `--resume model.path=x` must not resume from "model.path=x"
     rest, overrides = split_overrides(argv)
     return parser.parse_args(rest), overrides
@@ -37,7 +46,46 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.plan:
+        return run_reporting_errors(lambda: _plan(args, overrides), debug=args.debug)
     return run_reporting_errors(lambda: _train(args, overrides), debug=args.debug)
+
+
+def _not_a_training_config(path: str) -> str | None:
+    """Why ``path`` holds no training run (an evaluation or architecture file), or None."""
+    import yaml
+
+    try:
+        mapping = yaml.safe_load(open(path)) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # load_config reports it
+    if not isinstance(mapping, dict):
+        return None
+    if "text_config" in mapping:
+        return (f"{path} describes the 7B architecture (benchmarks/bench_step.py and the plan's default model), "
+                "not a training run: plan a training config, e.g. configs/r1_aqa.yaml")
+    if "generation" in mapping or ("output" in mapping and "run" not in mapping):
+        return (f"{path} is an evaluate.py config: evaluation holds the model once in its dtype plus the KV cache of "
+                "generation.batch_size rows (no gradients, optimizer or reference); plan the training config")
+    return None
+
+
+def _plan(args, overrides: list[str]) -> int:
+    import os
+
+    reason = _not_a_training_config(args.config)
+    if reason:
+        print(reason)
+        return 0
+    cfg = load_config(args.config, overrides)
+    from grpo.memory_plan import device_memory_gb, plan_memory
+
+    world = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    memory, source = device_memory_gb(cfg, args.gpu_memory_gb)
+    plan = plan_memory(cfg, world_size=world, device_type="cuda", gpu_memory_gb=memory)
+    print(plan.render())
+    print(f"  device memory from: {source}")
+    return 0
 
 
 def _train(args, overrides: list[str]) -> int:
@@ -50,6 +98,9 @@ def _train(args, overrides: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if info.rank == 0 else logging.ERROR,
                         format=f"%(asctime)s [rank{info.rank}] %(levelname)s %(name)s: %(message)s")
     from grpo.trainer import Trainer
+
+    if info.rank == 0:  # the plan first: a run that cannot fit says so before loading for minutes
+        _log_plan(cfg, info, args.gpu_memory_gb)
 
     trainer = None
     try:
@@ -64,6 +115,27 @@ def _train(args, overrides: list[str]) -> int:
         cleanup()
     # stopped by a signal after saving: say so in the exit status, as a killed process would
     return 128 + trainer.stopped_by_signal if trainer.stopped_by_signal else 0
+
+
+def _log_plan(cfg, info, gpu_memory_gb) -> None:
+    import torch
+
+    from grpo.memory_plan import device_memory_gb, plan_memory
+
+    log = logging.getLogger("train")
+    try:
+        with torch.random.fork_rng(devices=[]):  # building the meta model must not move the run's RNG
+            if info.device.type == "cuda":
+                memory, _ = device_memory_gb(cfg, gpu_memory_gb)
+                plan = plan_memory(cfg, world_size=info.world_size, device_type="cuda", gpu_memory_gb=memory)
+            else:
+                plan = plan_memory(cfg, world_size=info.world_size, device_type="cpu",
+                                   gpu_memory_gb=gpu_memory_gb or cfg.distribution.gpu_memory_gb or 80.0)
+        log.info("%s", plan.render())
+        if info.device.type == "cuda" and not plan.fits:
+            log.warning("the plan says this run does not fit the GPU; starting anyway")
+    except Exception as err:  # the plan informs; it never stops a run
+        log.warning("no memory plan (%s: %s)", type(err).__name__, err)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -132,6 +133,7 @@ def save_checkpoint(
     keep_last: int,
     export_fn=None,
     extra_models: dict | None = None,
+    frozen: bool = True,
 ) -> Path:
     """Write the full training state of ``step``; every rank calls this.
 
@@ -142,6 +144,9 @@ def save_checkpoint(
       3. each rank writes its RNG states and data position;
       4. ``export_fn(dir)`` writes the transformers-format model (all ranks take part);
       5. rank 0 writes trainer_state.json, renames the directory, prunes old states.
+
+    ``frozen=False`` leaves frozen parameters out of the model state (LoRA: the base
+    weights are those of the model's own directory, only the adapters are saved).
     """
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
@@ -149,7 +154,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(frozen))
     state = {"model": model_sd, "optim": optim_sd}
     state.update({name: get_model_state_dict(m) for name, m in (extra_models or {}).items()})
     dcp.save(state, checkpoint_id=str(tmp / "state"))
@@ -175,22 +180,31 @@ def _prune(run_dir: str | Path, keep_last: int) -> None:
             f.unlink()
 
 
-def load_checkpoint(path: str | Path, model, optimizer, *, rank: int, extra_models: dict | None = None) -> tuple[dict, dict]:
+def _options(frozen: bool) -> StateDictOptions | None:
+    # None keeps torch's defaults, so a run without LoRA saves and loads exactly as before.
+    # Without the frozen weights, loading is not strict about them (they stay as loaded
+    # from model.path); dcp.load still fails on any key the checkpoint lacks.
+    return None if frozen else StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def load_checkpoint(path: str | Path, model, optimizer, *, rank: int, extra_models: dict | None = None,
+                    frozen: bool = True) -> tuple[dict, dict]:
     """Load model, optimizer (and ``extra_models``) in place; return (trainer_state, this rank's state).
 
     The run must have as many ranks as the one that saved it: data positions and RNG
-    states are per rank.
+    states are per rank. ``frozen``: as given to ``save_checkpoint``.
     """
     path = Path(path)
     rank_file = path / f"rank{rank}.pt"
     if not rank_file.is_file():
         raise ResumeError(f"{rank_file} is missing: resume with the same number of processes as the saved run")
     rank_state = load_rank_state(rank_file)  # first: an unsafe file is refused before anything changes
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(frozen))
     state = {"model": model_sd, "optim": optim_sd}
     state.update({name: get_model_state_dict(m) for name, m in (extra_models or {}).items()})
     dcp.load(state, checkpoint_id=str(path / "state"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(frozen))
     for name, m in (extra_models or {}).items():
         set_model_state_dict(m, state[name])
     trainer_state = json.loads((path / COMPLETE).read_text())

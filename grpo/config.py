@@ -1,7 +1,7 @@
 """Configuration: YAML files mapped onto dataclasses, one per section.
 
 A config file is a mapping of sections (``run``, ``model``, ``data``, ``rollout``,
-``algorithm``, ``optimizer``, ``logging``, ``checkpointing``, ``distribution``) to
+``algorithm``, ``optimizer``, ``logging``, ``checkpointing``, ``lora``, ``distribution``) to
 mappings of keys. Every key is checked: an unknown key or a value of the wrong type is a
 ``ConfigError`` that names the key, the file and the closest valid name. Command-line
 overrides are written ``section.key=value`` (the value is read as YAML, so ``3``,
@@ -149,12 +149,22 @@ class CheckpointingConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False  # low-rank adapters (models/lora.py): the base frozen, the reference = adapters off
+    rank: int = 16  # r: rank of each adapter B A
+    alpha: float = 32.0  # the update is (alpha / rank) B A x
+    dropout: float = 0.05  # dropout on the adapters' input (training only)
+    targets: list[str] = field(default_factory=lambda: ["decoder"])  # decoder, audio_encoder, projector, or regexes
+
+
+@dataclass
 class DistributionConfig:
     fsdp: str = "auto"  # auto (shard when more than one process), always, never
     activation_checkpointing: bool = False  # recompute layer activations in backward
     cpu_offload: bool = False  # keep parameters and optimizer state on the CPU
     reshard_after_forward: bool = True  # ZeRO-3 style; false keeps parameters gathered
     timeout_minutes: float = 30.0  # collective timeout: a rank stuck this long fails the run
+    gpu_memory_gb: float = 0.0  # memory per GPU for the plan (0: the visible GPU's, or 80 without one)
 
 
 @dataclass
@@ -167,6 +177,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
 
 
@@ -266,7 +277,11 @@ RANGES = {
     "logging.num_samples": at_least(0),
     "checkpointing.every": at_least(0),
     "checkpointing.keep_last": at_least(1),
+    "lora.rank": at_least(1),
+    "lora.alpha": above(0),
+    "lora.dropout": Range(0, 1, high_open=True),
     "distribution.timeout_minutes": above(0),
+    "distribution.gpu_memory_gb": at_least(0),
 }
 
 
@@ -455,11 +470,17 @@ def _flatten(mapping: dict) -> dict:
 _ABSENT = "<absent>"
 
 
-def config_changes(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
-    """``(section.key, saved value, new value)`` for every key that differs, in key order."""
+def config_changes(saved: dict, new: dict, defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
+    """``(section.key, saved value, new value)`` for every key that differs, in key order.
+
+    ``defaults`` (a resolved default config): a key the saved config lacks (written before
+    the key existed) is no change when the new value is its default.
+    """
     old, now = _flatten(saved), _flatten(new)
+    base = _flatten(defaults or {})
     return [(k, old.get(k, _ABSENT), now.get(k, _ABSENT)) for k in sorted(old.keys() | now.keys())
-            if old.get(k, _ABSENT) != now.get(k, _ABSENT)]
+            if old.get(k, _ABSENT) != now.get(k, _ABSENT)
+            and not (k not in old and k in base and now.get(k, _ABSENT) == base[k])]
 
 
 def save_config(config: Config, path: str | Path) -> None:

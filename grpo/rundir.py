@@ -177,7 +177,9 @@ def record_config(run_dir: str | Path, config: Config, checkpoint: Path | None, 
         logger.warning("%s not found: the configuration of the resumed run cannot be compared", saved_path)
         changes = []
     else:
-        changes = config_changes(yaml.safe_load(saved_path.read_text()) or {}, to_dict(config))
+        # keys added since the run was saved (e.g. lora.*) are no change at their defaults
+        changes = config_changes(yaml.safe_load(saved_path.read_text()) or {}, to_dict(config),
+                                 defaults=to_dict(type(config)()))
     blocking = [c for c in changes if changes_the_run(c[0])]
     if blocking and not allow_change:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in blocking)

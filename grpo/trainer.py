@@ -53,8 +53,9 @@ from grpo.rollout import (
 )
 from grpo.rundir import prepare_run_dir, record_config
 from grpo.stream import PromptStream
-from models.distributed import DistInfo, barrier, export_checkpoint, gathered_params, shard_model
+from models.distributed import DistInfo, barrier, export_checkpoint, full_state_dict, gathered_params, shard_model
 from models.loading import load_generation_config, load_model, load_processor, resolve_dtype
+from models.lora import adapters_disabled, apply_lora, merge_adapters_, merged_state_dict, save_adapters
 from models.policy import policy_logprobs, set_trainable
 
 logger = logging.getLogger(__name__)
@@ -237,9 +238,12 @@ class Trainer:
                                           top_p=cfg.rollout.top_p)
         self.end_ids = self.sampling.end_token_ids
         self.fsdp = use_fsdp(cfg, info)
+        if cfg.lora.enabled:  # LoRA's dropout draws from the global RNG: seeded, so a LoRA run repeats exactly
+            torch.manual_seed(cfg.run.seed + self.rank)
         self.model = self._load_model(trainable=True)
         self.ref_model = None
-        if cfg.algorithm.name == "grpo" and cfg.algorithm.beta > 0:
+        # with LoRA the reference is the same model with its adapters off: no second copy
+        if cfg.algorithm.name == "grpo" and cfg.algorithm.beta > 0 and not cfg.lora.enabled:
             self.ref_model = self._load_model(trainable=False)
 
         # prompts are never cut (that would drop audio tokens): a prompt plus its completion must fit the context
@@ -295,7 +299,12 @@ class Trainer:
         dtype = torch.float32 if self.fsdp else resolve_dtype(cfg.model.dtype, self.device)
         model = load_model(cfg.model.path, dtype=dtype, device="cpu" if self.fsdp else self.device,
                            attn_implementation=cfg.model.attn_implementation)
-        if trainable:
+        if trainable and cfg.lora.enabled:  # only the adapters train; before sharding and checkpoint wrappers
+            lo = cfg.lora
+            apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets,
+                       seed=cfg.run.seed)
+            model.train()
+        elif trainable:
             set_trainable(model, audio_encoder=cfg.model.train_audio_encoder, projector=cfg.model.train_projector,
                           decoder=cfg.model.train_decoder)
             model.train()
@@ -598,8 +607,17 @@ class Trainer:
                           for lo, hi in self._micro_batches(prompts["input_ids"].shape[0])])
 
     def _reference_logprobs(self, prompts: dict, ids: torch.Tensor) -> torch.Tensor | None:
-        """log pi_ref of the completions [N, T], or None when there is no reference (beta = 0)."""
-        return self._logprobs(self.ref_model, prompts, ids) if self.ref_model is not None else None
+        """log pi_ref [N, T] of the completions ids [N, T], or None when beta == 0 (no KL term).
+
+        The reference is the frozen copy loaded at start (refreshed after the format
+        warm-up), or, with LoRA, the policy itself with its adapters switched off.
+        """
+        if self.ref_model is not None:
+            return self._logprobs(self.ref_model, prompts, ids)
+        if self.cfg.lora.enabled and self.cfg.algorithm.beta > 0:
+            with adapters_disabled(self.model):
+                return self._logprobs(self.model, prompts, ids)
+        return None
 
     # ----------------------------------------------------------------- update
 
@@ -778,6 +796,17 @@ class Trainer:
         def export(out_dir):
             export_checkpoint(self.model, self.processor, self.generation_config, out_dir)
 
+        lo = self.cfg.lora
+
+        def export_lora(out_dir):  # the merged model as a plain checkpoint, and the adapters alone
+            if self.cfg.checkpointing.export:
+                export_checkpoint(self.model, self.processor, self.generation_config, out_dir,
+                                  transform=lambda state: merged_state_dict(state, lo.alpha / lo.rank))
+            adapters = full_state_dict(self.model, trainable_only=True)
+            if self.is_main:
+                save_adapters(adapters, Path(out_dir).parent / "adapter", rank=lo.rank, alpha=lo.alpha,
+                              dropout=lo.dropout, targets=lo.targets)
+
         trainer_state = {
             "update": self.update,
             "nonfinite_total": self.nonfinite_total,
@@ -786,8 +815,9 @@ class Trainer:
         path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, trainer_state,
                                {"stream": self.stream.state_dict()}, rank=self.rank,
                                keep_last=self.cfg.checkpointing.keep_last,
-                               export_fn=export if self.cfg.checkpointing.export else None,
-                               extra_models=self._saved_models())
+                               export_fn=export_lora if lo.enabled else
+                               export if self.cfg.checkpointing.export else None,
+                               extra_models=self._saved_models(), frozen=self._base_changed(self.step))
         self.saved_step = self.step
         if self.is_main:
             logger.info("checkpoint written: %s", path)
@@ -798,16 +828,32 @@ class Trainer:
         # checkpoint on disk, so it must be saved with the run to be restored.
         return {"reference": self.ref_model} if self.ref_model is not None and self.warmup_steps else {}
 
+    def _base_changed(self, step: int) -> bool:
+        """Whether the weights besides the trainable ones differ from model.path at ``step``,
+        so a checkpoint must hold them: always without LoRA (everything trains); with LoRA,
+        once the format warm-up's adapters were merged into the base."""
+        return not self.cfg.lora.enabled or 0 < self.warmup_steps <= step
+
     @torch.no_grad()
     def snapshot_reference(self) -> None:
         """pi_ref <- pi_theta (after the format warm-up: the KL anchors GRPO to the model that
-        formats, as R1-AQA's reference is the instruction-tuned model it starts from)."""
+        formats, as R1-AQA's reference is the instruction-tuned model it starts from).
+
+        With LoRA the warm-up's adapters are merged into the base weights and fresh adapters
+        start (B = 0): the model computes the same, and "adapters off" (the reference) is
+        now the warmed-up model; GRPO's adapters start again from B A = 0.
+        """
+        if self.cfg.lora.enabled:
+            merge_adapters_(self.model, seed=self.cfg.run.seed)
+            return
         for ref_p, p in zip(self.ref_model.parameters(), self.model.parameters()):
             ref_p.copy_(p)
 
     def _resume(self, path: Path) -> None:
+        saved_step = json.loads((path / "trainer_state.json").read_text())["step"]
         trainer_state, rank_state = load_checkpoint(path, self.model, self.optimizer, rank=self.rank,
-                                                    extra_models=self._saved_models())
+                                                    extra_models=self._saved_models(),
+                                                    frozen=self._base_changed(saved_step))
         if trainer_state.get("world_size", self.world) != self.world:
             raise ResumeError(f"{path} was saved by {trainer_state['world_size']} processes; "
                              f"resume it with the same number (now {self.world})")
@@ -864,7 +910,7 @@ class Trainer:
                 self.step += 1
                 if self.step == self.warmup_steps:  # GRPO starts from the warmed-up model, fresh AdamW moments
                     self.optimizer.state.clear()
-                    if self.ref_model is not None:
+                    if self.ref_model is not None or self.cfg.lora.enabled:
                         self.snapshot_reference()
                 before, pending = None, metrics  # the step is complete: its state is consistent from here on
                 metrics["timing/step"] = time.perf_counter() - t0

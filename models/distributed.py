@@ -410,13 +410,16 @@ def _strip_wrapper_prefixes(name: str) -> str:
     return name
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict on the CPU, on rank 0; an empty dict on other ranks.
 
     A collective for a sharded model: every rank must call it. Keys are the names
     ``from_pretrained`` expects (``model.language_model.layers.0...``, ``lm_head.weight``),
-    with any wrapper prefixes removed.
+    with any wrapper prefixes removed. ``trainable_only``: only parameters that require
+    gradients (LoRA's adapters), without gathering the frozen base.
     """
+    if trainable_only:
+        names = {_strip_wrapper_prefixes(k) for k, p in model.named_parameters() if p.requires_grad}
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -426,13 +429,15 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         # full_state_dict + cpu_offload: shards are gathered one tensor at a time and
         # only rank 0 keeps the result, on the CPU.
         state = get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                            ignore_frozen_params=trainable_only)
         )
         if not is_main_process():
             return {}
     else:
         state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    return {_strip_wrapper_prefixes(k): v for k, v in state.items()}
+    state = {_strip_wrapper_prefixes(k): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if k in names} if trainable_only else state
 
 
 def _set_config_dtype(config, dtype: torch.dtype) -> None:
@@ -455,6 +460,7 @@ def export_checkpoint(
     *,
     config=None,
     dtype: torch.dtype | None = None,
+    transform=None,
 ) -> Path:
     """Write a checkpoint directory that ``from_pretrained`` and ``AutoProcessor`` load back.
 
@@ -478,6 +484,8 @@ def export_checkpoint(
         out_dir: the checkpoint directory to create.
         config: the model config to write; default ``model.config``.
         dtype: cast floating-point tensors to this dtype; default: keep the stored dtype.
+        transform: applied on rank 0 to the gathered state dict before writing (LoRA:
+            ``models.lora.merged_state_dict``, so the export is a plain merged model).
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -488,6 +496,8 @@ def export_checkpoint(
     error = None
     if is_main_process():
         try:
+            if transform is not None:
+                state = transform(state)
             _write_atomically(state, model, processor, generation_config, out_dir, config, dtype)
         except Exception as exc:  # re-raised below, after telling the other ranks
             error = exc

@@ -8,7 +8,8 @@ import yaml
 from grpo.config import ConfigError, load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TRAIN_CONFIGS = ["tiny.yaml", "r1_aqa.yaml", "r1_aqa_think.yaml", "sft_avqa.yaml", "dapo_avqa.yaml", "dr_grpo_avqa.yaml"]
+TRAIN_CONFIGS = ["tiny.yaml", "tiny_lora.yaml", "r1_aqa.yaml", "r1_aqa_lora_24gb.yaml", "r1_aqa_think.yaml", "sft_avqa.yaml",
+                 "dapo_avqa.yaml", "dr_grpo_avqa.yaml"]
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
@@ -80,3 +81,14 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(CONFIGS / "r1_aqa.yaml", ["run.seed=7"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_the_24gb_lora_config_is_r1_aqas_recipe_with_adapters():
+    full, lora = load_config(CONFIGS / "r1_aqa.yaml"), load_config(CONFIGS / "r1_aqa_lora_24gb.yaml")
+    assert lora.lora.enabled and not full.lora.enabled
+    assert (lora.distribution.fsdp, lora.distribution.activation_checkpointing, lora.model.dtype) == (
+        "never", True, "bfloat16")
+    for section in ("rollout", "algorithm"):  # the same sampling, loss and KL, apart from generation batching
+        a, b = vars(getattr(full, section)), vars(getattr(lora, section))
+        assert {k: v for k, v in a.items() if k != "generation_batch_prompts"} == \
+               {k: v for k, v in b.items() if k != "generation_batch_prompts"}, section

@@ -1,0 +1,211 @@
+"""The memory plan (grpo/memory_plan.py) against measured peaks on the CPU, and LoRA against
+full fine-tuning (step time and peak memory), at the tiny and anchor shapes.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python benchmarks/plan_check.py --shape tiny
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python benchmarks/plan_check.py --shape anchor --lora both
+
+How the CPU measurement is compared with the plan. The plan counts tensors (what
+torch.cuda.max_memory_allocated measures on a GPU). On the CPU the equivalent is read from
+the profiler's allocator events (profile_memory=True): the tensors alive before the measured
+steps (weights, reference, optimizer state: counted directly) plus the highest running sum
+of allocations minus frees during the steps. Peak RSS is printed too, minus the RSS measured
+after the imports and before the model loads, but it also holds the allocator's cached pages,
+the tokenizer, the audio clips and the libraries' own buffers, so it is not what the plan
+predicts (see benchmarks/RESULTS.md).
+
+The trainer runs as train.py would (one process, fsdp never, fp32), on GRPO steps (no
+warm-up); the first step is not measured (lazy initialisations, AdamW creating its state).
+The plan is computed for the shapes the steps actually had (P, T of the batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    # configs/tiny.yaml as make train runs it (16 prompts x G = 4, 12 new tokens, one micro-batch)
+    "tiny": dict(model=dict(), overrides=[], clip_seconds=None),
+    # the CPU anchor of benchmarks/bench_step.py: hidden 256, 4 + 4 layers, 30 s window; 2 prompts x G = 8 x 32
+    # tokens; 10 s clips (AVQA's length: prompts of ~340 tokens, as the step benchmark's)
+    "anchor": dict(model=dict(text_hidden=256, text_layers=4, audio_hidden=256, audio_layers=4, audio_seconds=30),
+                   overrides=["rollout.prompts_per_step=2", "rollout.group_size=8", "rollout.max_new_tokens=32",
+                              "rollout.generation_batch_prompts=2", "rollout.top_k=50", "rollout.top_p=1.0",
+                              "algorithm.micro_batch_prompts=2"], clip_seconds=10.0),
+}
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def tensor_bytes(trainer) -> int:
+    """Bytes of the tensors the trainer holds between steps (weights, reference, AdamW state)."""
+    seen, total = set(), 0
+    tensors = list(trainer.model.parameters()) + list(trainer.model.buffers())
+    if trainer.ref_model is not None:
+        tensors += list(trainer.ref_model.parameters()) + list(trainer.ref_model.buffers())
+    for state in trainer.optimizer.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v)]
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+class LiveTensors:
+    """Bytes of the tensor storages created while active and still alive, and their peak.
+
+    A dispatch mode sees every op's outputs (forward, backward, optimizer); each new storage
+    is remembered through a weak reference and counted until it is freed. The CPU has no
+    max_memory_allocated; this is the same quantity, for tensors created inside the block.
+    """
+
+    def __init__(self):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+        self.live, self.current, self.peak = {}, 0, 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                        st = t.untyped_storage()
+                        key = st.data_ptr()
+                        if key and key not in tracker.live:
+                            tracker.live[key] = (StorageWeakRef(st), st.nbytes())
+                            tracker.current += st.nbytes()
+                tracker._prune()
+                tracker.peak = max(tracker.peak, tracker.current)
+                return out
+
+        self.mode = Mode()
+
+    def _prune(self):
+        dead = [k for k, (ref, _) in self.live.items() if ref.expired()]
+        for k in dead:
+            self.current -= self.live.pop(k)[1]
+
+
+def allocation_peak(fn) -> int:
+    """Peak bytes of the tensors created while ``fn`` runs and alive at once (LiveTensors)."""
+    tracker = LiveTensors()
+    with tracker.mode:
+        fn()
+    return tracker.peak
+
+
+def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1) -> dict:
+    from data.synthetic import generate_synthetic
+    from grpo.config import load_config
+    from grpo.memory_plan import plan_memory
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+    from models.tiny import build_tiny_checkpoint
+
+    spec = SHAPES[shape]
+    model_dir = work / f"model-{shape}"
+    if not (model_dir / "config.json").is_file():
+        build_tiny_checkpoint(model_dir, seed=0, **spec["model"])
+    data = work / f"data-{shape}"
+    if not (data / "train.jsonl").is_file():
+        extra = {"clip_seconds": spec["clip_seconds"]} if spec["clip_seconds"] else {}
+        generate_synthetic(data, n=64, seed=0, tasks=["pitch", "tone_or_noise"], split="train", **extra)
+    overrides = [f"run.output_dir={work / f'run-{shape}-{lora}'}", "run.overwrite=true", f"model.path={model_dir}",
+                 "model.build_tiny=false", f"data.train_path={data / 'train.jsonl'}", "data.eval_path=null",
+                 "data.synthetic_generate=false", "algorithm.format_warmup_steps=0", "distribution.fsdp=never",
+                 "logging.progress_bar=false", "logging.tensorboard=false", "logging.sample_every=0",
+                 "checkpointing.every=0", *spec["overrides"]]
+    if lora:
+        overrides += ["lora.enabled=true", "lora.rank=16", "lora.alpha=32", "lora.dropout=0.05"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    baseline_rss = rss_gb()
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    shapes = []
+    rollout = trainer.rollout
+
+    def recording_rollout(step):  # the shapes the plan is computed for
+        traj, metrics, texts = rollout(step)
+        seconds = int(traj.prompts["feature_attention_mask"].sum(-1).max()) / 100  # 100 mel frames per second
+        shapes.append((traj.prompts["input_ids"].shape[1], traj.completion_ids.shape[1], seconds))
+        return traj, metrics, texts
+
+    trainer.rollout = recording_rollout
+    try:
+        trainer.train_step()  # the first step: AdamW creates its state, lazy initialisations
+        held = tensor_bytes(trainer)
+        times, peaks = [], []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            peaks.append(allocation_peak(trainer.train_step))
+            times.append(time.perf_counter() - t0)
+        step_times = []
+        for _ in range(timed):  # timed without the tracker
+            t0 = time.perf_counter()
+            trainer.train_step()
+            step_times.append(time.perf_counter() - t0)
+        step_s = sorted(step_times)[len(step_times) // 2]
+    finally:
+        trainer.close()
+    P, T = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    seconds = max(s[2] for s in shapes)
+    plan = plan_memory(cfg, world_size=1, device_type="cpu", prompt_tokens=P, completion_tokens=T,
+                       audio_seconds=seconds)
+    measured = held + max(peaks)
+    return {
+        "shape": shape, "lora": lora, "P": P, "T": T,
+        "trainable": sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"]),
+        "measured_tensor_peak_gb": measured / 2**30, "plan_peak_gb": plan.peak / 2**30,
+        "plan_over_measured": plan.peak / measured,
+        "held_between_steps_gb": held / 2**30,
+        "step_seconds": step_s, "step_seconds_all": step_times,
+        "rss_peak_minus_baseline_gb": rss_gb() - baseline_rss,
+        "plan": plan.render(),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--lora", choices=["off", "on", "both"], default="off")
+    p.add_argument("--steps", type=int, default=2, help="measured steps (after one unmeasured step)")
+    p.add_argument("--timed", type=int, default=1, help="steps timed afterwards (the median is reported)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--show-plan", action="store_true")
+    args = p.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for lora in {"off": [False], "on": [True], "both": [False, True]}[args.lora]:
+            r = measure(args.shape, lora, args.steps, Path(tmp), timed=args.timed)
+            results.append(r)
+            print(f"{r['shape']:>6} lora={'on ' if lora else 'off'} P={r['P']} T={r['T']} "
+                  f"trainable={r['trainable']:,}: measured tensor peak {r['measured_tensor_peak_gb'] * 1024:.1f} MB, "
+                  f"plan {r['plan_peak_gb'] * 1024:.1f} MB (plan/measured {r['plan_over_measured']:.3f}); "
+                  f"step {r['step_seconds']:.2f} s; "
+                  f"peak RSS - baseline {r['rss_peak_minus_baseline_gb'] * 1024:.0f} MB")
+            if args.show_plan:
+                print(r["plan"])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": "see benchmarks/RESULTS.md", "torch": torch.__version__,
+                                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                               "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The memory plan: what a run will hold per GPU, from its config alone, before anything loads.
+
+    python train.py --config configs/r1_aqa_lora_24gb.yaml --plan
+    python train.py --config configs/r1_aqa.yaml --plan --gpus 8 --gpu-memory-gb 80
+
+The model is built on the meta device (shapes, no weights: seconds for the 7B) from
+model.path's config.json, the tiny model's keys, or, when model.path is not there,
+Qwen2-Audio-7B-Instruct's architecture (configs/qwen2_audio_7b_random.yaml). LoRA is applied
+to the meta model as the trainer would, so the trainable count is exact.
+
+What is counted (bytes per GPU), as the trainer does it:
+
+    weights      stored dtype: fp32 masters under FSDP2 (sharded over the ranks, on the CPU
+                 with cpu_offload), else model.dtype; LoRA adapters are fp32
+    gradients    one per trainable parameter, in its stored dtype (sharded under FSDP2)
+    optimizer    AdamW: 2 states per trainable parameter, in its stored dtype
+    reference    a frozen copy when beta > 0 without LoRA (with LoRA: none, adapters off)
+    rollout      under FSDP2 the full weights gathered in the compute dtype (gathered_params),
+                 the KV cache of generation_batch_prompts x G rows of P + T positions, the
+                 [rows, V] fp32 logits of one decoding step (with top-p's sort)
+    update       saved activations of one micro-batch: each prompt packed once with its G
+                 completions (L = P + G*T positions per prompt) through every decoder layer
+                 (only the layer inputs with activation checkpointing, plus one layer
+                 recomputed), the audio encoder's when it gets gradients, and the log-softmax
+                 chunk buffers ([1024, V] fp32, forward and backward)
+
+The peak is the largest phase: persistent state + rollout, or persistent + gradients + update.
+Per-token activation sizes come from the layer's structure (below); they are estimates,
+validated against measured peaks (benchmarks/plan_check.py, benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from grpo.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_7B = ROOT / "configs" / "qwen2_audio_7b_random.yaml"
+GB = 2**30
+LOGITS_CHUNK = 1024  # rows of the log-softmax chunk (models.policy.token_logprobs' default)
+TEXT_TOKENS = 128  # prompt text around the audio (system line, question, choices, headers): an upper bound
+CUDA_OVERHEAD_GB = 1.0  # CUDA context and library workspaces, outside the tensors counted here
+
+
+@dataclass
+class Plan:
+    """The plan's numbers (bytes) and what they assumed; ``render()`` writes it for people."""
+
+    setting: dict
+    persistent: dict  # name -> bytes held for the whole run
+    rollout: dict  # name -> bytes held only while sampling
+    update: dict  # name -> bytes held only during the update (gradients included)
+    overhead: float
+    device_bytes: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        base = sum(self.persistent.values()) + self.overhead
+        return base + max(sum(self.rollout.values()), sum(self.update.values()))
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.device_bytes
+
+    def render(self) -> str:
+        s = self.setting
+        where = (f"per GPU ({s['world']} x {self.device_bytes / GB:.0f} GB" if s["device"] == "cuda" else
+                 f"per process (CPU, {s['world']} process(es)")
+        lines = [f"memory plan, {where}, {s['mode']}):",
+                 f"  model {s['model']}: {s['params'] / 1e6:,.1f}M parameters, {s['trainable'] / 1e6:,.2f}M trainable"
+                 f"{' (LoRA r=%d)' % s['lora_rank'] if s['lora_rank'] else ''}",
+                 f"  shapes: B={s['B']} prompts/rank, G={s['G']}, P={s['P']} prompt tokens, T={s['T']} new tokens, "
+                 f"micro-batch {s['micro']} prompt(s) (L={s['L']} packed positions each), compute {s['compute']}, "
+                 f"checkpointing {'on' if s['checkpointing'] else 'off'}, offload {'on' if s['offload'] else 'off'}"]
+        for title, part in (("held for the whole run", self.persistent), ("rollout (sampling)", self.rollout),
+                            ("update (one micro-batch)", self.update)):
+            lines.append(f"  {title}:")
+            lines += [f"    {name:<42} {value / GB:8.2f} GB" for name, value in part.items()]
+        lines.append(f"    {'CUDA context, workspaces':<42} {self.overhead / GB:8.2f} GB")
+        lines.append(f"  peak: {self.peak / GB:.2f} GB of {self.device_bytes / GB:.0f} GB")
+        if self.fits:
+            lines.append(f"  fits with {(self.device_bytes - self.peak) / GB:.1f} GB free")
+        else:
+            lines.append(f"  does not fit: need {self.peak / GB:.1f} GB; options: " + "; ".join(self.options()))
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def options(self) -> list[str]:
+        s, opts = self.setting, []
+        if not s["lora_rank"]:
+            opts.append("lora.enabled=true (trains adapters only; no reference copy)")
+        if not s["checkpointing"]:
+            opts.append("distribution.activation_checkpointing=true")
+        if s["micro"] > 1:
+            opts.append("algorithm.micro_batch_prompts=1")
+        if s["fsdp"] and not s["offload"]:
+            opts.append("distribution.cpu_offload=true")
+        if s["fsdp"]:
+            opts.append("more GPUs (FSDP2 shards weights, gradients and optimizer state)")
+        elif not s["lora_rank"]:
+            opts.append("several GPUs with distribution.fsdp=auto (FSDP2 shards the state)")
+        if s["T"] > 128:
+            opts.append("a smaller rollout.max_new_tokens")
+        opts.append("a GPU with more memory")
+        return opts
+
+
+# --------------------------------------------------------------------------- the model on the meta device
+
+
+def model_config(cfg: Config):
+    """(Qwen2AudioConfig, description, audio window in seconds) without loading weights."""
+    from transformers import AutoConfig, Qwen2AudioConfig
+
+    path = Path(cfg.model.path)
+    if (path / "config.json").is_file():
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        window = 30.0
+        pre = path / "preprocessor_config.json"
+        if pre.is_file():
+            window = float(json.loads(pre.read_text()).get("chunk_length", 30))
+        return config, str(path), window
+    if cfg.model.build_tiny:
+        from models.tiny import tiny_config
+
+        m = cfg.model
+        config = tiny_config(vocab_size=512, audio_token_id=511, bos_id=506, eos_id=508, audio_frames=300,
+                             text_hidden=m.tiny_text_hidden, text_layers=m.tiny_text_layers,
+                             audio_hidden=m.tiny_audio_hidden, audio_layers=m.tiny_audio_layers)
+        return config, "the tiny model (built at start)", 3.0
+    spec = yaml.safe_load(SPEC_7B.read_text())
+    config = Qwen2AudioConfig(audio_config=spec["audio_config"], text_config=spec["text_config"],
+                              audio_token_index=spec["audio_token_id"])
+    return config, f"{path} not found: Qwen2-Audio-7B-Instruct's architecture", 30.0
+
+
+def count_parameters(cfg: Config, config) -> dict:
+    """Parameter counts of the model the trainer would build, on the meta device."""
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from models.lora import apply_lora
+    from models.policy import set_trainable
+
+    with torch.device("meta"):
+        model = Qwen2AudioForConditionalGeneration(config)
+    if cfg.lora.enabled:
+        lo = cfg.lora
+        apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets)
+    else:
+        set_trainable(model, audio_encoder=cfg.model.train_audio_encoder, projector=cfg.model.train_projector,
+                      decoder=cfg.model.train_decoder)
+    params = list(model.named_parameters())
+    trainable = [(n, p) for n, p in params if p.requires_grad]
+    layer = model.model.language_model.layers[0]
+    encoder_trains = any(p.requires_grad for p in model.model.audio_tower.parameters())
+    return {
+        "total": sum(p.numel() for _, p in params),
+        "trainable": sum(p.numel() for _, p in trainable),
+        "adapters": sum(p.numel() for n, p in trainable if n.endswith((".lora_A", ".lora_B"))),
+        "layer": sum(p.numel() for p in layer.parameters()),
+        "lm_head": model.lm_head.weight.numel(),
+        "encoder_trains": encoder_trains,
+    }
+
+
+# --------------------------------------------------------------------------- activations per token
+
+
+def decoder_layer_bytes(H: int, Hkv: int, I: int, c: int, *, lora_dropout: bool) -> int:
+    """Bytes one Qwen2 decoder layer saves for backward, per position, compute dtype of c bytes.
+
+    Two RMSNorms (each saves its input upcast to fp32, and hands its output on), q, k, v,
+    rotated q and k, the head-major copies attention takes of q, k, v and gives back of its
+    output, the attention output, and the MLP's gate, up, act(gate) and product.
+    With LoRA dropout each adapted input is also saved dropped-out, with its mask (7 of them,
+    one of width I).
+    """
+    per = 2 * 4 * H + c * (2 * H + (H + 2 * Hkv) + (H + Hkv) + (2 * H + 2 * Hkv) + H + 4 * I)
+    if lora_dropout:
+        per += (c + 1) * (6 * H + I)
+    return per
+
+
+def encoder_layer_bytes(Ha: int, Fa: int, c: int) -> int:
+    """Bytes one Whisper encoder layer saves per position: two LayerNorms' inputs and outputs,
+    q, k, v (head-major), the attention output and its token-major copy, fc1 and its GELU."""
+    return c * (4 * Ha + 3 * Ha + 2 * Ha + 2 * Fa)
+
+
+def encoder_stem_bytes(Ha: int, n_mels: int, c: int, positions: int) -> int:
+    """Bytes the encoder saves per position outside its layers: the fp32 mel input (2 frames
+    per position), conv1 and its GELU (at 2x the positions), conv2 and the position sum,
+    the pooling and the final norm's input; plus the [S, S] attention mask (per position: S)."""
+    return 2 * n_mels * 4 + c * (4 * Ha + 2 * Ha + 2 * Ha) + positions * c
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", gpu_memory_gb: float | None = None,
+                prompt_tokens: int | None = None, completion_tokens: int | None = None,
+                audio_seconds: float | None = None) -> Plan:
+    """The plan of ``cfg`` on ``world_size`` devices of ``device_type`` (``cpu``: as the trainer
+    runs on the CPU, for the validation against measured peaks). ``prompt_tokens`` /
+    ``completion_tokens`` / ``audio_seconds`` (the longest clip): the shapes to plan for;
+    default the worst case (a clip filling the audio window plus TEXT_TOKENS, and max_new_tokens)."""
+    config, described, window = model_config(cfg)
+    n = count_parameters(cfg, config)
+    text, audio = config.text_config, config.audio_config
+    H, I, V, layers = text.hidden_size, text.intermediate_size, text.vocab_size, text.num_hidden_layers
+    Hkv = H // text.num_attention_heads * text.num_key_value_heads
+    device = torch.device(device_type)
+
+    # what the trainer decides (grpo.trainer.use_fsdp, Trainer._load_model)
+    d = cfg.distribution
+    fsdp = d.fsdp == "always" or (d.fsdp == "auto" and (world_size > 1 or device_type == "cuda"))
+    # grpo.trainer.resolve_dtype, without importing the trainer (the plan must start in seconds)
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compute = auto if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
+    c = _bytes(compute)
+    stored = 4 if fsdp else c  # FSDP2 keeps fp32 masters
+    offload = fsdp and d.cpu_offload
+    shard = world_size if fsdp else 1
+    on_gpu = 0.0 if offload else 1.0
+    grpo = cfg.algorithm.name == "grpo"
+    lora = cfg.lora.enabled
+    frozen = n["total"] - n["trainable"]
+    train_bytes = n["adapters"] * 4 + (n["trainable"] - n["adapters"]) * stored  # adapters are fp32
+
+    persistent = {
+        "weights (policy)": on_gpu * (frozen * stored + train_bytes) / shard,
+        "optimizer state (AdamW: 2 per trainable)": on_gpu * 2 * train_bytes / shard,
+    }
+    if grpo and cfg.algorithm.beta > 0 and not lora:
+        persistent["reference copy"] = on_gpu * n["total"] * stored / shard
+    else:
+        persistent["reference copy"] = 0.0
+
+    # shapes
+    B = cfg.rollout.prompts_per_step // world_size
+    G = cfg.rollout.group_size
+    audio_tokens = int(window * 25)  # 25 decoder positions per second of audio (after pooling)
+    # the encoder runs over the longest clip's frames (model.audio_real_frames), else the whole window
+    clip = min(audio_seconds or window, window) if cfg.model.audio_real_frames else window
+    P = prompt_tokens if prompt_tokens is not None else audio_tokens + TEXT_TOKENS
+    T = completion_tokens if completion_tokens is not None else cfg.rollout.max_new_tokens
+    micro = min(cfg.algorithm.micro_batch_prompts, B)
+    L = P + G * T if cfg.model.shared_prefix else G * (P + T)
+
+    # rollout: gathered weights, KV cache, one step's logits
+    rows = min(cfg.rollout.generation_batch_prompts, B) * G
+    top_p = cfg.rollout.top_p < 1.0
+    rollout = {
+        "gathered weights (compute dtype)": n["total"] * c if fsdp else 0.0,
+        "KV cache": 2 * layers * rows * (P + T) * Hkv * c,
+        "logits of a decoding step": rows * V * (4 * 3 + (12 if top_p else 0)),
+        "prompt batch (mel features)": B * audio.num_mel_bins * int(window * 100) * 4,
+    }
+
+    # update: gradients, one micro-batch's activations, the logits chunks, FSDP's unsharded units
+    ckpt = d.activation_checkpointing
+    layer = decoder_layer_bytes(H, Hkv, I, c, lora_dropout=lora and cfg.lora.dropout > 0)
+    tokens = micro * L
+    if ckpt:
+        decoder = tokens * (layers * H * c + layer)  # each layer's input, and one layer recomputed
+    else:
+        decoder = tokens * layers * layer
+    # outside the layers: the final norm's input and output, the hidden states gathered at the
+    # completion positions, the [L, L] block mask
+    decoder += tokens * 2 * H * c + micro * G * T * H * c + micro * L * L * c
+    features = B * audio.num_mel_bins * int(window * 100) * 4  # the step's prompt batch: fp32 mel frames
+    update = {"gradients": on_gpu * train_bytes / shard, "decoder activations": decoder,
+              "prompt batch (mel features)": features}
+    if n["encoder_trains"]:
+        Ha, Fa = audio.d_model, audio.encoder_ffn_dim
+        positions = micro * int(clip * 50)  # encoder positions: 50 per second, before the 2x pooling
+        per = encoder_layer_bytes(Ha, Fa, c)
+        stem = positions * encoder_stem_bytes(Ha, audio.num_mel_bins, c, positions // micro)
+        update["audio encoder activations"] = stem + positions * ((audio.encoder_layers * Ha * c + per) if ckpt
+                                                                  else audio.encoder_layers * per)
+    chunk = min(LOGITS_CHUNK, micro * G * T)
+    # logits, fp32 log-probs, the entropy's exp and product (no grad), the log-probs' gradient, the logits'
+    update["log-softmax chunk (fwd + bwd)"] = chunk * V * (c + 4 + 4 + 4 + 4 + c)
+    if fsdp:
+        update["FSDP unsharded units"] = 2 * max(n["layer"], n["lm_head"]) * c
+
+    notes = []
+    if not (Path(cfg.model.path) / "config.json").is_file():
+        notes.append(f"model: {described}")
+    if prompt_tokens is None:
+        notes.append(f"P assumes a clip filling the {window:g} s audio window ({audio_tokens} audio tokens) + "
+                     f"{TEXT_TOKENS} text tokens; T = rollout.max_new_tokens")
+    if offload:
+        notes.append("cpu_offload: weights, gradients and optimizer state live in host memory "
+                     f"({(n['total'] * 4 + 3 * train_bytes) / shard / GB:.1f} GB per rank)")
+    if lora and cfg.algorithm.beta > 0 and grpo:
+        notes.append("reference = the same weights with the adapters off: no copy")
+
+    device_bytes = (gpu_memory_gb or 80.0) * GB
+    setting = dict(world=world_size, mode=("FSDP2" if fsdp else "one device, no sharding") +
+                   (f" over {world_size} ranks" if fsdp and world_size > 1 else ""),
+                   model=described, params=n["total"], trainable=n["trainable"],
+                   lora_rank=cfg.lora.rank if lora else 0, B=B, G=G, P=P, T=T, micro=micro, L=L,
+                   compute=str(compute).replace("torch.", ""), checkpointing=ckpt, offload=offload, fsdp=fsdp,
+                   device=device_type)
+    overhead = CUDA_OVERHEAD_GB * GB if device_type == "cuda" else 0.0
+    return Plan(setting, persistent, rollout, update, overhead, device_bytes, notes)
+
+
+def device_memory_gb(cfg: Config, flag: float | None) -> tuple[float, str]:
+    """The memory to plan against: the flag, the config key, the visible GPU's, or 80 GB."""
+    if flag:
+        return flag, "--gpu-memory-gb"
+    if cfg.distribution.gpu_memory_gb:
+        return cfg.distribution.gpu_memory_gb, "distribution.gpu_memory_gb"
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GB, torch.cuda.get_device_name(0)
+    return 80.0, "no GPU visible: assumed 80 GB (set --gpu-memory-gb)"

@@ -1,0 +1,341 @@
+"""LoRA (models/lora.py) and the trainer with lora.enabled: the adapters' exactness, what
+trains, the merged export, the reference as the adapters switched off, exact resume, and a
+LoRA variant of the tiny demo that learns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.lora import (
+    LoRALinear,
+    adapters_disabled,
+    apply_lora,
+    count_adapter_parameters,
+    load_adapters,
+    lora_modules,
+    merge_adapters_,
+    merged_state_dict,
+    save_adapters,
+)
+from models.policy import policy_logprobs
+from tests.test_trainer import TINY, final_export, history, max_weight_difference, train, weights
+
+SR = 16000
+G = 3
+
+
+def tone(seconds, freq):
+    t = np.arange(int(seconds * SR)) / SR
+    return (0.3 * np.sin(2 * np.pi * freq * t) * np.exp(-t)).astype(np.float32)
+
+
+@pytest.fixture
+def prompts(tiny_processor):
+    """2 clips, 2 prompts of different lengths, left padded."""
+    texts = ["What is it?", "Which tone is louder, the first or the second one?"]
+    chat = [tiny_processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "audio", "audio_url": "x"}, {"type": "text", "text": t}]}],
+        add_generation_prompt=True, tokenize=False) for t in texts]
+    return dict(tiny_processor(text=chat, audio=[tone(1.0, 440), tone(2.3, 880)], return_tensors="pt",
+                               padding=True, sampling_rate=SR))
+
+
+@pytest.fixture
+def completion_ids():
+    return torch.randint(0, 300, (2 * G, 6), generator=torch.Generator().manual_seed(0))  # [N, T]
+
+
+def adapted(model, *, seed=1, targets=("decoder",), random_b=True):
+    """``model`` with LoRA on ``targets``; with ``random_b`` the adapters are moved off zero
+    (as training would), so that they change the output."""
+    apply_lora(model, rank=4, alpha=8.0, dropout=0.0, targets=list(targets))
+    if random_b:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in lora_modules(model):
+                m.lora_B.copy_(0.05 * torch.randn(m.lora_B.shape, generator=gen))
+    return model
+
+
+def logprobs(model, prompts, ids):
+    return policy_logprobs(model, prompts, ids)  # [N, T]
+
+
+# ----------------------------------------------------------------------------- the adapter itself
+
+
+def test_lora_linear_computes_the_equation():
+    """h = W x + b + (alpha / r) B A x, with B = 0 at init (so h = W x + b exactly)."""
+    base = torch.nn.Linear(5, 3)
+    W, b = base.weight.detach().clone(), base.bias.detach().clone()
+    layer = LoRALinear(base, rank=2, alpha=6.0)
+    x = torch.randn(4, 5)
+    assert torch.equal(layer(x), x @ W.T + b)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    expected = x @ W.T + b + 3.0 * (x @ layer.lora_A.T @ layer.lora_B.T)
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
+    assert layer.weight is base.weight  # the base parameter is taken over, not copied
+
+
+@pytest.mark.parametrize("targets", [["decoder"], ["decoder", "audio_encoder", "projector"]])
+def test_adapter_forward_at_init_equals_the_base_model(tiny_model, tiny_checkpoint, prompts, completion_ids, targets):
+    from models.loading import load_model
+
+    base = load_model(tiny_checkpoint, dtype=torch.float32).eval()
+    model = adapted(tiny_model, targets=targets, random_b=False)
+    assert torch.equal(logprobs(model, prompts, completion_ids), logprobs(base, prompts, completion_ids))
+
+
+def test_targets_select_modules_by_name(tiny_model):
+    names = apply_lora(tiny_model, rank=2, alpha=4.0, targets=["decoder"])
+    layers = tiny_model.config.text_config.num_hidden_layers
+    assert len(names) == 7 * layers  # q, k, v, o, gate, up, down in every decoder layer
+    assert all(n.startswith("model.language_model.layers.") for n in names)
+    with pytest.raises(ValueError, match="match no linear layer"):
+        apply_lora(tiny_model, rank=2, alpha=4.0, targets=[r"nothing\.here"])
+
+
+def test_only_adapter_parameters_receive_gradients(tiny_model, prompts, completion_ids):
+    model = adapted(tiny_model, targets=["decoder", "audio_encoder", "projector"]).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count_adapter_parameters(model)
+    logprobs(model, prompts, completion_ids).sum().backward()
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name  # every adapter, encoder's included
+        else:
+            assert p.grad is None, name
+
+
+# ----------------------------------------------------------------------------- merge and export
+
+
+def test_merge_then_export_loads_with_plain_transformers_and_equals_the_adapted_model(
+        tiny_model, tiny_processor, prompts, completion_ids, tmp_path):
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from models.distributed import export_checkpoint
+    from models.loading import load_generation_config
+
+    model = adapted(tiny_model, targets=["decoder", "audio_encoder", "projector"])
+    expected = logprobs(model, prompts, completion_ids)
+    out = export_checkpoint(model, tiny_processor, load_generation_config(tiny_model.name_or_path), tmp_path / "hf",
+                            transform=lambda state: merged_state_dict(state, 8.0 / 4))
+    assert not any("lora" in k for k in weights(out))  # a plain checkpoint: no adapter keys
+    exported = Qwen2AudioForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    torch.testing.assert_close(logprobs(exported, prompts, completion_ids), expected, atol=1e-5, rtol=1e-5)
+
+    merge_adapters_(model)  # in place: same function, fresh adapters (B back to zero)
+    assert all(m.lora_B.abs().sum() == 0 for m in lora_modules(model))
+    torch.testing.assert_close(logprobs(model, prompts, completion_ids), expected, atol=1e-5, rtol=1e-5)
+    with adapters_disabled(model):  # the base is now the merged model
+        torch.testing.assert_close(logprobs(model, prompts, completion_ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_adapters_save_and_load_as_safetensors(tiny_checkpoint, prompts, completion_ids, tmp_path):
+    from models.loading import load_model
+
+    model = adapted(load_model(tiny_checkpoint).eval())
+    save_adapters(model.state_dict(), tmp_path / "adapter", rank=4, alpha=8.0, dropout=0.0, targets=["decoder"])
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["rank"] == 4
+    fresh = adapted(load_model(tiny_checkpoint).eval(), random_b=False)
+    load_adapters(fresh, tmp_path / "adapter")
+    assert torch.equal(logprobs(fresh, prompts, completion_ids), logprobs(model, prompts, completion_ids))
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+def test_adapters_off_equal_a_separately_loaded_base_model(tiny_model, tiny_checkpoint, prompts, completion_ids):
+    from models.loading import load_model
+
+    model = adapted(tiny_model)
+    on = logprobs(model, prompts, completion_ids)
+    with adapters_disabled(model):
+        off = logprobs(model, prompts, completion_ids)
+    base = logprobs(load_model(tiny_checkpoint, dtype=torch.float32).eval(), prompts, completion_ids)
+    assert torch.equal(off, base)
+    assert (on - base).abs().max() > 1e-3  # the adapters did change the model
+    assert torch.equal(logprobs(model, prompts, completion_ids), on)  # switched back on after the block
+
+
+@pytest.fixture(scope="module")
+def world(tiny_checkpoint, tmp_path_factory):
+    from data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("lora")
+    train_path = generate_synthetic(root / "data", n=32, seed=0, tasks=["pitch", "tone_or_noise"], split="train")
+    eval_path = generate_synthetic(root / "data", n=4, seed=1, tasks=["pitch", "tone_or_noise"], split="eval")
+    return {"root": root, "model": tiny_checkpoint, "train": train_path, "eval": eval_path}
+
+
+WARMUP, GRPO_STEPS = 3, 4
+
+
+def lora_run(world, out: Path, *extra: str) -> list[str]:
+    """A short LoRA run: warm-up (adapters merged at its end), then GRPO with the KL to the
+    adapters-off model, mu = 2, dropout on."""
+    return [
+        "--config", str(TINY), f"run.output_dir={out}", f"run.steps={GRPO_STEPS}",
+        f"model.path={world['model']}", "model.build_tiny=false",
+        f"data.train_path={world['train']}", f"data.eval_path={world['eval']}", "data.synthetic_generate=false",
+        "data.eval_every=0", "rollout.prompts_per_step=4", "rollout.group_size=4",
+        "rollout.generation_batch_prompts=2", "rollout.max_new_tokens=8",
+        f"algorithm.format_warmup_steps={WARMUP}", "algorithm.format_warmup_lr=5e-3", "algorithm.mu=2",
+        "algorithm.micro_batch_prompts=2", "optimizer.lr=3e-3",
+        "lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.dropout=0.1",
+        "logging.sample_every=0", "logging.progress_bar=false", "logging.tensorboard=false",
+        *extra,
+    ]
+
+
+def test_the_trainer_reference_is_the_base_with_adapters_off(world, tmp_path):
+    """Trainer._reference_logprobs with LoRA: no reference copy is built, and log pi_ref is the
+    separately loaded base model's (before the warm-up merged anything)."""
+    from grpo.config import load_config
+    from grpo.rollout import prompt_batch
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+    from models.loading import load_model
+
+    cfg = load_config(TINY, lora_run(world, tmp_path / "run")[2:] + ["algorithm.format_warmup_steps=0"])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    try:
+        assert trainer.ref_model is None
+        with torch.no_grad():
+            for m in lora_modules(trainer.model):  # adapters that matter, as after some training
+                m.lora_B.normal_(std=0.05)
+        samples = trainer.train_samples[:2]
+        waves = [trainer.load_audio(s.audio_path) for s in samples]
+        batch = prompt_batch(samples, waves, trainer.processor, cfg.data.prompt_template, trainer.device)
+        ids = torch.randint(0, 300, (2 * 4, 5), generator=torch.Generator().manual_seed(0))
+        trainer.model.eval()
+        with torch.no_grad():
+            ref = trainer._reference_logprobs(batch, ids)
+            base = policy_logprobs(load_model(world["model"]).eval(), batch, ids)
+            policy = trainer._logprobs(trainer.model, batch, ids)
+        assert ref.shape == (8, 5) and torch.equal(ref, base)
+        assert (policy - base).abs().max() > 1e-3
+    finally:
+        trainer.close()
+
+
+def test_without_kl_there_is_no_reference_pass(world, tmp_path):
+    from grpo.config import load_config
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+
+    cfg = load_config(TINY, lora_run(world, tmp_path / "run")[2:] + ["algorithm.beta=0"])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    try:
+        assert trainer._reference_logprobs({}, torch.zeros(1, 1)) is None
+    finally:
+        trainer.close()
+
+
+# ----------------------------------------------------------------------------- runs: export, resume
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world):
+    out = world["root"] / "uninterrupted"
+    train(lora_run(world, out, "checkpointing.every=2", "checkpointing.keep_last=5"))
+    return out
+
+
+def test_a_lora_run_exports_a_plain_merged_model_and_the_adapters(world, uninterrupted):
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    rows = history(uninterrupted)
+    assert [r["step"] for r in rows] == list(range(1, WARMUP + GRPO_STEPS + 1))
+    grpo = rows[WARMUP:]
+    assert all(r["train/kl"] >= 0 for r in grpo)  # k3 against the adapters-off model
+    final = final_export(uninterrupted)
+    Qwen2AudioForConditionalGeneration.from_pretrained(final)  # loads with no extra code
+    assert not any("lora" in k for k in weights(final))
+    assert max_weight_difference(final, world["model"]) > 1e-4  # the merged adapters moved the weights
+    assert (final.parent / "adapter" / "adapter_model.safetensors").is_file()
+    # during the warm-up the checkpoint holds only the adapters (the base is model.path's)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    during = FileSystemReader(str(uninterrupted / "checkpoints" / "step_2" / "state")).read_metadata()
+    model_keys = [k for k in during.state_dict_metadata if k.startswith("model.")]
+    assert model_keys and all(k.endswith((".lora_A", ".lora_B")) for k in model_keys)
+
+
+@pytest.mark.parametrize("resume_at", [2, 4])  # during the warm-up (adapters only), after its merge (with the base)
+def test_resume_with_lora_is_exact(world, uninterrupted, tmp_path, resume_at):
+    out = tmp_path / "resumed"
+    checkpoint = uninterrupted / "checkpoints" / f"step_{resume_at}"
+    train([*lora_run(world, out, "checkpointing.every=2"), "--resume", str(checkpoint)])
+    resumed, reference = history(out), history(uninterrupted)
+    assert [r["step"] for r in resumed] == list(range(resume_at + 1, WARMUP + GRPO_STEPS + 1))
+    for a, b in zip(resumed, reference[resume_at:]):
+        for key in ("train/loss", "train/reward", "train/kl", "train/grad_norm"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    assert max_weight_difference(final_export(out), final_export(uninterrupted)) < 1e-6
+
+
+# ----------------------------------------------------------------------------- LoRA learns
+
+
+@pytest.mark.slow
+def test_grpo_with_lora_learns_the_synthetic_audio_questions(tmp_path):
+    """configs/tiny_lora.yaml (the tiny demo with LoRA, 100 GRPO steps): held-out greedy
+    accuracy goes from chance after the warm-up to well above it, only the adapters training
+    (seed 0, one thread: tone-or-noise is learned first, as in the full fine-tune's demo)."""
+    out = tmp_path / "run"
+    train(["--config", str(TINY.parent / "tiny_lora.yaml"), f"run.output_dir={out}",
+           f"model.path={tmp_path / 'model'}", f"data.train_path={tmp_path / 'data' / 'train.jsonl'}",
+           f"data.eval_path={tmp_path / 'data' / 'eval.jsonl'}", "logging.progress_bar=false",
+           "logging.tensorboard=false", "checkpointing.export=false"], timeout=1200, threads=1)
+    rows = history(out)
+    evals = [r for r in rows if "eval/greedy_accuracy" in r]
+    warm = [r for r in evals if r["train/phase"] == 0.0]
+    assert warm and warm[-1]["eval/greedy_accuracy"] <= 0.65, "the warm-up alone must not solve the task"
+    final = evals[-1]
+    assert final["step"] == 200 and final["eval/greedy_accuracy"] >= 0.65, final
+    assert final["eval/greedy_accuracy/tone_or_noise"] >= 0.85, final
+
+
+def test_a_run_saved_before_the_lora_keys_resumes_without_a_config_change():
+    from grpo.config import Config, config_changes, to_dict
+
+    saved = to_dict(Config())
+    del saved["lora"]  # a config.yaml written before the section existed
+    assert config_changes(saved, to_dict(Config()), defaults=to_dict(Config())) == []
+    on = Config()
+    on.lora.enabled = True
+    assert [c[0] for c in config_changes(saved, to_dict(on), defaults=to_dict(Config()))] == ["lora.enabled"]
+
+
+def test_lora_under_fsdp2_with_activation_checkpointing_trains_like_a_plain_process(world, uninterrupted, tmp_path):
+    """FSDP2 with activation checkpointing: the adapters shard, the warm-up merge updates the
+    shard of W, and the run matches the unsharded one."""
+    out = tmp_path / "fsdp"
+    train(lora_run(world, out, "checkpointing.every=2", "checkpointing.keep_last=5", "distribution.fsdp=always",
+                   "distribution.activation_checkpointing=true"))
+    rows, reference = history(out), history(uninterrupted)
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for a, b in zip(rows, reference):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-6), a["step"]
+    assert max_weight_difference(final_export(out), final_export(uninterrupted)) < 1e-4
+
+
+@pytest.mark.slow
+def test_lora_on_two_processes_trains_like_one(world, tmp_path):
+    """2 ranks (FSDP2) against 1 plain process, without dropout (its masks are per rank)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(lora_run(world, one, "lora.dropout=0"))
+    train(lora_run(world, two, "lora.dropout=0", "distribution.activation_checkpointing=true"), nproc=2)
+    for a, b in zip(history(two), history(one)):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-6), a["step"]
+    assert max_weight_difference(final_export(two), final_export(one)) < 1e-4

@@ -1,0 +1,69 @@
+"""The memory plan (grpo/memory_plan.py, train.py --plan): every training config gets one, from
+the config alone; the 7B recipes' verdicts; and its numbers against a measured peak."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import Qwen2AudioForConditionalGeneration  # noqa: F401  (imported once, outside the timing)
+
+from grpo.config import load_config
+from grpo.memory_plan import GB, plan_memory
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(REPO.glob("configs/*.yaml"))
+TRAINING = [c for c in CONFIGS if not c.name.startswith("eval_") and c.name != "qwen2_audio_7b_random.yaml"]
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=lambda p: p.name)
+def test_every_training_config_gets_a_plan_in_seconds(path):
+    t0 = time.perf_counter()
+    plan = plan_memory(load_config(path), world_size=1, gpu_memory_gb=80)
+    assert time.perf_counter() - t0 < 10  # the 7B is built on the meta device: no weights
+    text = plan.render()
+    assert "weights (policy)" in text and "optimizer state" in text and "KV cache" in text
+    assert ("fits with" in text) != ("does not fit" in text)
+    assert plan.peak > 0
+
+
+def test_the_lora_recipe_fits_one_24gb_gpu_and_the_full_recipe_8_x_80gb():
+    lora = plan_memory(load_config(REPO / "configs" / "r1_aqa_lora_24gb.yaml"), world_size=1, gpu_memory_gb=24)
+    assert lora.fits and lora.persistent["reference copy"] == 0
+    assert 15 * GB < lora.persistent["weights (policy)"] < 17 * GB  # 8.4B frozen in bf16
+    assert lora.setting["trainable"] < 100e6
+    full = load_config(REPO / "configs" / "r1_aqa.yaml")
+    assert plan_memory(full, world_size=8, gpu_memory_gb=80).fits
+    one = plan_memory(full, world_size=1, gpu_memory_gb=80)
+    assert not one.fits and "lora.enabled=true" in one.render()
+
+
+def test_sharding_divides_the_persistent_state():
+    cfg = load_config(REPO / "configs" / "r1_aqa.yaml")
+    one, eight = plan_memory(cfg, world_size=1), plan_memory(cfg, world_size=8)
+    for key in ("weights (policy)", "optimizer state (AdamW: 2 per trainable)", "reference copy"):
+        assert eight.persistent[key] == pytest.approx(one.persistent[key] / 8)
+
+
+def test_train_py_plan_prints_and_exits_and_explains_evaluation_configs():
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    run = lambda *a: subprocess.run([sys.executable, str(REPO / "train.py"), *a], cwd=REPO, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    out = run("--config", "configs/r1_aqa_lora_24gb.yaml", "--plan")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fits with" in out.stdout and "24 GB" in out.stdout
+    out = run("--config", "configs/eval_tiny.yaml", "--plan")
+    assert out.returncode == 0 and "evaluate.py config" in out.stdout
+
+
+def test_the_plan_is_within_15_percent_of_the_measured_peak_at_the_tiny_shape(tmp_path):
+    """The tiny demo's shape on the CPU: the plan (for the batch's P and T) against the peak
+    of live tensors during GRPO steps (benchmarks/plan_check.py), full fine-tuning and LoRA."""
+    from benchmarks.plan_check import measure
+
+    for lora in (False, True):
+        r = measure("tiny", lora, 1, tmp_path)
+        assert 0.85 <= r["plan_over_measured"] <= 1.15, r

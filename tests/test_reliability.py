@@ -271,7 +271,7 @@ def quick_overrides(world, out, *extra) -> list[str]:
             f"data.train_path={world['train']}", f"data.eval_path={world['eval']}", "data.synthetic_generate=false",
             "data.eval_every=0", "data.eval_samples=0", "rollout.prompts_per_step=2", "rollout.group_size=2",
             "rollout.generation_batch_prompts=2", "rollout.max_new_tokens=4", "algorithm.beta=0",
-            "algorithm.format_warmup_steps=0", "algorithm.micro_batch_prompts=2", "checkpointing.every=0",
+            "algorithm.dynamic_sampling=false", "algorithm.format_warmup_steps=0", "algorithm.micro_batch_prompts=2", "checkpointing.every=0",
             "checkpointing.export=false", "checkpointing.save_on_signal=false", "logging.tensorboard=false",
             "logging.progress_bar=false", "logging.sample_every=0", *extra]
 

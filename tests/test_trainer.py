@@ -112,6 +112,8 @@ def short_run(world, out: Path, *extra: str) -> list[str]:
         "rollout.max_new_tokens=8",
         f"algorithm.format_warmup_steps={WARMUP}", "algorithm.format_warmup_lr=5e-3", "algorithm.mu=2",
         "algorithm.micro_batch_prompts=1", "optimizer.lr=3e-3",
+        # the mechanics under test, not the demo's learning settings (dynamic sampling has its own test)
+        "algorithm.beta=0.04", "algorithm.dynamic_sampling=false",
         "logging.sample_every=0", "logging.progress_bar=false",
         *extra,
     ]

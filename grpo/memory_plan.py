@@ -41,7 +41,7 @@ import yaml
 from grpo.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_7B = ROOT / "configs" / "qwen2_audio_7b_random.yaml"
+ARCH_7B = ROOT / "configs" / "qwen2_audio_7b_random.yaml"
 GB = 2**30
 LOGITS_CHUNK = 1024  # rows of the log-softmax chunk (models.policy.token_logprobs' default)
 TEXT_TOKENS = 128  # prompt text around the audio (system line, question, choices, headers): an upper bound
@@ -135,9 +135,9 @@ def model_config(cfg: Config):
                              text_hidden=m.tiny_text_hidden, text_layers=m.tiny_text_layers,
                              audio_hidden=m.tiny_audio_hidden, audio_layers=m.tiny_audio_layers)
         return config, "the tiny model (built at start)", 3.0
-    spec = yaml.safe_load(SPEC_7B.read_text())
-    config = Qwen2AudioConfig(audio_config=spec["audio_config"], text_config=spec["text_config"],
-                              audio_token_index=spec["audio_token_id"])
+    arch = yaml.safe_load(ARCH_7B.read_text())
+    config = Qwen2AudioConfig(audio_config=arch["audio_config"], text_config=arch["text_config"],
+                              audio_token_index=arch["audio_token_id"])
     return config, f"{path} not found: Qwen2-Audio-7B-Instruct's architecture", 30.0
 
 

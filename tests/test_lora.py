@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,24 +24,15 @@ from models.lora import (
 from models.policy import policy_logprobs
 from tests.test_trainer import TINY, final_export, history, max_weight_difference, train, weights
 
-SR = 16000
+from tests.test_policy import batch  # noqa: F401  (a fixture: 2 clips, 2 prompts of different lengths, left padded)
+
 G = 3
 
 
-def tone(seconds, freq):
-    t = np.arange(int(seconds * SR)) / SR
-    return (0.3 * np.sin(2 * np.pi * freq * t) * np.exp(-t)).astype(np.float32)
-
-
 @pytest.fixture
-def prompts(tiny_processor):
-    """2 clips, 2 prompts of different lengths, left padded."""
-    texts = ["What is it?", "Which tone is louder, the first or the second one?"]
-    chat = [tiny_processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "audio", "audio_url": "x"}, {"type": "text", "text": t}]}],
-        add_generation_prompt=True, tokenize=False) for t in texts]
-    return dict(tiny_processor(text=chat, audio=[tone(1.0, 440), tone(2.3, 880)], return_tensors="pt",
-                               padding=True, sampling_rate=SR))
+def prompts(batch):
+    """The policy tests' batch: the same processor inputs the LoRA paths are compared on."""
+    return batch
 
 
 @pytest.fixture
@@ -214,13 +204,13 @@ def test_the_trainer_reference_is_the_base_with_adapters_off(world, tmp_path):
                 m.lora_B.normal_(std=0.05)
         samples = trainer.train_samples[:2]
         waves = [trainer.load_audio(s.audio_path) for s in samples]
-        batch = prompt_batch(samples, waves, trainer.processor, cfg.data.prompt_template, trainer.device)
+        inputs = prompt_batch(samples, waves, trainer.processor, cfg.data.prompt_template, trainer.device)
         ids = torch.randint(0, 300, (2 * 4, 5), generator=torch.Generator().manual_seed(0))
         trainer.model.eval()
         with torch.no_grad():
-            ref = trainer._reference_logprobs(batch, ids)
-            base = policy_logprobs(load_model(world["model"]).eval(), batch, ids)
-            policy = trainer._logprobs(trainer.model, batch, ids)
+            ref = trainer._reference_logprobs(inputs, ids)
+            base = policy_logprobs(load_model(world["model"]).eval(), inputs, ids)
+            policy = trainer._logprobs(trainer.model, inputs, ids)
         assert ref.shape == (8, 5) and torch.equal(ref, base)
         assert (policy - base).abs().max() > 1e-3
     finally:

@@ -130,7 +130,9 @@ def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1) -> d
                  "model.build_tiny=false", f"data.train_path={data / 'train.jsonl'}", "data.eval_path=null",
                  "data.synthetic_generate=false", "algorithm.format_warmup_steps=0", "distribution.fsdp=never",
                  "logging.progress_bar=false", "logging.tensorboard=false", "logging.sample_every=0",
-                 "checkpointing.every=0", *spec["overrides"]]
+                 "checkpointing.every=0",
+                 # one rollout round, as the plan assumes (tiny.yaml's demo samples extra rounds)
+                 "algorithm.dynamic_sampling=false", "algorithm.beta=0.04", *spec["overrides"]]
     if lora:
         overrides += ["lora.enabled=true", "lora.rank=16", "lora.alpha=32", "lora.dropout=0.05"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)

@@ -5,16 +5,27 @@ The processor expands each <|AUDIO|> into one token per encoder frame of *real* 
 (cutting breaks the match between `<|AUDIO|>` tokens and audio features).
 """
 
+import functools
 import math
 
 from data.prompts import build_messages, format_prompt
 
 
+@functools.lru_cache(maxsize=16384)
+def _chat_prompt(processor, text):
+    # Rendering the chat template is a few hundred microseconds; a training run asks for the
+    # same questions over and over (every epoch, every rollout round), so remember them.
+    return processor.apply_chat_template(build_messages(text), add_generation_prompt=True, tokenize=False)
+
+
+@functools.lru_cache(maxsize=16384)
+def _token_count(processor, prompt):
+    return len(processor.tokenizer(prompt)["input_ids"])
+
+
 def prompt_texts(samples, processor, *, template):
     """The chat-templated prompt string of each sample, ending with the assistant header."""
-    return [processor.apply_chat_template(build_messages(format_prompt(s.question, s.choices, template)),
-                                          add_generation_prompt=True, tokenize=False)
-            for s in samples]
+    return [_chat_prompt(processor, format_prompt(s.question, s.choices, template)) for s in samples]
 
 
 def collate_prompts(samples, waveforms, processor, *, template, sampling_rate=16000):
@@ -38,8 +49,7 @@ def prompt_length(sample, n_audio_samples, processor, *, template):
     encoder's stride-2 convolution and the 2x pooling after it reduce to
     ((frames - 1) // 2 + 1 - 2) // 2 + 1 tokens (Qwen2AudioProcessor's own formula).
     """
-    text = prompt_texts([sample], processor, template=template)[0]
-    n_text = len(processor.tokenizer(text)["input_ids"])  # the <|AUDIO|> placeholder counts once
+    n_text = _token_count(processor, prompt_texts([sample], processor, template=template)[0])  # <|AUDIO|> once
     fe = processor.feature_extractor
     frames = math.ceil(min(n_audio_samples, fe.n_samples) / fe.hop_length)
     return n_text - 1 + (((frames - 1) // 2 + 1) - 2) // 2 + 1

@@ -61,6 +61,23 @@ def slice_prompts(prompts: dict, start: int, stop: int) -> dict:
     return {k: v[start:stop] for k, v in prompts.items()}
 
 
+def select_prompts(rows: list[tuple[dict, int]], pad_token_id: int) -> dict:
+    """The prompt batch of chosen rows of several prompt batches (``(batch, row)`` pairs), as
+    ``prompt_batch`` would collate those questions again: the text re-padded on the left to the
+    longest chosen prompt, the audio features as they were (they are per clip). Dynamic sampling
+    picks its groups this way instead of running the feature extractor a second time."""
+    texts = [(b["input_ids"][i][b["attention_mask"][i].bool()]) for b, i in rows]  # unpadded [P_i]
+    width = max(t.numel() for t in texts)
+    input_ids = torch.stack([torch.nn.functional.pad(t, (width - t.numel(), 0), value=pad_token_id) for t in texts])
+    attention_mask = torch.stack([torch.nn.functional.pad(torch.ones_like(t), (width - t.numel(), 0)) for t in texts])
+    return {
+        "input_ids": input_ids,  # [B, P]
+        "attention_mask": attention_mask.to(rows[0][0]["attention_mask"].dtype),  # [B, P]
+        "input_features": torch.stack([b["input_features"][i] for b, i in rows]),  # [B, M, F]
+        "feature_attention_mask": torch.stack([b["feature_attention_mask"][i] for b, i in rows]),  # [B, F]
+    }
+
+
 def completion_seeds(seed: int, step: int, round_: int, positions: list[int], group_size: int) -> torch.Tensor:
     """[B*G] int64 seeds, one per completion: a hash of (run seed, step, round, the
     question's global stream position, completion index), so 1 rank and W ranks sample alike."""

@@ -49,6 +49,7 @@ from grpo.rollout import (
     prompt_batch,
     sample_completions,
     sampling_settings,
+    select_prompts,
     slice_prompts,
 )
 from grpo.rundir import prepare_run_dir, record_config
@@ -468,7 +469,7 @@ class Trainer:
 
     def _select_groups(self, rounds: list[Round]) -> Round:
         """Dynamic sampling (DAPO): keep the B groups whose rewards differ first, then fill
-        with all-equal groups (zero advantage) if the rounds ran out. Re-collates the prompts."""
+        with all-equal groups (zero advantage) if the rounds ran out, their prompts gathered from the rounds."""
         G, B = self.cfg.rollout.group_size, self.local_prompts
         groups = [(r, i) for r in rounds for i in range(len(r.samples))]
         informative = [g for g in groups if g[0].rewards[g[1]].std() > 0]
@@ -479,7 +480,7 @@ class Trainer:
         width = max(r.ids.shape[1] for r in rounds)
         return Round(
             samples=samples, waves=waves,
-            prompts=prompt_batch(samples, waves, self.processor, self.cfg.data.prompt_template, self.device),
+            prompts=select_prompts([(r.prompts, i) for r, i in chosen], self.processor.tokenizer.pad_token_id),
             ids=pad_right([r.ids[i * G : (i + 1) * G] for r, i in chosen], self.sampling.pad_token_id, width),
             texts=[t for r, i in chosen for t in r.texts[i * G : (i + 1) * G]],
             rewards=torch.stack([r.rewards[i] for r, i in chosen]),

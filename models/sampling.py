@@ -42,11 +42,21 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
+def _splitmix64_int(x: int) -> int:
+    """``splitmix64`` on one Python int (unsigned 64-bit arithmetic): the same bits, without
+    building a tensor for every value (a rollout folds hundreds of row seeds)."""
+    x = (x + _GOLDEN) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 def row_seed(*parts: int) -> int:
-    """Fold integers (run seed, step, question index, completion index...) into one seed."""
+    """Fold integers (run seed, step, question index, completion index...) into one signed
+    64-bit seed."""
     h = 0
     for p in parts:
-        h = splitmix64(torch.tensor([_to_signed(h ^ (p * _GOLDEN))], dtype=torch.int64)).item()
+        h = _to_signed(_splitmix64_int((h ^ (p * _GOLDEN)) & _MASK64))
     return h
 
 

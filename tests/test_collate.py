@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from data.collate import collate_prompts
 from data.datasets import Sample
@@ -81,3 +82,25 @@ def test_collate_prompts_left_pads_and_expands_audio(processor):
                              + "<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(ValueError):
         collate_prompts(samples, waves[:3], processor, template=2)
+
+
+def test_selected_rows_of_two_batches_equal_collating_those_questions_again(processor):
+    """Dynamic sampling gathers its chosen groups from several rounds' prompt batches; that must
+    be exactly the batch the processor makes of those questions (padding, ids, features)."""
+    from grpo.rollout import select_prompts
+
+    seconds = [0.5, 2.9, 1.0, 2.0, 1.5]
+    waves = [np.random.default_rng(i).standard_normal(int(s * SR)).astype(np.float32) * 0.1
+             for i, s in enumerate(seconds)]
+    samples = _samples(5)
+    first = collate_prompts(samples[:3], waves[:3], processor, template=2)
+    second = collate_prompts(samples[3:], waves[3:], processor, template=2)
+    chosen = [(second, 1), (first, 0), (first, 2)]  # questions 4, 0, 2: narrower than the first batch
+    picked = select_prompts(chosen, processor.tokenizer.pad_token_id)
+    again = collate_prompts([samples[4], samples[0], samples[2]], [waves[4], waves[0], waves[2]], processor,
+                            template=2)
+    assert picked.keys() == again.keys()
+    for key in again:
+        assert picked[key].dtype == again[key].dtype, key
+        assert torch.equal(picked[key], again[key]), key
+    assert picked["input_ids"].shape[1] < first["input_ids"].shape[1]

@@ -39,3 +39,20 @@ def test_uniform_noise_is_uniform_and_uncorrelated_across_positions():
     assert abs(a.mean().item() - 0.5) < 0.005 and abs(a.std().item() - (1 / 12) ** 0.5) < 0.005
     corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
     assert abs(corr.item()) < 0.01
+
+
+def test_row_seed_is_the_tensor_hash_folded_over_its_parts():
+    """row_seed hashes Python ints directly; it must give the bits of the tensor SplitMix64
+    (which counter_uniform uses), so seeds, and every sampled completion, stay as they were."""
+    import random
+
+    rng = random.Random(0)
+    mask, golden = (1 << 64) - 1, 0x9E3779B97F4A7C15
+    for _ in range(300):
+        parts = [rng.randrange(-(1 << 40), 1 << 40) for _ in range(rng.randrange(1, 6))] + [rng.randrange(1 << 20)]
+        h = 0
+        for p in parts:
+            x = (h ^ (p * golden)) & mask
+            h = splitmix64(torch.tensor([x - (1 << 64) if x >= 1 << 63 else x])).item()
+        assert row_seed(*parts) == h, parts
+    assert row_seed(1, 2) != row_seed(2, 1)

@@ -5,10 +5,10 @@ full fine-tuning (step time and peak memory), at the tiny and anchor shapes.
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python benchmarks/plan_check.py --shape anchor --lora both
 
 How the CPU measurement is compared with the plan. The plan counts tensors (what
-torch.cuda.max_memory_allocated measures on a GPU). On the CPU the equivalent is read from
-the profiler's allocator events (profile_memory=True): the tensors alive before the measured
-steps (weights, reference, optimizer state: counted directly) plus the highest running sum
-of allocations minus frees during the steps. Peak RSS is printed too, minus the RSS measured
+torch.cuda.max_memory_allocated measures on a GPU). On the CPU the equivalent is counted by
+a dispatch mode (LiveTensors): the tensors alive before the measured steps (weights,
+reference, optimizer state: counted directly) plus the highest total of the storages created
+during a step and still alive at once. Peak RSS is printed too, minus the RSS measured
 after the imports and before the model loads, but it also holds the allocator's cached pages,
 the tokenizer, the audio clips and the libraries' own buffers, so it is not what the plan
 predicts (see benchmarks/RESULTS.md).
@@ -70,6 +70,15 @@ class LiveTensors:
     A dispatch mode sees every op's outputs (forward, backward, optimizer); each new storage
     is remembered through a weak reference and counted until it is freed. The CPU has no
     max_memory_allocated; this is the same quantity, for tensors created inside the block.
+
+    Storages are keyed by their data pointer (a slice of a tensor can come back as a second
+    storage object over the same memory: counted once), so the dead ones are dropped before an
+    op's outputs are registered, not after: the allocator often hands a storage freed since the
+    previous op (a temporary, a saved activation, a gradient) straight back to the next one at
+    the same address, and a dead entry still under that key would hide the new storage (its
+    bytes not added) and then be subtracted, leaving the count short by it. How often the
+    address is reused depends on the allocator's state, which differs from run to run, so that
+    shortfall made the measured peak vary between runs of the same steps.
     """
 
     def __init__(self):
@@ -83,6 +92,7 @@ class LiveTensors:
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
+                tracker._prune()  # before registering: a new storage may sit at a freed one's address
                 for t in tree_leaves(out):
                     if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                         st = t.untyped_storage()
@@ -90,7 +100,6 @@ class LiveTensors:
                         if key and key not in tracker.live:
                             tracker.live[key] = (StorageWeakRef(st), st.nbytes())
                             tracker.current += st.nbytes()
-                tracker._prune()
                 tracker.peak = max(tracker.peak, tracker.current)
                 return out
 

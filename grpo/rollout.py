@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from data.collate import collate_prompts
 from data.datasets import Sample
@@ -66,10 +67,10 @@ def select_prompts(rows: list[tuple[dict, int]], pad_token_id: int) -> dict:
     ``prompt_batch`` would collate those questions again: the text re-padded on the left to the
     longest chosen prompt, the audio features as they were (they are per clip). Dynamic sampling
     picks its groups this way instead of running the feature extractor a second time."""
-    texts = [(b["input_ids"][i][b["attention_mask"][i].bool()]) for b, i in rows]  # unpadded [P_i]
-    width = max(t.numel() for t in texts)
-    input_ids = torch.stack([torch.nn.functional.pad(t, (width - t.numel(), 0), value=pad_token_id) for t in texts])
-    attention_mask = torch.stack([torch.nn.functional.pad(torch.ones_like(t), (width - t.numel(), 0)) for t in texts])
+    unpadded = [b["input_ids"][i][b["attention_mask"][i].bool()] for b, i in rows]  # [P_i] each
+    width = max(t.numel() for t in unpadded)
+    input_ids = torch.stack([F.pad(t, (width - t.numel(), 0), value=pad_token_id) for t in unpadded])
+    attention_mask = torch.stack([F.pad(torch.ones_like(t), (width - t.numel(), 0)) for t in unpadded])
     return {
         "input_ids": input_ids,  # [B, P]
         "attention_mask": attention_mask.to(rows[0][0]["attention_mask"].dtype),  # [B, P]
@@ -88,7 +89,7 @@ def completion_seeds(seed: int, step: int, round_: int, positions: list[int], gr
 def pad_right(rows: list[torch.Tensor], pad_value, width: int | None = None) -> torch.Tensor:
     """Stack [n_i, T_i] tensors into [sum n_i, width], padding on the right (width: max T_i by default)."""
     width = max(r.shape[1] for r in rows) if width is None else width
-    return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=pad_value) for r in rows])
+    return torch.cat([F.pad(r, (0, width - r.shape[1]), value=pad_value) for r in rows])
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ def _to_signed(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
-_C1, _C2, _GOLD = _to_signed(0xBF58476D1CE4E5B9), _to_signed(0x94D049BB133111EB), _to_signed(_GOLDEN)
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # SplitMix64's multipliers
+_C1, _C2, _GOLD = _to_signed(_M1), _to_signed(_M2), _to_signed(_GOLDEN)  # as int64 for tensors
 
 
 def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -46,8 +47,8 @@ def _splitmix64_int(x: int) -> int:
     """``splitmix64`` on one Python int (unsigned 64-bit arithmetic): the same bits, without
     building a tensor for every value (a rollout folds hundreds of row seeds)."""
     x = (x + _GOLDEN) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x = ((x ^ (x >> 30)) * _M1) & _MASK64
+    x = ((x ^ (x >> 27)) * _M2) & _MASK64
     return x ^ (x >> 31)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 from grpo.cli import run_reporting_errors, split_overrides
 from grpo.config import load_config
@@ -97,22 +98,35 @@ def _train(args, overrides: list[str]) -> int:
     # rank 0 tells the story; the other ranks speak only when something is wrong
     logging.basicConfig(level=logging.INFO if info.rank == 0 else logging.ERROR,
                         format=f"%(asctime)s [rank{info.rank}] %(levelname)s %(name)s: %(message)s")
+    ended = False
+    try:
+        status = _run(cfg, info, args)
+        ended = True
+        return status
+    except BaseException as err:
+        # the failed run's frames hold the model, and the model holds the process group:
+        # let them go, so that cleanup() tears the group down now and not at interpreter exit
+        traceback.clear_frames(err.__traceback__)
+        raise
+    finally:
+        cleanup(synchronise=ended)
+
+
+def _run(cfg, info, args) -> int:
+    """Train to the end; the exit status (128 + N when stopped by signal N after saving)."""
     from grpo.trainer import Trainer
 
     if info.rank == 0:  # the plan first: a run that cannot fit says so before loading for minutes
         _log_plan(cfg, info, args.gpu_memory_gb)
 
-    trainer = None
+    trainer = Trainer(cfg, info, resume=args.resume, allow_config_change=args.allow_config_change)
     try:
-        trainer = Trainer(cfg, info, resume=args.resume, allow_config_change=args.allow_config_change)
         final = trainer.train()
-        if info.rank == 0 and final:
-            shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("train/reward", "eval/"))}
-            logging.getLogger("train").info("done at step %d: %s", trainer.step, shown)
     finally:
-        if trainer is not None:
-            trainer.close()
-        cleanup()
+        trainer.close()  # curves flushed, run directory released, model and optimizer dropped
+    if info.rank == 0 and final:
+        shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("train/reward", "eval/"))}
+        logging.getLogger("train").info("done at step %d: %s", trainer.step, shown)
     # stopped by a signal after saving: say so in the exit status, as a killed process would
     return 128 + trainer.stopped_by_signal if trainer.stopped_by_signal else 0
 

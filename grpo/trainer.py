@@ -786,11 +786,17 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
 
     def close(self) -> None:
-        """Release the run directory (the lock); the trainer is not used afterwards."""
+        """Flush and close the curves, release the run directory (the lock), and drop the model,
+        the reference and the optimizer: they hold the process group, which
+        ``models.distributed.cleanup`` must tear down before the interpreter exits. The trainer
+        is not used afterwards."""
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
         if self.run_lock is not None:
             self.run_lock.release()
+            self.run_lock = None
+        self.model = self.ref_model = self.optimizer = None
 
     def save(self) -> Path:
         """Full training state plus (optionally) a transformers-format export."""

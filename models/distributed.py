@@ -26,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import gc
 import os
 import shutil
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -68,6 +70,9 @@ _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_o
 # Attribute stored on each FSDP module by ``shard_model``: its reshard-after-forward setting,
 # which ``gathered_params`` turns off for a rollout phase and restores afterwards.
 _RESHARD_ATTR = "_grpo_reshard_after_forward"
+
+# Every DeviceMesh ``shard_model`` sharded over: ``cleanup`` releases the process groups they hold.
+_MESHES: "weakref.WeakSet" = weakref.WeakSet()
 
 
 # --------------------------------------------------------------------------------------
@@ -152,10 +157,45 @@ def init_distributed(
     )
 
 
-def cleanup() -> None:
-    """Destroy the default process group, if any (call once at the end of the script)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(*, synchronise: bool = True) -> None:
+    """Tear the process group down now, while the interpreter is fully alive.
+
+    Call it once at the end of the script, after dropping every sharded model and optimizer.
+
+    Why it is more than ``destroy_process_group()``: a process group left for interpreter
+    exit is torn down in no fixed order. A gloo worker thread may still be releasing the
+    tensors of the last collective when Python has begun to finalise; a C++ thread that needs
+    the GIL then is ended in the middle of C++ code, and the process aborts ("terminate called
+    without an active exception", SIGABRT) after a run that finished its work. And
+    ``destroy_process_group()`` alone frees nothing while a ``DeviceMesh`` lives: each mesh
+    keeps its process groups, FSDP2 keeps the mesh, and DTensor's caches keep meshes for the
+    life of the process. So the group must lose its last reference here, where destroying it
+    joins its worker threads.
+
+    Steps:
+        1. Collect garbage: a dropped model or optimizer in a reference cycle lets go of its
+           mesh now, not at exit.
+        2. With ``synchronise`` (a run that ended normally), wait for every rank, so that no
+           rank closes its connections while a peer still talks to it. After an error a peer
+           may never arrive, so the caller passes ``False``.
+        3. Release the process groups that the meshes ``shard_model`` made hold (torch 2.11's
+           ``DeviceMesh`` keeps them in ``_pg_registry``; a torch whose mesh keeps only group
+           names has nothing to release).
+        4. Destroy the process group: now its last reference, so its backend and worker
+           threads go with it.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    if synchronise:
+        dist.barrier()
+    for mesh in list(_MESHES):
+        registry = getattr(mesh, "_pg_registry", None)
+        if isinstance(registry, dict):
+            registry.clear()
+    _MESHES.clear()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def barrier() -> None:
@@ -319,6 +359,7 @@ def shard_model(
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    _MESHES.add(mesh)
 
     # 3. Checkpoint wrappers go inside the FSDP units, so that recomputation re-runs the
     #    layer with its parameters unsharded by FSDP's pre-backward hook.

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import policy  # noqa: E402
 from models.distributed import (  # noqa: E402
+    cleanup,
     export_checkpoint,
     gathered_params,
     init_distributed,
@@ -401,7 +402,23 @@ def main() -> None:
             (out / f"{name}.json").write_text(json.dumps(result, indent=2))
         elif not result["ok"]:
             (out / f"{name}.rank{info.rank}.json").write_text(json.dumps(result, indent=2))
-    dist.destroy_process_group()
+    # the process group must be gone before the interpreter exits: count the gloo worker threads
+    # (torch names them) before and after cleanup(), on every rank
+    before = gloo_worker_threads()
+    cleanup()
+    (out / f"shutdown.threads.rank{info.rank}.json").write_text(
+        json.dumps({"before": before, "after": gloo_worker_threads()}))
+
+
+def gloo_worker_threads() -> int:
+    """How many of this process's threads are gloo's collective workers (Linux: /proc)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return sum(name == "pt_gloo_runloop" for name in names)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,20 @@ def single_process_group(monkeypatch):
     D.cleanup()
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_cleanup_tears_the_process_group_down_before_exit(two_ranks):
+    """After sharded models were used and dropped, cleanup() leaves no gloo worker thread alive
+    on any rank: the process group is destroyed then, not during interpreter exit (where a
+    worker releasing a tensor after Python began finalising aborts the process)."""
+    out, log = two_ranks
+    for rank in (0, 1):
+        path = out / f"shutdown.threads.rank{rank}.json"
+        assert path.exists(), f"rank {rank} did not reach the end of cleanup ({log})"
+        threads = json.loads(path.read_text())
+        assert threads["before"] > 0, "no gloo worker thread found by name: the check would see nothing"
+        assert threads["after"] == 0, (rank, threads)
+
+
 def test_init_distributed_unlaunched(single_process_group):
     info = single_process_group
     assert (info.rank, info.world_size, info.local_rank) == (0, 1, 0)

@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from grpo.cli import run_reporting_errors, split_overrides
 
@@ -65,13 +66,18 @@ def _evaluate(args, overrides: list[str]) -> int:
     from evaluation.sweep import run_evaluation
 
     config = load_eval_config(args.config, overrides)
+    ended = False
     try:
         run_evaluation(config, args.checkpoint, force=args.force)
+        ended = True
+    except BaseException as err:
+        # the failed sweep's frames hold its model: let them go before the process group does
+        traceback.clear_frames(err.__traceback__)
+        raise
     finally:
-        import torch.distributed as dist
+        from models.distributed import cleanup
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        cleanup(synchronise=ended)  # the group goes now, not during interpreter exit
     return 0
 
 

@@ -99,7 +99,8 @@ from data.datasets import Sample
 from grpo.algorithm import completion_mask, group_advantages, policy_loss
 from grpo.config import Config, load_config, to_dict
 from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions, slice_prompts
-from models.loading import end_token_ids, load_generation_config, load_model, load_processor, resolve_dtype
+from models.loading import (enable_activation_checkpointing, end_token_ids, load_generation_config, load_model,
+                            load_processor, resolve_dtype)
 from models.policy import audio_output_lengths, policy_logprobs, suppressed_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -684,7 +685,7 @@ def main(argv=None) -> dict:
     else:
         grad_ckpt = cfg.distribution.activation_checkpointing or model_name == "7b-random"
     if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     cpu_offload = args.cpu_offload if args.cpu_offload is not None else cfg.distribution.cpu_offload
     bench = Bench(setup, cfg, make_optimizer(model, cfg, args.optimizer, cpu_offload), device)
 

@@ -55,7 +55,8 @@ from grpo.rollout import (
 from grpo.rundir import prepare_run_dir, record_config
 from grpo.stream import PromptStream
 from models.distributed import DistInfo, barrier, export_checkpoint, full_state_dict, gathered_params, shard_model
-from models.loading import load_generation_config, load_model, load_processor, resolve_dtype
+from models.loading import (enable_activation_checkpointing, load_generation_config, load_model, load_processor,
+                            resolve_dtype)
 from models.lora import adapters_disabled, apply_lora, merge_adapters_, merged_state_dict, save_adapters
 from models.policy import policy_logprobs, set_trainable
 
@@ -323,7 +324,7 @@ class Trainer:
                 reshard_after_forward=cfg.distribution.reshard_after_forward,
             )
         elif cfg.distribution.activation_checkpointing and trainable:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         return model
 
     def _prompt_fits(self, sample: Sample, wave: np.ndarray) -> bool:

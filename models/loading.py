@@ -203,3 +203,16 @@ def save_processor(processor, out_dir):
     feature_extractor.save_pretrained(out)
     if processor.chat_template:
         (out / "chat_template.jinja").write_text(processor.chat_template)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder and encoder layer's activations in backward (non-reentrant).
+
+    transformers 5.24 renamed ``gradient_checkpointing_enable`` to
+    ``activation_checkpointing_enable`` (the old name warns and goes in 6.0); this calls
+    whichever the installed release has.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

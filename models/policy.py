@@ -26,6 +26,8 @@ Shapes: B prompts, G completions per prompt, N = B * G rows, P prompt length (le
 T completion length, H hidden size, V vocabulary size.
 """
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -329,9 +331,8 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
     suppress = torch.as_tensor(list(suppress_token_ids), device=device, dtype=torch.long)
 
     # prefill each prompt once; the hidden state of the last prompt position predicts the first token
-    out = lm(inputs_embeds=prompt_embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-             use_cache=True)
-    cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]  # hidden [B, H]
+    cache, hidden = decoder_step(lm, None, inputs_embeds=prompt_embeds, attention_mask=mask,
+                                 position_ids=position_ids_from_mask(mask))  # hidden [B, H]
     if group_size > 1:  # the G completions of a prompt share its prefill
         cache.batch_repeat_interleave(group_size)
         hidden = hidden.repeat_interleave(group_size, dim=0)  # [N, H]
@@ -358,13 +359,26 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
         if step == max_new_tokens - 1 or _all_ranks_done(done, sync_ranks):
             break
         mask = torch.cat([mask, mask.new_ones(N, 1)], dim=1)
-        out = lm(inputs_embeds=embed(token[:, None]), attention_mask=mask, position_ids=position,
-                 past_key_values=cache, use_cache=True)
-        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+        cache, hidden = decoder_step(lm, cache, inputs_embeds=embed(token[:, None]), attention_mask=mask,
+                                     position_ids=position)
         position = position + 1
     if not tokens:  # max_new_tokens == 0
         return torch.empty(N, 0, dtype=torch.long, device=device)
     return torch.stack(tokens, dim=1)  # [N, T]
+
+
+def decoder_step(lm, cache, **inputs):
+    """One call of the text decoder that extends the KV ``cache`` (``None``: a new one).
+
+    Returns (the cache, the last position's hidden state [B, H]). transformers 5.24 renamed the
+    cache's argument and output from ``past_key_values`` to ``cache`` (the old name warns, and
+    goes in 5.40); the decoder's own signature says which name this release takes.
+    """
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    if cache is not None:
+        inputs[name] = cache
+    out = lm(**inputs, use_cache=True)
+    return getattr(out, name), out.last_hidden_state[:, -1]
 
 
 def suppressed_token_ids(tokenizer, *, vocab_size=None):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.loading import load_model, load_processor
+from models.loading import enable_activation_checkpointing, load_model, load_processor
 from models.policy import audio_features, completion_logprobs, group_logprobs, kept_frames, prompt_embeddings
 from models.tiny import build_tiny_checkpoint
 
@@ -127,7 +127,7 @@ def test_shared_prefix_with_activation_checkpointing_and_training_mode(tiny_chec
     grads = []
     for shared in (False, True):
         model = load_model(tiny_checkpoint, dtype=torch.float32)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.train()
         logp = shared_logprobs(model, batch, ids) if shared else per_row_logprobs(model, batch, ids, G)
         logp.sum().backward()

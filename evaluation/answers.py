@@ -169,11 +169,13 @@ def read_progress(folder: Path) -> dict[int, Generated]:
     done: dict[int, Generated] = {}
     for path in sorted(folder.glob("rank*.jsonl")):
         for line in path.read_text().splitlines():
-            try:
+            try:  # a torn last line, or a row that is not one of ours, is not an answer
                 row = json.loads(line)
-            except json.JSONDecodeError:
+                generated = Generated(**row)
+            except (json.JSONDecodeError, TypeError):
                 continue
-            done[row["index"]] = Generated(**row)
+            if type(generated.index) is int and generated.index >= 0:
+                done[generated.index] = generated
     return done
 
 
@@ -186,11 +188,16 @@ def previous_results(out_dir: Path, fingerprint: dict, samples: Sequence) -> dic
         info, records = read_json(info_path), read_json(pred_path)
     except (OSError, json.JSONDecodeError):
         return None
+    if not isinstance(info, dict) or not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return None  # not what an evaluation writes: generate again
     if info.get("fingerprint") != fingerprint or len(records) != len(samples):
         return None
-    errors = {m["index"]: m["error"] for m in info.get("missing_audio", [])}
-    lengths = info.get("completion_tokens", [])
-    truncated = set(info.get("truncated", []))
+    try:
+        errors = {m["index"]: m["error"] for m in info.get("missing_audio", [])}
+        lengths = list(info.get("completion_tokens", []))
+        truncated = set(info.get("truncated", []))
+    except (TypeError, KeyError, AttributeError):  # edited by hand: not reusable
+        return None
     results = {}
     for i, record in enumerate(records):
         if str(record.get("id")) != samples[i].id:

@@ -115,6 +115,13 @@ def load_rank_state(rank_file: Path) -> dict:
         raise ResumeError(f"{rank_file} cannot be read as a rank state ({_first_line(err)})") from None
     if not isinstance(state, dict) or "rng" not in state:
         raise ResumeError(f"{rank_file} is not a rank state (no 'rng' entry)")
+    now = rng_state()
+    try:  # set and put back: a malformed RNG state is refused here, not after the weights are loaded
+        set_rng_state(state["rng"])
+    except Exception as err:
+        raise ResumeError(f"{rank_file} does not hold RNG states this trainer wrote ({_first_line(err)})") from None
+    finally:
+        set_rng_state(now)
     return state
 
 
@@ -515,7 +522,9 @@ def load_checkpoint(path: str | Path, model, optimizer, *, rank: int, extra_mode
     states are per rank. ``frozen``: as given to ``save_checkpoint``. ``verify=False``
     skips the manifest check when the caller has just done it (``resolve_resume``).
     Everything that could be refused is read before the model or optimizer changes: the
-    manifest check, this rank's state, the metadata and the non-tensor values.
+    manifest check, this rank's state, the metadata and the non-tensor values. (A tensor
+    that cannot be read is found while loading: after the manifest check, only in a file
+    crafted together with its manifest; the ResumeError then ends the run.)
     """
     path = Path(path)
     if verify:

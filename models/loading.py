@@ -73,12 +73,14 @@ def check_safetensors(path):
         with open(path, "rb") as f:
             head = f.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else None
-            if n is None or n > min(size - 8, _MAX_HEADER):
-                raise CheckpointError(f"{path} is truncated or not safetensors: {size} bytes, "
-                                      f"{'no header' if n is None else f'a header of {n} bytes announced'}")
-            raw = f.read(n)
+            raw = f.read(n) if n is not None and n <= _MAX_HEADER else b""
     except OSError as err:
         raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
+    if n is None or n > _MAX_HEADER:
+        raise CheckpointError(f"{path} is truncated or not safetensors: {size} bytes, "
+                              f"{'no header' if n is None else f'a header of {n} bytes announced'}")
+    if len(raw) < n:
+        raise CheckpointError(f"{path} is truncated: {size} bytes, its header alone announces {8 + n}")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:

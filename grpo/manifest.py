@@ -7,15 +7,16 @@ in bytes, and the SHA-256 of each 64 MiB block of the file)::
      "files": {"state/__0_0.distcp": {"bytes": 123, "sha256": ["<64 hex digits>", ...]}, ...}}
 
 Why a full checksum, in blocks: only a checksum of every byte tells an altered file from a
-good one of the same size (a size alone catches a truncated or missing file). At 7B scale
-a full-parameter run saves ~100 GB (fp32 weights and AdamW's two moments); hashing a file
-as one stream would take one core ~1-3 minutes per save. Hashed as independent 64 MiB
-blocks, the work spreads over every rank (block ``i`` of the sorted list goes to rank
-``i mod world``) and over threads within a rank (``hashlib`` releases the GIL), so the cost
-per save is the data's size divided by the cores hashing it: measured ~0.5 GB/s per core
-on a shared 2-core test machine, 1.5-2 GB/s on a core with SHA extensions, i.e. seconds for
-8 ranks with a few threads each, small next to writing the data. A checkpoint is read back
-the same way before ``--resume`` loads anything from it, and a mismatch names the file.
+good one of the same size (a size alone catches a truncated or missing file). The price is
+reading the checkpoint back once and hashing it. Hashed as independent 64 MiB blocks, that
+work spreads over every rank (block ``i`` of the sorted list goes to rank ``i mod world``)
+and over up to 8 threads within a rank (``hashlib`` releases the GIL). Measured on the
+shared 2-core test machine: SHA-256 at 0.2-0.5 GiB/s per core (it varies with the load), the
+read back at ~0.3 GiB/s. At 7B full-parameter scale a state is ~100 GB (fp32 weights and
+AdamW's two moments), ~12 GB per rank on 8 ranks: about 6 s per save at 2 GB/s per rank,
+about a minute at this test machine's speed with one thread, against the minute or so the
+save itself takes (an estimate from these rates, not measured at 7B). A LoRA run's state is
+megabytes. ``--resume`` reads the checkpoint once more the same way before loading it.
 
 The manifest guards against truncation, bit rot and files swapped or edited by mistake;
 it is not a signature (whoever can edit a file can edit the manifest too). That nothing in a

@@ -51,7 +51,13 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -217,7 +223,7 @@ class _SafeReader(FileSystemReader):
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         metadata = read_dcp_metadata(self._get_metadata_path(kwargs.get("rank")))
-        metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
@@ -529,16 +535,21 @@ def load_checkpoint(path: str | Path, model, optimizer, *, rank: int, extra_mode
     path = Path(path)
     if verify:
         verify_checkpoint(path)
-    rank_file = path / f"rank{rank}.pt"
-    if not rank_file.is_file():
-        raise ResumeError(f"{rank_file} is missing: resume with the same number of processes as the saved run")
-    rank_state = load_rank_state(rank_file)  # first: an unsafe file is refused before anything changes
     try:
         trainer_state = json.loads((path / COMPLETE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ResumeError(f"{path / COMPLETE} cannot be read ({_first_line(err)})") from None
     if not isinstance(trainer_state, dict) or type(trainer_state.get("step")) is not int:
         raise ResumeError(f"{path / COMPLETE} has no step")
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    saved_world = trainer_state.get("world_size", world)
+    if saved_world != world:  # said by every rank alike, before any of them waits in a collective
+        raise ResumeError(f"{path} was saved by {saved_world} processes; resume it with the same number of "
+                          f"processes (now {world})")
+    rank_file = path / f"rank{rank}.pt"
+    if not rank_file.is_file():
+        raise ResumeError(f"{rank_file} is missing: resume with the same number of processes as the saved run")
+    rank_state = load_rank_state(rank_file)  # an unsafe file is refused before anything changes
     check_dcp_values(path / "state")
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(frozen))
     state = {"model": model_sd, "optim": optim_sd}

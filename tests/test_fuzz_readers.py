@@ -86,6 +86,53 @@ def test_the_predictions_reader_parses_or_names_the_file(data):
         shutil.rmtree(folder)
 
 
+PROGRESS_FIELDS = ["index", "completion", "error", "n_tokens", "truncated", "other"]
+progress_rows = st.dictionaries(st.sampled_from(PROGRESS_FIELDS), json_values, max_size=5) | json_values
+
+
+@FAST
+@given(rows=st.lists(progress_rows, max_size=5), tail=st.binary(max_size=20))
+def test_evaluation_progress_files_keep_only_whole_answers(rows, tail):
+    """A killed evaluation's progress files (and anything else found there) never stop a rerun:
+    a row that is not a whole answer is left out, to be generated again."""
+    from evaluation.answers import Generated, read_progress
+
+    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    try:
+        (folder / "rank0.jsonl").write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode() + tail)
+        done = read_progress(folder)
+        for index, g in done.items():
+            assert isinstance(g, Generated) and g.index == index and type(g.n_tokens) is int
+            assert isinstance(g.completion, str) or isinstance(g.error, str)
+    finally:
+        shutil.rmtree(folder)
+
+
+@FAST
+@given(info=st.dictionaries(st.sampled_from(["fingerprint", "missing_audio", "completion_tokens", "truncated"]),
+                            json_values, max_size=4) | json_values,
+       records=st.lists(st.dictionaries(st.sampled_from(["id", "model_completion", "answer"]), json_values,
+                                        max_size=3), max_size=3) | json_values)
+def test_a_previous_evaluation_is_reused_only_when_whole(info, records):
+    from types import SimpleNamespace
+
+    from evaluation.answers import previous_results
+
+    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    try:
+        if isinstance(info, dict):
+            info.setdefault("fingerprint", {"k": 1})
+        (folder / "eval_info.json").write_text(json.dumps(info))
+        (folder / "predictions.json").write_text(json.dumps(records))
+        samples = [SimpleNamespace(id=str(i)) for i in range(len(records) if isinstance(records, list) else 1)]
+        found = previous_results(folder, {"k": 1}, samples)
+        if found is not None:
+            assert sorted(found) == list(range(len(samples)))
+            assert all(isinstance(g.completion, str) or isinstance(g.error, str) for g in found.values())
+    finally:
+        shutil.rmtree(folder)
+
+
 config_values = scalars | st.lists(scalars, max_size=3) | st.dictionaries(st.text(max_size=5), scalars, max_size=2)
 SECTIONS = ["run", "model", "data", "rollout", "algorithm", "optimizer", "checkpointing", "logging", "lora",
             "distribution", "nonsense"]

@@ -202,7 +202,8 @@ def _metadata_problem(md) -> str | None:
         if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
             return f"{key.fqn!r} has no valid position in {rel}"
         if getattr(info, "transform_descriptors", None):
-            return f"{key.fqn!r} is stored through transforms {info.transform_descriptors!r}, which this trainer never uses"
+            return (f"{key.fqn!r} is stored through transforms {info.transform_descriptors!r}, which this trainer "
+                    "never uses")
     return None
 
 

@@ -697,7 +697,7 @@ def test_a_run_that_fails_to_start_leaves_its_directory_unlocked(small_world, tm
     make_trainer(small_world, tmp_path / "run", resume="latest").close()
 
 
-# --------------------------------------------------------------------------- crafted, damaged and unwritable checkpoints
+# --------------------------------------------------------------------------- crafted, damaged, unwritable checkpoints
 
 
 KEEP_TWO = ("checkpointing.every=1", "checkpointing.keep_last=2")

@@ -62,4 +62,4 @@ test-oldest: $(OLDEST)/.installed
 	PYTHONPATH=$(OLDEST) $(PY) -m pytest tests
 
 clean:
-	rm -rf $(VENV) runs artifacts .pytest_cache
+	rm -rf $(VENV) runs artifacts .pytest_cache .hypothesis

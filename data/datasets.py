@@ -51,13 +51,20 @@ def _iter_records(path):
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8-sig") as f:  # -sig: files saved by Windows tools start with a BOM
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: files saved by Windows tools start with a BOM
+            text = f.read()
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") \
+            from None
     if text.lstrip()[:1] == "[":
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {e.lineno}: malformed JSON: {e.msg}") from e
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to be a list of records") from None
         for i, rec in enumerate(items):
             yield f"{path}: item {i}", rec
         return
@@ -68,6 +75,8 @@ def _iter_records(path):
             yield f"{path}: line {lineno}", json.loads(line)
         except json.JSONDecodeError as e:
             yield f"{path}: line {lineno}", _Bad(f"malformed JSON: {e.msg}")
+        except RecursionError:
+            yield f"{path}: line {lineno}", _Bad("JSON nested too deeply")
 
 
 def _read(path, parse, on_error, check_audio=False):

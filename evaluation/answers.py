@@ -168,12 +168,16 @@ def read_progress(folder: Path) -> dict[int, Generated]:
     """Finished questions from the per-rank progress files (a torn last line is ignored)."""
     done: dict[int, Generated] = {}
     for path in sorted(folder.glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
+        # a kill can cut the last line inside a UTF-8 character: it is dropped like any torn line
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            try:  # a torn last line, or a row that is not one of ours, is not an answer
                 row = json.loads(line)
-            except json.JSONDecodeError:
+                generated = Generated(**row)
+            except (json.JSONDecodeError, TypeError):
                 continue
-            done[row["index"]] = Generated(**row)
+            if type(generated.index) is int and generated.index >= 0 and type(generated.n_tokens) is int and (
+                    isinstance(generated.completion, str) or isinstance(generated.error, str)):
+                done[generated.index] = generated
     return done
 
 
@@ -184,21 +188,26 @@ def previous_results(out_dir: Path, fingerprint: dict, samples: Sequence) -> dic
         return None
     try:
         info, records = read_json(info_path), read_json(pred_path)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
+    if not isinstance(info, dict) or not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return None  # not what an evaluation writes: generate again
     if info.get("fingerprint") != fingerprint or len(records) != len(samples):
         return None
-    errors = {m["index"]: m["error"] for m in info.get("missing_audio", [])}
-    lengths = info.get("completion_tokens", [])
-    truncated = set(info.get("truncated", []))
+    try:
+        errors = {m["index"]: m["error"] for m in info.get("missing_audio", [])}
+        lengths = list(info.get("completion_tokens", []))
+        truncated = set(info.get("truncated", []))
+    except (TypeError, KeyError, AttributeError):  # edited by hand: not reusable
+        return None
     results = {}
     for i, record in enumerate(records):
         if str(record.get("id")) != samples[i].id:
             return None
-        if i in errors:
+        if i in errors and isinstance(errors[i], str):
             results[i] = Generated(index=i, error=errors[i])
-        elif "model_completion" in record and record["model_completion"] is not None:
-            n_tok = lengths[i] if i < len(lengths) else 0
+        elif isinstance(record.get("model_completion"), str):
+            n_tok = lengths[i] if i < len(lengths) and type(lengths[i]) is int else 0
             results[i] = Generated(index=i, completion=record["model_completion"], n_tokens=n_tok,
                                    truncated=i in truncated)
         else:

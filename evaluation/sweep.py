@@ -70,6 +70,7 @@ from evaluation.config import (
     tensorboard_dir,
 )
 from evaluation.report import format_scores_table, format_summary, summary_json, write_tensorboard
+from grpo import manifest
 from grpo.checkpoint import STEP_DIR, list_exports, step_of
 from grpo.config import ConfigError
 from grpo.rollout import sampling_settings
@@ -87,6 +88,24 @@ class CheckpointRef:
     path: Path  # the transformers-format directory
     step: int  # parsed from step_<N> in the path; 0 for a base model
 
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """CheckpointError naming the file unless every file the evaluation reads is whole: the JSON
+    files parse, each safetensors file is as long as its header says (``models.loading``), and,
+    for a training run's export, each file has the size the run's manifest recorded. (Sizes
+    only: checksumming every export of a sweep would cost more than it finds.)"""
+    from models.loading import check_model_files
+
+    check_model_files(path)
+    step_dir = path.parent
+    if path.name == "hf" and STEP_DIR.match(step_dir.name) and (step_dir / manifest.MANIFEST).is_file():
+        try:
+            problem = manifest.verify(step_dir, only=("hf",), checksums=False)
+        except manifest.ManifestError as err:
+            problem = str(err)
+        if problem:
+            raise CheckpointError(f"--checkpoint {path}: {problem}")
 
 
 def _name_of(path: Path) -> str:
@@ -414,6 +433,8 @@ def run_evaluation(config: EvalConfig, checkpoints: Sequence[str | Path], *, for
     refs = resolve_checkpoints(checkpoints)
     if not refs:
         raise CheckpointError(f"no checkpoints found in {list(checkpoints)}")
+    for ref in refs:  # a broken one is named now, not after hours spent on the ones before it
+        check_checkpoint_files(ref.path)
     samples = load_samples(config, d)
     if d.is_main:
         log.info("%s: %d questions from %s; %d checkpoint(s): %s", dataset_name(config), len(samples),

@@ -29,13 +29,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message says what is wrong and how to fix it."""
     from data.audio import AudioError
     from data.datasets import DataError
-    from grpo.checkpoint import ResumeError
+    from grpo.checkpoint import ResumeError, SaveError
     from grpo.config import ConfigError
     from grpo.rewards import RewardError
     from grpo.rundir import RunDirError
     from models.loading import CheckpointError
 
-    return (ConfigError, DataError, AudioError, CheckpointError, ResumeError, RunDirError, RewardError)
+    return (ConfigError, DataError, AudioError, CheckpointError, ResumeError, SaveError, RunDirError,
+            RewardError)
 
 
 def run_reporting_errors(body: Callable[[], int], *, debug: bool) -> int:

@@ -420,9 +420,14 @@ def read_into(config, path: str | Path | None, overrides=()) -> str:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            mapping = yaml.safe_load(path.read_text()) or {}
+            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                              f"{err.start})") from None
+        except RecursionError:
+            raise ConfigError(f"{path} is nested too deeply to be a config") from None
         apply_mapping(config, mapping, str(path))
         source = str(path)
     for text in overrides:

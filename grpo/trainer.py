@@ -38,7 +38,8 @@ from data.collate import prompt_length
 from data.datasets import DataError, Sample, read_dataset
 from data.prompts import answer_target
 from grpo.algorithm import completion_mask, group_advantages, policy_loss
-from grpo.checkpoint import ResumeError, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from grpo.checkpoint import (ResumeError, SaveError, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
+                             set_rng_state)
 from grpo.config import Config, ConfigError
 from grpo.rewards import accuracy_reward, check_reward_names, compute_rewards
 from grpo.rollout import (
@@ -861,7 +862,8 @@ class Trainer:
         saved_step = json.loads((path / "trainer_state.json").read_text())["step"]
         trainer_state, rank_state = load_checkpoint(path, self.model, self.optimizer, rank=self.rank,
                                                     extra_models=self._saved_models(),
-                                                    frozen=self._base_changed(saved_step))
+                                                    frozen=self._base_changed(saved_step),
+                                                    verify=False)  # resolve_resume verified it
         if trainer_state.get("world_size", self.world) != self.world:
             raise ResumeError(f"{path} was saved by {trainer_state['world_size']} processes; "
                              f"resume it with the same number (now {self.world})")
@@ -946,8 +948,9 @@ class Trainer:
                     self.stopped_by_signal = signum
                     logger.warning("stopped by signal %d at step %d; continue with --resume", signum, self.step)
                     break
-        except Exception:
-            self._save_after_failure(before, pending)
+        except Exception as err:
+            # a failed save is not tried again on the way out: it would fail the same way
+            self._save_after_failure(before, pending, save=not isinstance(err, SaveError))
             raise
         finally:
             if bar is not None:
@@ -967,7 +970,7 @@ class Trainer:
                 "nonfinite": (self.nonfinite_in_a_row, self.nonfinite_total),
                 "stream": self.stream.state_dict(), "rng": rng_state()}
 
-    def _save_after_failure(self, before: dict | None, unlogged: dict | None) -> None:
+    def _save_after_failure(self, before: dict | None, unlogged: dict | None, save: bool = True) -> None:
         """On an exception: save the last completed step unless it is on disk already.
 
         ``before`` is None when the failure came after a step completed (evaluation, logging,
@@ -992,7 +995,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         if unlogged is not None:
             self._write_history(unlogged)
-        if self.step == 0 or self.saved_step == self.step:
+        if not save or self.step == 0 or self.saved_step == self.step:
             return
         logger.error("the run failed after step %d: saving that step before stopping", self.step)
         try:

@@ -3,13 +3,19 @@
 A checkpoint directory looks like Qwen/Qwen2-Audio-7B-Instruct on the hub:
 config.json, model.safetensors (or model.safetensors.index.json + shards), tokenizer files,
 preprocessor_config.json, chat_template.jinja, generation_config.json.
-Everything that is missing is reported up front as a CheckpointError naming the file, instead
-of a deep stack trace from transformers (or, worse, an attempt to reach the hub).
+Everything that is missing or broken is reported up front as a CheckpointError naming the
+file (a JSON file that does not parse, a safetensors file cut short or with a garbled header,
+a shard the index lists but the directory lacks), instead of a deep stack trace from
+transformers or safetensors (or, worse, an attempt to reach the hub).
+
+Weights are read from safetensors only (``use_safetensors=True``): a ``pytorch_model.bin``
+is a pickle, which can run code when loaded, so it is never read, even next to safetensors.
 """
 
 import json
+import math
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors.torch import save_file
@@ -23,10 +29,17 @@ from transformers import (
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# bytes per element of each safetensors dtype
+_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                            "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+                            "C64": 8}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
 class CheckpointError(FileNotFoundError):
-    """A checkpoint directory, or a file it needs, is missing."""
+    """A checkpoint directory, or a file it needs, is missing or broken; the message names it."""
 
 
 def _require(path, what):
@@ -34,47 +47,157 @@ def _require(path, what):
         raise CheckpointError(f"{what} not found: {path}")
 
 
+def read_json_file(path, what="JSON file"):
+    """A JSON object from ``path``; a file that is not one is a CheckpointError naming it."""
+    path = Path(path)
+    _require(path, what)
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path}: {what} cannot be read as JSON ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: {what} is not a JSON object")
+    return value
+
+
+def check_safetensors(path):
+    """Raise CheckpointError unless ``path`` is a whole safetensors file: an 8-byte header length,
+    a JSON header whose tensors have known dtypes, sizes that match their shapes, and data that
+    ends exactly where the file does (a file cut short is named with both sizes). Reads only
+    the header, so it costs nothing next to loading the weights."""
+    path = Path(path)
+    _require(path, "safetensors file")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else None
+            raw = f.read(n) if n is not None and n <= _MAX_HEADER else b""
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
+    if n is None or n > _MAX_HEADER:
+        raise CheckpointError(f"{path} is truncated or not safetensors: {size} bytes, "
+                              f"{'no header' if n is None else f'a header of {n} bytes announced'}")
+    if len(raw) < n:
+        raise CheckpointError(f"{path} is truncated: {size} bytes, its header alone announces {8 + n}")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path}: its safetensors header is not JSON ({type(err).__name__})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: its safetensors header is not a JSON object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        problem = _tensor_entry_problem(info)
+        if problem:
+            raise CheckpointError(f"{path}: malformed safetensors header: tensor {name!r} {problem}")
+        end = max(end, info["data_offsets"][1])
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: {size} bytes, its header describes {8 + n + end}")
+    if 8 + n + end < size:
+        raise CheckpointError(f"{path}: {size - (8 + n + end)} bytes after the last tensor its header describes "
+                              "(not a file safetensors wrote)")
+
+
+def _tensor_entry_problem(info):
+    if not isinstance(info, dict):
+        return "is not described by an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _SAFETENSORS_DTYPE_BYTES:
+        return f"has an unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"has a malformed shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return f"has malformed data offsets {offsets!r}"
+    if offsets[1] - offsets[0] != math.prod(shape) * _SAFETENSORS_DTYPE_BYTES[dtype]:
+        return f"holds {offsets[1] - offsets[0]} bytes, not the {math.prod(shape)} x {dtype} of its shape"
+    return None
+
+
 def check_weights(path):
-    """Raise CheckpointError unless `path` holds safetensors weights (single file or sharded)."""
+    """Raise CheckpointError unless `path` holds whole safetensors weights (single file or sharded)."""
     path = Path(path)
     if (path / WEIGHTS_NAME).is_file():
+        check_safetensors(path / WEIGHTS_NAME)
         return
     index = path / WEIGHTS_INDEX_NAME
     if not index.is_file():
+        pickled = [name for name in PICKLED_WEIGHTS if (path / name).is_file()]
+        extra = (f" ({pickled[0]} is there: pickled weights can run code when loaded and are never read; "
+                 "convert them to safetensors)") if pickled else ""
         raise CheckpointError(
-            f"no safetensors weights in {path}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    for shard in shards:
+            f"no safetensors weights in {path}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}{extra}")
+    weight_map = read_json_file(index, "weights index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: no 'weight_map' of tensor names to shard files")
+    for shard in sorted(set(weight_map.values())):
+        if PurePosixPath(shard).name != shard or shard in (".", ".."):
+            raise CheckpointError(f"{index}: shard {shard!r} is not a file of {path}")
         _require(path / shard, f"weight shard listed in {index.name}")
+        check_safetensors(path / shard)
+
+
+def check_model_files(path):
+    """Everything ``load_model`` / ``load_processor`` read, checked without loading the weights."""
+    path = Path(path)
+    _require(path, "checkpoint directory")
+    read_json_file(path / "config.json", "model config")
+    check_weights(path)
+    check_processor_files(path)
+    if (path / "generation_config.json").is_file():
+        read_json_file(path / "generation_config.json", "generation config")
 
 
 def check_processor_files(path):
-    """Raise CheckpointError unless the tokenizer and feature-extractor files are there."""
+    """Raise CheckpointError unless the tokenizer and feature-extractor files are there and parse."""
     path = Path(path)
     _require(path, "checkpoint directory")
-    if not ((path / "tokenizer.json").is_file()
-            or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())):
+    if (path / "tokenizer.json").is_file():
+        read_json_file(path / "tokenizer.json", "tokenizer")
+    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        read_json_file(path / "vocab.json", "tokenizer vocabulary")
+    else:
         raise CheckpointError(
             f"tokenizer files not found in {path}: expected tokenizer.json or vocab.json + merges.txt")
-    _require(path / "tokenizer_config.json", "tokenizer config")
+    read_json_file(path / "tokenizer_config.json", "tokenizer config")
     # transformers 5 may also write the feature extractor nested in processor_config.json
-    if not (path / "preprocessor_config.json").is_file() and not _nested_feature_extractor(path):
+    if (path / "preprocessor_config.json").is_file():
+        read_json_file(path / "preprocessor_config.json", "feature extractor config")
+    elif not _nested_feature_extractor(path):
         raise CheckpointError(f"feature extractor config not found: {path / 'preprocessor_config.json'}")
 
 
 def _nested_feature_extractor(path):
     f = path / "processor_config.json"
-    return f.is_file() and "feature_extractor" in json.loads(f.read_text())
+    return f.is_file() and "feature_extractor" in read_json_file(f, "processor config")
+
+
+def _loading(path, what, load):
+    """``load()``, with whatever transformers, tokenizers or safetensors raise on a broken file
+    turned into one CheckpointError naming the directory (after the checks above, rare)."""
+    try:
+        return load()
+    except CheckpointError:
+        raise
+    except Exception as err:
+        text = str(err).strip()
+        raise CheckpointError(f"{path}: the {what} cannot be loaded ({type(err).__name__}: "
+                              f"{text.splitlines()[0] if text else ''})") from None
 
 
 def load_model(path, *, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
     """Qwen2AudioForConditionalGeneration from a local directory, in `dtype`, on `device`."""
     path = Path(path)
     _require(path, "checkpoint directory")
-    _require(path / "config.json", "model config")
+    read_json_file(path / "config.json", "model config")
     check_weights(path)
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(
-        path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation)
+    model = _loading(path, "model", lambda: Qwen2AudioForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, use_safetensors=True, dtype=dtype, attn_implementation=attn_implementation))
     return model.to(device)
 
 
@@ -82,7 +205,7 @@ def load_processor(path):
     """Qwen2AudioProcessor (feature extractor + tokenizer + chat template); tokenizer pads on the left."""
     path = Path(path)
     check_processor_files(path)
-    processor = Qwen2AudioProcessor.from_pretrained(path, local_files_only=True)
+    processor = _loading(path, "processor", lambda: Qwen2AudioProcessor.from_pretrained(path, local_files_only=True))
     # prompts are left padded so that every row's completion starts at the same column
     processor.tokenizer.padding_side = "left"
     # tokenizer.apply_chat_template must render the same as processor.apply_chat_template
@@ -96,9 +219,11 @@ def load_generation_config(path):
     path = Path(path)
     _require(path, "checkpoint directory")
     if (path / "generation_config.json").is_file():
-        return GenerationConfig.from_pretrained(path, local_files_only=True)
-    _require(path / "config.json", "model config")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+        read_json_file(path / "generation_config.json", "generation config")
+        return _loading(path, "generation config",
+                        lambda: GenerationConfig.from_pretrained(path, local_files_only=True))
+    read_json_file(path / "config.json", "model config")
+    config = _loading(path, "model config", lambda: AutoConfig.from_pretrained(path, local_files_only=True))
     text = getattr(config, "text_config", config)
     eos = getattr(text, "eos_token_id", None)
     if eos is None:

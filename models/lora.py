@@ -249,10 +249,20 @@ def save_adapters(state: dict[str, torch.Tensor], out_dir: str | Path, *, rank: 
 
 @torch.no_grad()
 def load_adapters(model: nn.Module, adapter_dir: str | Path) -> None:
-    """Copy saved adapters into a model that ``apply_lora`` adapted with the same settings."""
+    """Copy saved adapters into a model that ``apply_lora`` adapted with the same settings.
+
+    The adapters are safetensors (no code can run on reading them); a missing, cut-short or
+    garbled file is a CheckpointError naming it, before any parameter is changed."""
     from safetensors.torch import load_file
 
-    saved = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    from models.loading import CheckpointError, check_safetensors
+
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    check_safetensors(weights)
+    try:
+        saved = load_file(str(weights))
+    except Exception as err:  # what the header check cannot see (safetensors' own checks)
+        raise CheckpointError(f"{weights} cannot be loaded ({type(err).__name__}: {err})") from None
     # names as saved: without the prefixes of module wrappers (activation checkpointing, compile)
     params = {re.sub(r"(_checkpoint_wrapped_module|_orig_mod)\.", "", k): v for k, v in model.named_parameters()}
     missing = sorted(set(k for k in params if is_adapter_key(k)) - set(saved))

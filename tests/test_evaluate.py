@@ -497,3 +497,35 @@ def test_a_missing_checkpoint_directory_is_one_line(tmp_path, synthetic, capsys)
     assert evaluate.main(["--config", str(tmp_path / "out.yaml"), "--checkpoint", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err
     assert f"error: --checkpoint {tmp_path / 'nope'}: no such directory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("harm, says", [
+    ("cut", r"hf/model\.safetensors is truncated: 1000 bytes"),
+    ("config", r"hf/config\.json: model config cannot be read as JSON"),
+    ("edited", r"hf/generation_config\.json is longer than saved: \d+ bytes, \d+ when saved"),
+])
+def test_a_broken_export_is_one_line_before_any_checkpoint_is_evaluated(tmp_path, synthetic, tiny, capsys, harm,
+                                                                          says):
+    """A run whose second export is damaged: named up front (not after evaluating the first)."""
+    import shutil
+
+    from grpo import manifest
+
+    make_config(synthetic, tmp_path / "out")
+    run = tmp_path / "run"
+    for step in (1, 2):
+        step_dir = run / "checkpoints" / f"step_{step}"
+        shutil.copytree(tiny, step_dir / "hf")
+        manifest.write(step_dir, manifest.record(step_dir))
+    hf = run / "checkpoints" / "step_2" / "hf"
+    if harm == "cut":
+        (hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:1000])
+    elif harm == "config":
+        (hf / "config.json").write_text("{")
+    else:  # still valid JSON, but not what the run saved
+        (hf / "generation_config.json").write_text((hf / "generation_config.json").read_text() + " ")
+    assert evaluate.main(["--config", str(tmp_path / "out.yaml"), "--checkpoint", str(run)]) == 1
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert re.search(says, line), line
+    assert "Traceback" not in err and not (tmp_path / "out" / "run-step_1").exists()

@@ -80,3 +80,119 @@ def test_generation_config_and_end_tokens(ckpt_copy, tiny_processor):
     assert end_token_ids(gen) == [im_end]
     assert end_token_ids(GenerationConfig(eos_token_id=151645)) == [151645]
     assert end_token_ids(GenerationConfig(eos_token_id=[151645, 151643])) == [151645, 151643]
+
+
+# --------------------------------------------------------------------------- broken or unsafe files
+
+
+def _cut(path, n=1000):
+    path.write_bytes(path.read_bytes()[:n])
+
+
+def _huge_header(path):
+    data = path.read_bytes()
+    path.write_bytes((2**40).to_bytes(8, "little") + data[8:])
+
+
+def _garbled_header(path):
+    data = bytearray(path.read_bytes())
+    data[8:20] = b"not json at!"
+    path.write_bytes(bytes(data))
+
+
+def _wrong_length(path):
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    path.write_bytes(data[:8] + data[8:8 + n].replace(b'"F32"', b'"F16"', 1) + data[8 + n:])
+
+
+def _not_json(path):
+    path.write_text('{"model_type": "qwen2_audio", ')
+
+
+@pytest.mark.parametrize("name, harm, says", [
+    ("model.safetensors", _cut, r"model\.safetensors is truncated: 1000 bytes, its header alone announces \d+"),
+    ("model.safetensors", lambda p: _cut(p, p.stat().st_size - 1),
+     r"model\.safetensors is truncated: \d+ bytes, its header describes \d+"),
+    ("model.safetensors", lambda p: _cut(p, 5), r"model\.safetensors is truncated or not safetensors: 5 bytes"),
+    ("model.safetensors", _huge_header, r"model\.safetensors is truncated or not safetensors: .* announced"),
+    ("model.safetensors", _garbled_header, r"model\.safetensors: its safetensors header is not JSON"),
+    ("model.safetensors", _wrong_length, r"model\.safetensors: malformed safetensors header: tensor .* holds"),
+    ("config.json", _not_json, r"config\.json: model config cannot be read as JSON"),
+    ("generation_config.json", _not_json, r"generation_config\.json: generation config cannot be read as JSON"),
+    ("tokenizer_config.json", _not_json, r"tokenizer_config\.json: tokenizer config cannot be read as JSON"),
+    ("tokenizer.json", lambda p: p.write_text("[]"), r"tokenizer\.json: tokenizer is not a JSON object"),
+    ("preprocessor_config.json", _not_json, r"preprocessor_config\.json: feature extractor config cannot be read"),
+])
+def test_a_broken_model_file_is_one_error_naming_it(ckpt_copy, name, harm, says):
+    from models.loading import check_model_files
+
+    harm(ckpt_copy / name)
+    loaders = [check_model_files]
+    loaders += [load_model] if name in ("model.safetensors", "config.json") else []
+    loaders += [load_generation_config] if name == "generation_config.json" else []
+    loaders += [load_processor] if name.startswith(("tokenizer", "preprocessor")) else []
+    for load in loaders:
+        with pytest.raises(CheckpointError, match=says) as err:
+            load(ckpt_copy)
+        assert "\n" not in str(err.value) and str(ckpt_copy / name) in str(err.value)
+
+
+def test_a_broken_or_missing_shard_of_an_index_is_named(tiny_checkpoint, tiny_processor, tmp_path):
+    model = load_model(tiny_checkpoint)
+    out = save_checkpoint(model.state_dict(), model.config, tiny_processor, load_generation_config(tiny_checkpoint),
+                          tmp_path / "sharded", max_shard_bytes=200_000)
+    index = out / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    _cut(out / shards[1])
+    with pytest.raises(CheckpointError, match=rf"{shards[1]} is truncated: 1000 bytes"):
+        load_model(out)
+    index.write_text('{"weight_map": {"a": "../outside.safetensors"}}')
+    with pytest.raises(CheckpointError, match=r"shard '\.\./outside\.safetensors' is not a file of"):
+        load_model(out)
+    _not_json(index)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: weights index cannot be read"):
+        load_model(out)
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted weights file could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickled_bin_weights_are_never_read(ckpt_copy, tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"weights": _RunsCode(marker)}, ckpt_copy / "pytorch_model.bin")
+    load_model(ckpt_copy)  # next to safetensors: safetensors is read
+    assert not marker.exists()
+    (ckpt_copy / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin is there: pickled weights can run code"):
+        load_model(ckpt_copy)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("harm", ["pickle", "cut"])
+def test_broken_or_pickled_lora_adapters_are_one_error_naming_the_file(tiny_checkpoint, tmp_path, harm):
+    from models.lora import ADAPTER_WEIGHTS, apply_lora, load_adapters, save_adapters
+
+    model = load_model(tiny_checkpoint)
+    apply_lora(model, rank=2, alpha=4, targets=["decoder"])
+    adapters = tmp_path / "adapter"
+    save_adapters(dict(model.named_parameters()), adapters, rank=2, alpha=4, dropout=0.0, targets=["decoder"])
+    marker = tmp_path / "code-ran"
+    if harm == "pickle":
+        torch.save({"x": _RunsCode(marker)}, adapters / ADAPTER_WEIGHTS)
+    else:
+        _cut(adapters / ADAPTER_WEIGHTS, 300)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CheckpointError, match=rf"{ADAPTER_WEIGHTS} is truncated"):
+        load_adapters(model, adapters)
+    assert not marker.exists()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -239,7 +239,8 @@ def test_a_rank_file_with_a_pickled_callable_is_refused(tmp_path):
     marker = tmp_path / "code-ran"
     torch.save({"rng": _RunsCode(marker), "stream": {}}, ckpt / "rank0.pt")
     with pytest.raises(ResumeError, match=r"rank0.pt: refused to load: it holds Python objects"):
-        load_checkpoint(ckpt, model=None, optimizer=None, rank=0)  # refused before the model is touched
+        # refused before the model is touched (verify=False: the rank file is what is tested)
+        load_checkpoint(ckpt, model=None, optimizer=None, rank=0, verify=False)
     assert not marker.exists(), "the pickled call ran"
 
 
@@ -694,3 +695,132 @@ def test_a_run_that_fails_to_start_leaves_its_directory_unlocked(small_world, tm
         failed = err  # keeps the half-built trainer alive through the traceback
     assert failed is not None and not (tmp_path / "run" / "run.lock").exists()
     make_trainer(small_world, tmp_path / "run", resume="latest").close()
+
+
+# --------------------------------------------------------------------------- crafted, damaged, unwritable checkpoints
+
+
+KEEP_TWO = ("checkpointing.every=1", "checkpointing.keep_last=2")
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(small_world, tmp_path_factory):
+    """A run directory with complete checkpoints at steps 1 and 2 (copied by each test)."""
+    out = tmp_path_factory.mktemp("two-checkpoints") / "run"
+    trainer = make_trainer(small_world, out, *KEEP_TWO)
+    trainer.train()
+    trainer.close()
+    assert _complete_checkpoints(out) == [1, 2]
+    return out
+
+
+def _copy_run(two_checkpoints, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(two_checkpoints, tmp_path / "run"))
+
+
+def test_resume_never_runs_code_from_a_crafted_dcp_metadata_file(small_world, two_checkpoints, tmp_path):
+    """torch reads state/.metadata with pickle.load: a file whose unpickling calls os.system,
+    with the manifest rewritten to match it, is refused and the call never runs."""
+    import pickle
+
+    from grpo import manifest
+    from grpo.checkpoint import ResumeError
+
+    run = _copy_run(two_checkpoints, tmp_path)
+    ckpt = run / "checkpoints" / "step_2"
+    marker = tmp_path / "code-ran"
+    (ckpt / "state" / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    manifest.write(ckpt, manifest.record(ckpt))
+    with pytest.raises(ResumeError, match=r"step_2/state/\.metadata: refused to load: not DCP checkpoint metadata"):
+        make_trainer(small_world, run, *KEEP_TWO, resume="latest")
+    assert not marker.exists(), "the pickled call ran"
+
+
+def test_resume_from_a_truncated_shard_names_it_and_the_newest_checkpoint_that_verifies(
+        small_world, two_checkpoints, tmp_path, monkeypatch):
+    import grpo.trainer
+    from grpo.checkpoint import ResumeError
+
+    run = _copy_run(two_checkpoints, tmp_path)
+    shard = run / "checkpoints" / "step_2" / "state" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    loaded = []
+    monkeypatch.setattr(grpo.trainer, "prepare_model", lambda cfg: loaded.append(cfg))
+    with pytest.raises(ResumeError) as err:
+        make_trainer(small_world, run, *KEEP_TWO, resume="latest")
+    message = str(err.value)
+    assert message.startswith(f"{shard} is truncated: 1000 bytes, ") and "\n" not in message
+    assert message.endswith(f"the newest checkpoint that verifies is {run / 'checkpoints' / 'step_1'}: "
+                            f"resume from it with --resume {run / 'checkpoints' / 'step_1'}")
+    assert loaded == []  # refused before the model was even prepared
+    resumed = make_trainer(small_world, run, *KEEP_TWO, resume=str(run / "checkpoints" / "step_1"))
+    assert resumed.step == 1
+    resumed.close()
+
+
+def _failing_shard_writes(monkeypatch, step: int):
+    """Writing step ``step``'s DCP shard fails as a full disk would (in process: no root needed)."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as fs
+
+    original = fs._write_item
+
+    def write_item(transforms, stream, *args, **kwargs):
+        if f".tmp_step_{step}" in str(getattr(stream, "name", "")):
+            raise OSError(errno.ENOSPC, "No space left on device", stream.name)
+        return original(transforms, stream, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_write_item", write_item)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_a_non_zero_exit(small_world, tmp_path, monkeypatch, capsys):
+    import train
+    from grpo.checkpoint import checkpoint_problem
+
+    out = tmp_path / "run"
+    _failing_shard_writes(monkeypatch, step=2)
+    rc = train.main(["--config", str(TINY), *quick_overrides(small_world, out, *KEEP_TWO)])
+    err = capsys.readouterr().err
+    assert rc == 1, err[-3000:]
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert f"could not save the checkpoint of step 2 to {out / 'checkpoints' / 'step_2'}: no space left on device" \
+        in line and "[errno ENOSPC]" in line
+    assert f"the newest complete checkpoint is {out / 'checkpoints' / 'step_1'} (step 1)" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]  # no .tmp_step_2 left
+    assert checkpoint_problem(out / "checkpoints" / "step_1") is None
+
+
+@pytest.mark.slow
+def test_a_write_the_os_refuses_while_saving_is_one_line_from_train_py(small_world, two_checkpoints, tmp_path):
+    """A real write error from the kernel, without root: RLIMIT_FSIZE caps the size of any file
+    the process writes (EFBIG), so the DCP shard of step 2 cannot be written."""
+    import resource
+    import shutil
+    import signal
+
+    from grpo.checkpoint import checkpoint_problem
+
+    run = _copy_run(two_checkpoints, tmp_path)
+    shutil.rmtree(run / "checkpoints" / "step_2")
+    shard_bytes = (run / "checkpoints" / "step_1" / "state" / "__0_0.distcp").stat().st_size
+    step_1 = {p: p.read_bytes() for p in (run / "checkpoints" / "step_1").rglob("*") if p.is_file()}
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (shard_bytes // 2, shard_bytes // 2))
+
+    proc = _run_train([*quick_overrides(small_world, run, *KEEP_TWO), "--resume"],
+                      preexec_fn=limit_file_size)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert f"could not save the checkpoint of step 2 to {run / 'checkpoints' / 'step_2'}" in line, line
+    assert "[errno EFBIG]" in line and f"newest complete checkpoint is {run / 'checkpoints' / 'step_1'}" in line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]
+    assert {p: p.read_bytes() for p in (run / "checkpoints" / "step_1").rglob("*") if p.is_file()} == step_1
+    assert checkpoint_problem(run / "checkpoints" / "step_1") is None

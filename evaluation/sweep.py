@@ -410,11 +410,20 @@ def run_evaluation(config: EvalConfig, checkpoints: Sequence[str | Path], *, for
     """Evaluate every checkpoint, then write the summary and TensorBoard scalars (rank 0)."""
     from models.loading import CheckpointError
 
+    from data.datasets import DataError
+    from grpo.cli import alike_on_every_rank
+
+    # what a user can fix, before the process group: every rank stops alike and one reports it
+    with alike_on_every_rank():
+        refs = resolve_checkpoints(checkpoints)
+        if not refs:
+            raise CheckpointError(f"no checkpoints found in {list(checkpoints)}")
+        path = dataset_path(config)
+        if not path.exists() and not (config.data.format == "synthetic" and config.data.synthetic_generate):
+            raise DataError(f"data.path {path}: file not found")
     d = init_dist(config.model.device)
-    refs = resolve_checkpoints(checkpoints)
-    if not refs:
-        raise CheckpointError(f"no checkpoints found in {list(checkpoints)}")
-    samples = load_samples(config, d)
+    with alike_on_every_rank():  # every rank reads the same file
+        samples = load_samples(config, d)
     if d.is_main:
         log.info("%s: %d questions from %s; %d checkpoint(s): %s", dataset_name(config), len(samples),
                  dataset_path(config), len(refs), ", ".join(f"{r.name} (step {r.step})" for r in refs))

@@ -111,10 +111,17 @@ def step_of(path: str | Path) -> int:
 
 
 def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
-    """``latest`` -> the newest complete full state of the run (None if there is none); else a path."""
-    if resume == "latest":
+    """The checkpoint ``--resume`` names: ``latest``, the newest complete full state of the run
+    (ResumeError when there is none: nothing to continue is not a fresh start unasked);
+    ``auto``, the same or None (a job restarted with the same command starts fresh the
+    first time); else a checkpoint path."""
+    if resume in ("latest", "auto"):
         full = [p for _, p in list_checkpoints(run_dir) if (p / "state").is_dir()]
-        return full[-1] if full else None
+        if full or resume == "auto":
+            return full[-1] if full else None
+        raise ResumeError(f"--resume: {run_dir} holds no checkpoint to continue from. Start the run without "
+                          "--resume, or pass --resume auto to continue when a checkpoint exists and start "
+                          "fresh otherwise")
     path = Path(resume)
     if not (path / COMPLETE).is_file() or not (path / "state").is_dir():
         raise ResumeError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} or state/ in it)")

@@ -17,7 +17,8 @@ export of a run directory):
    instead of scores.
 
 Across checkpoints rank 0 writes ``summary.txt`` / ``summary.json`` (rows ordered by step, best
-total marked) and TensorBoard scalars ``eval/<dataset>/<task>`` and ``eval/<dataset>/total``.
+total marked) and TensorBoard scalars ``eval/<dataset>/<task>`` and ``eval/<dataset>/total``
+for the checkpoints whose predictions were made by this call (reused ones were written then).
 
 A question whose audio is missing, undecodable or not finite, or whose prompt (text + audio
 tokens) plus ``max_new_tokens`` does not fit the model's context (or ``data.max_prompt_tokens``),
@@ -437,6 +438,7 @@ def run_evaluation(config: EvalConfig, checkpoints: Sequence[str | Path], *, for
     (out / "summary.txt").write_text(table + "\n")
     write_json(out / "summary.json", summary_json(results, name, config))
     tb = tensorboard_dir(config)
-    if tb is not None and any(r.scores is not None for r in results):
-        write_tensorboard(results, name, tb)
+    fresh = [r for r in results if r.scores is not None and not r.reused]  # reused ones are in tb/ already
+    if tb is not None and fresh:
+        write_tensorboard(fresh, name, tb)
     return results

@@ -62,6 +62,9 @@ def _evaluate(args, overrides: list[str]) -> int:
         score_file(args.score_only, args.output)
         return 0
     from evaluation.config import load_eval_config
+    from models.loading import quiet_transformers
+
+    quiet_transformers()
     from evaluation.sweep import run_evaluation
 
     from grpo.cli import alike_on_every_rank

@@ -101,6 +101,9 @@ def _train(args, overrides: list[str]) -> int:
         check_inputs(cfg, args.resume)
 
     from models.distributed import cleanup, init_distributed
+    from models.loading import quiet_transformers
+
+    quiet_transformers()
 
     info = init_distributed(timeout_s=cfg.distribution.timeout_minutes * 60)
     # rank 0 tells the story; the other ranks speak only when something is wrong

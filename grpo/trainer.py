@@ -941,14 +941,16 @@ class Trainer:
         saves the last completed step on the way out (``_save_after_failure``).
         """
         cfg = self.cfg
-        bar = None
-        if self.is_main and cfg.logging.progress_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        bar = self._progress_bar()
         last: dict = {}
         before = pending = None  # the state before the running step; a completed step's unwritten metrics
+        redirect = nullcontext()
+        if bar is not None:  # log lines (samples, warnings) print above the bar, not through it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect = logging_redirect_tqdm()
         try:
+            redirect.__enter__()
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 before = self._state_between_steps()  # what a failure in this step restores
@@ -978,6 +980,9 @@ class Trainer:
                 pending = None
                 if bar is not None:
                     bar.update(1)
+                    if self.step == self.warmup_steps < self.total_steps:  # GRPO's steps take longer: its own ETA
+                        bar.close()
+                        bar = self._progress_bar()
                     shown = ("train/reward", "train/kl", "train/loss", "eval/greedy_accuracy")
                     bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in shown if k in metrics})
                 if signum:
@@ -990,9 +995,22 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            redirect.__exit__(None, None, None)
             if self.writer is not None:
                 self.writer.flush()
         return last
+
+    def _progress_bar(self):
+        """rank 0's bar for the current phase (the format warm-up, then GRPO or SFT), or None."""
+        if not (self.is_main and self.cfg.logging.progress_bar):
+            return None
+        from tqdm import tqdm
+
+        if self.step < self.warmup_steps:
+            return tqdm(total=self.warmup_steps, initial=self.step, desc="format warm-up", dynamic_ncols=True)
+        name = "SFT" if self.cfg.algorithm.name == "sft" else "GRPO"
+        return tqdm(total=self.total_steps - self.warmup_steps, initial=self.step - self.warmup_steps, desc=name,
+                    dynamic_ncols=True)
 
     def _write_history(self, metrics: dict) -> None:
         if self.is_main:  # one JSON line per step, written as it happens (survives a crash)

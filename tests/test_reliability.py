@@ -793,6 +793,18 @@ def test_each_steps_curves_and_history_line_are_on_disk_when_the_step_is_logged(
     assert seen == [([1], 1), ([1, 2], 2), ([1, 2, 3], 3)]
 
 
+def test_the_progress_output_shows_each_phase_and_no_library_noise(small_world, tmp_path):
+    overrides = [o for o in quick_overrides(small_world, tmp_path / "run") if not o.startswith(("logging.",
+                 "algorithm.format_warmup_steps"))]
+    _, err = (proc := _run_train([*overrides, "algorithm.format_warmup_steps=2", "logging.sample_every=1"])
+              ).communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "format warm-up: 100%" in err and "GRPO: 100%" in err  # one bar (and ETA) per phase
+    assert "deprecated" not in err and "Loading weights" not in err
+    samples = [line for line in err.splitlines() if "samples:" in line]
+    assert samples and all(line.startswith("20") for line in samples)  # on a line of their own, not after a bar
+
+
 # --------------------------------------------------------------------------- under torchrun
 
 

@@ -55,7 +55,7 @@ from grpo.rollout import (
 from grpo.cli import alike_on_every_rank, same_on_every_rank, user_errors
 from grpo.rundir import check_run_dir, prepare_run_dir, record_config
 from grpo.stream import PromptStream
-from models.distributed import DistInfo, barrier, export_checkpoint, full_state_dict, gathered_params, shard_model
+from models.distributed import DistInfo, export_checkpoint, full_state_dict, gathered_params, shard_model
 from models.loading import CheckpointError, load_generation_config, load_model, load_processor, resolve_dtype
 from models.lora import adapters_disabled, apply_lora, merge_adapters_, merged_state_dict, save_adapters
 from models.policy import policy_logprobs, set_trainable

@@ -102,6 +102,21 @@ def _leave_together(status: int, reporting: bool, wait_s: float) -> None:
         time.sleep(max(deadline - time.monotonic(), 0.0))
 
 
+def _tell_torchrun(line: str) -> None:
+    """Under torchrun, ``line`` in the error file it reads: its failure report then shows the
+    error instead of a link to its documentation."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    except OSError:  # the report is torchrun's: without the file it links its documentation
+        pass
+
+
 def run_reporting_errors(body: Callable[[], int], *, debug: bool, wait_s: float = 30.0) -> int:
     """``body()``; a user error is printed as one line (exit 2 for a config error, else 1).
 
@@ -120,7 +135,9 @@ def run_reporting_errors(body: Callable[[], int], *, debug: bool, wait_s: float 
         reporting = not together or int(os.environ.get("LOCAL_RANK", "0")) == 0
         if reporting:
             kind = "config error" if isinstance(err, ConfigError) else "error"
-            print(f"{kind}: {err} (--debug shows the traceback)", file=sys.stderr, flush=True)
+            line = f"{kind}: {err} (--debug shows the traceback)"
+            print(line, file=sys.stderr, flush=True)
+            _tell_torchrun(line)
         if together:
             _leave_together(status, reporting, wait_s)
         return status

@@ -837,6 +837,8 @@ def test_under_torchrun_a_missing_data_file_is_one_line_and_every_rank_exits_1(s
     assert ours == ["error: data.train_path nowhere.jsonl: file not found (--debug shows the traceback)"], \
         proc.stderr[-4000:]
     assert codes == ["1", "1"]  # both ranks, the same status (none stopped by torchrun's SIGTERM: -15)
+    root_cause = proc.stderr[proc.stderr.index("Root Cause"):]
+    assert "traceback : error: data.train_path nowhere.jsonl: file not found" in root_cause  # torchrun's report
 
 
 @pytest.mark.slow

@@ -243,3 +243,20 @@ def test_the_learning_ranges_are_those_of_the_seed_results():
         assert pitch.split()[0] == _span(every_pitch), f"step {step_cell}"
         at_least = min(sum(v >= 0.95 for v in ranges[s][0]) for s in steps)
         assert reached == f"{at_least} of {runs}", f"step {step_cell}"
+
+
+@pytest.mark.slow
+def test_the_tiny_plan_check_row_is_what_plan_check_prints():
+    [row] = [r for r in _table(_section("## Which GPU do I need"), "| setup |") if "--shape tiny" in r[1]]
+    command = shlex.split(row[1].strip("`"))
+    plans = [float(x) for x in re.findall(r"[\d.]+", row[2])]  # "63.5 / 59.2 MB": full, LoRA
+    measured = [float(x) for x in re.findall(r"measured\*\* ([\d.]+) / ([\d.]+) MB", row[4])[0]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = re.findall(r"lora=(off|on) .*measured tensor peak ([\d.]+) MB, plan ([\d.]+) MB", proc.stdout)
+    assert [p[0] for p in printed] == ["off", "on"], proc.stdout  # both columns, as the table shows
+    assert [float(p[2]) for p in printed] == plans
+    for (_, peak, _), quoted in zip(printed, measured):  # counted tensors: the same on any machine
+        assert float(peak) == pytest.approx(quoted, rel=0.02)

@@ -861,3 +861,21 @@ def test_under_torchrun_rank_0s_run_directory_error_is_one_line_from_one_rank(sm
     assert proc.returncode == 1 and "Traceback" not in "\n".join(ours), proc.stderr[-4000:]
     assert len(ours) == 1 and ours[0].startswith(f"error: {run} is in use by another run: pid {holder.pid}")
     assert codes == ["1", "1"]
+
+
+@pytest.mark.slow
+def test_under_torchrun_evaluate_reports_a_missing_checkpoint_once(tmp_path):
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "evaluate.py"), "--config", str(REPO / "configs" / "eval_tiny.yaml"),
+                           "--checkpoint", str(tmp_path / "nowhere"), f"output.dir={tmp_path / 'eval'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    ours, codes = _ours_and_exit_codes(proc)
+    assert proc.returncode == 1
+    assert ours == [f"error: --checkpoint {tmp_path / 'nowhere'}: no such directory (--debug shows the traceback)"], \
+        proc.stderr[-4000:]
+    assert codes == ["1", "1"]

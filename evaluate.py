@@ -9,7 +9,7 @@ exports (checkpoints/step_<N>/hf). Predictions already complete for a checkpoint
 weights, data, prompt template and length limit) are reused unless --force. Overrides are
 section.key=value, anywhere on the line, also after --checkpoint (sections data, generation,
 model, output: see evaluation/config.py for every key). Exit status: 0 done, 1 an error (one
-line; --debug for the traceback), 2 a config error.
+line, from one rank under torchrun; --debug for the traceback), 2 a config error.
 """
 
 from __future__ import annotations
@@ -63,9 +63,15 @@ def _evaluate(args, overrides: list[str]) -> int:
         score_file(args.score_only, args.output)
         return 0
     from evaluation.config import load_eval_config
+    from models.loading import quiet_transformers
+
+    quiet_transformers()
     from evaluation.sweep import run_evaluation
 
-    config = load_eval_config(args.config, overrides)
+    from grpo.cli import alike_on_every_rank
+
+    with alike_on_every_rank():
+        config = load_eval_config(args.config, overrides)
     ended = False
     try:
         run_evaluation(config, args.checkpoint, force=args.force)

@@ -8,8 +8,11 @@
 
 Overrides are ``section.key=value`` (anywhere on the line); see grpo/config.py for every key.
 A fresh run refuses a run directory that already holds a run (--resume continues it,
-run.overwrite=true moves it aside). Exit status: 0 done, 1 an error (one line; --debug for
-the traceback), 2 a config error, 128 + N stopped by signal N after saving (143: SIGTERM).
+run.overwrite=true moves it aside); one where no step completed (a start that failed) is
+reused. --resume with no checkpoint is an error; --resume auto then starts fresh (a job
+restarted with the same command). Exit status: 0 done, 1 an error (one line, from one rank
+under torchrun; --debug for the traceback), 2 a config error, 128 + N stopped by signal N
+after saving (143: SIGTERM).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="continue from the latest checkpoint of the run directory, or from a checkpoint path")
+                        help="continue from the latest checkpoint of the run directory (an error when there is "
+                             "none), from a checkpoint path, or 'auto': the latest if any, else a fresh start")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="with --resume: accept keys that change the optimisation or the data order "
                              "(logged, saved as config.resume-step<N>.yaml)")
@@ -90,9 +94,17 @@ def _plan(args, overrides: list[str]) -> int:
 
 
 def _train(args, overrides: list[str]) -> int:
-    cfg = load_config(args.config, overrides, require_paths=True)
+    from grpo.cli import alike_on_every_rank
+    from grpo.trainer import check_inputs
+
+    with alike_on_every_rank():  # before the process group: every rank stops alike, one reports it
+        cfg = load_config(args.config, overrides, require_paths=True)
+        check_inputs(cfg, args.resume)
 
     from models.distributed import cleanup, init_distributed
+    from models.loading import quiet_transformers
+
+    quiet_transformers()
 
     info = init_distributed(timeout_s=cfg.distribution.timeout_minutes * 60)
     # rank 0 tells the story; the other ranks speak only when something is wrong

@@ -17,7 +17,8 @@ export of a run directory):
    instead of scores.
 
 Across checkpoints rank 0 writes ``summary.txt`` / ``summary.json`` (rows ordered by step, best
-total marked) and TensorBoard scalars ``eval/<dataset>/<task>`` and ``eval/<dataset>/total``.
+total marked) and TensorBoard scalars ``eval/<dataset>/<task>`` and ``eval/<dataset>/total``
+for the checkpoints whose predictions were made by this call (reused ones were written then).
 
 A question whose audio is missing, undecodable or not finite, or whose prompt (text + audio
 tokens) plus ``max_new_tokens`` does not fit the model's context (or ``data.max_prompt_tokens``),
@@ -429,13 +430,22 @@ def run_evaluation(config: EvalConfig, checkpoints: Sequence[str | Path], *, for
     """Evaluate every checkpoint, then write the summary and TensorBoard scalars (rank 0)."""
     from models.loading import CheckpointError
 
+    from data.datasets import DataError
+    from grpo.cli import alike_on_every_rank
+
+    # what a user can fix, before the process group: every rank stops alike and one reports it
+    with alike_on_every_rank():
+        refs = resolve_checkpoints(checkpoints)
+        if not refs:
+            raise CheckpointError(f"no checkpoints found in {list(checkpoints)}")
+        path = dataset_path(config)
+        if not path.exists() and not (config.data.format == "synthetic" and config.data.synthetic_generate):
+            raise DataError(f"data.path {path}: file not found")
+        for ref in refs:  # a broken one is named now, not after hours spent on the ones before it
+            check_checkpoint_files(ref.path)
     d = init_dist(config.model.device)
-    refs = resolve_checkpoints(checkpoints)
-    if not refs:
-        raise CheckpointError(f"no checkpoints found in {list(checkpoints)}")
-    for ref in refs:  # a broken one is named now, not after hours spent on the ones before it
-        check_checkpoint_files(ref.path)
-    samples = load_samples(config, d)
+    with alike_on_every_rank():  # every rank reads the same file
+        samples = load_samples(config, d)
     if d.is_main:
         log.info("%s: %d questions from %s; %d checkpoint(s): %s", dataset_name(config), len(samples),
                  dataset_path(config), len(refs), ", ".join(f"{r.name} (step {r.step})" for r in refs))
@@ -449,6 +459,7 @@ def run_evaluation(config: EvalConfig, checkpoints: Sequence[str | Path], *, for
     (out / "summary.txt").write_text(table + "\n")
     write_json(out / "summary.json", summary_json(results, name, config))
     tb = tensorboard_dir(config)
-    if tb is not None and any(r.scores is not None for r in results):
-        write_tensorboard(results, name, tb)
+    fresh = [r for r in results if r.scores is not None and not r.reused]  # reused ones are in tb/ already
+    if tb is not None and fresh:
+        write_tensorboard(fresh, name, tb)
     return results

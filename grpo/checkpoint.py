@@ -353,22 +353,33 @@ def _incomplete_newer(run_dir: Path, step: int) -> list[Path]:
     return [p for _, p in sorted(newer)]
 
 
-def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
-    """``latest`` -> the newest complete full state of the run (None if there is none); else a path.
+def resolve_resume(run_dir: str | Path, resume: str, *, verify: bool = True) -> Path | None:
+    """The checkpoint ``--resume`` names: ``latest``, the newest complete full state of the run
+    (ResumeError when there is none: nothing to continue is not a fresh start unasked);
+    ``auto``, the same or None (a job restarted with the same command starts fresh the
+    first time); else a checkpoint path.
 
-    Either way the checkpoint is verified against its manifest first (a ResumeError names the
-    first bad file and the newest checkpoint that verifies): an older one is never picked
+    With ``verify`` the checkpoint is checked against its manifest first (a ResumeError names
+    the first bad file and the newest checkpoint that verifies): an older one is never picked
     silently. Folders newer than the one chosen that are not complete are named in a warning.
+    ``verify=False`` only finds the checkpoint (the check before the process group exists,
+    which would otherwise hash the whole state on every rank alone).
     """
     run_dir = Path(run_dir)
-    if resume == "latest":
+    if resume in ("latest", "auto"):
         full = full_states(run_dir)
-        newer = _incomplete_newer(run_dir, step_of(full[-1]) if full else -1)
+        if not full:
+            if resume == "auto":
+                return None
+            raise ResumeError(f"--resume: {run_dir} holds no checkpoint to continue from. Start the run without "
+                              "--resume, or pass --resume auto to continue when a checkpoint exists and start "
+                              "fresh otherwise")
+        if not verify:
+            return full[-1]
+        newer = _incomplete_newer(run_dir, step_of(full[-1]))
         if newer:
             log.warning("--resume: passing over %s (not a complete checkpoint: the save did not finish, or its "
                         "full state was pruned)", ", ".join(str(p) for p in newer))
-        if not full:
-            return None
         verify_checkpoint(full[-1], run_dir)
         log.info("--resume: %s (step %d) is the newest complete checkpoint, and it verifies", full[-1],
                  step_of(full[-1]))
@@ -376,7 +387,8 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     path = Path(resume)
     if not (path / COMPLETE).is_file() or not (path / "state").is_dir():
         raise ResumeError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} or state/ in it)")
-    verify_checkpoint(path)
+    if verify:
+        verify_checkpoint(path)
     return path
 
 

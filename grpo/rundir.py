@@ -7,9 +7,14 @@
    second run, naming that process. The kernel drops a flock when its process dies, so a lock
    file that can be taken although it names a pid is a stale lock of a run that did not exit
    cleanly: reported, and taken over;
-2. a fresh run (no ``--resume``) into a directory that already holds files refuses, unless
+2. a fresh run (no ``--resume``) into a directory that already holds a run refuses, unless
    ``run.overwrite: true``, which first moves the old run aside to
-   ``<run>.replaced-<YYYYmmdd-HHMMSS>`` (nothing is deleted).
+   ``<run>.replaced-<YYYYmmdd-HHMMSS>`` (nothing is deleted). A directory with no completed
+   step in it (no history line, no checkpoint: what a start that failed leaves, its
+   ``config.yaml`` and an empty ``tb/``) holds no run: a fresh start clears those and uses it.
+
+:func:`check_run_dir` is step 2 alone, read-only: every rank runs it before the process group
+exists, so a refused directory stops every rank alike.
 
 ``record_config(run_dir, config, checkpoint, allow_change=...)`` then writes the resolved
 config: ``config.yaml`` for a fresh run; on a resume it compares the new config with the one
@@ -132,6 +137,61 @@ def _contents(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME) if run_dir.is_dir() else []
 
 
+# what a start that failed before its first step leaves (the config it was given, the
+# TensorBoard writer's first file, an empty history or checkpoint folder)
+_START_LEFTOVERS = {"config.yaml", "tb", "history.jsonl", "checkpoints"}
+
+
+def _empty(path: Path) -> bool:
+    if path.is_dir():
+        return not any(path.iterdir())
+    if not path.exists():
+        return True
+    with path.open("rb") as f:
+        return not f.read(4096).strip()
+
+
+def holds_a_run(run_dir: str | Path) -> list[str]:
+    """The entries of ``run_dir`` that make it a run (empty when it holds none): anything but the
+    leftovers of a failed start, or those when a step completed (a history line, a checkpoint)."""
+    run_dir = Path(run_dir)
+    found = _contents(run_dir)
+    leftovers_only = set(found) <= _START_LEFTOVERS and _empty(run_dir / "history.jsonl") \
+        and _empty(run_dir / "checkpoints") \
+        and all(p.name.startswith("events.out.tfevents.") for p in (run_dir / "tb").glob("*"))
+    return [] if leftovers_only else found
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return any((run_dir / "checkpoints").glob("step_*/trainer_state.json"))
+
+
+def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """RunDirError when a fresh run may not start in ``run_dir`` (see the module doc); no side effect."""
+    run_dir = Path(run_dir)
+    found = holds_a_run(run_dir)
+    if resume or overwrite or not found:
+        return
+    shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+    way_on = ("Continue it with --resume" if _has_checkpoint(run_dir) else
+              "It has no checkpoint to continue from (--resume would have nothing to load)")
+    raise RunDirError(f"{run_dir} already holds a run ({shown}). {way_on}, choose another run.output_dir, "
+                      "or set run.overwrite=true to move it aside first")
+
+
+def _clear_leftovers(run_dir: Path) -> None:
+    """Remove what a failed start left (``holds_a_run`` found no run): a fresh start owns the directory."""
+    import shutil
+
+    left = _contents(run_dir)
+    if not left:
+        return
+    for name in left:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    logger.info("%s holds no completed step (left by a start that failed: %s): using it", run_dir, ", ".join(left))
+
+
 def _aside_name(run_dir: Path) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     candidate, n = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}"), 1
@@ -144,16 +204,16 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> Ru
     """Lock the run directory and make sure a fresh run starts in an empty one (see the module doc)."""
     run_dir = Path(run_dir)
     lock = acquire_lock(run_dir)
-    found = _contents(run_dir)
-    if resume or not found:
-        if resume and overwrite:
+    if resume:
+        if overwrite:
             logger.warning("--resume given: run.overwrite is ignored, %s is continued", run_dir)
+        return lock
+    if not holds_a_run(run_dir):
+        _clear_leftovers(run_dir)
         return lock
     if not overwrite:
         lock.release()
-        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
-        raise RunDirError(f"{run_dir} already holds a run ({shown}). Continue it with --resume, choose another "
-                          "run.output_dir, or set run.overwrite=true to move it aside first")
+        check_run_dir(run_dir, resume=False, overwrite=False)  # raises, naming what is there
     aside = _aside_name(run_dir)
     run_dir.rename(aside)  # our lock moves with it: no other run can take the old directory meanwhile
     new_lock = acquire_lock(run_dir)

@@ -53,11 +53,12 @@ from grpo.rollout import (
     select_prompts,
     slice_prompts,
 )
-from grpo.rundir import prepare_run_dir, record_config
+from grpo.cli import alike_on_every_rank, same_on_every_rank, user_errors
+from grpo.rundir import check_run_dir, prepare_run_dir, record_config
 from grpo.stream import PromptStream
-from models.distributed import DistInfo, barrier, export_checkpoint, full_state_dict, gathered_params, shard_model
-from models.loading import (enable_activation_checkpointing, load_generation_config, load_model, load_processor,
-                            resolve_dtype)
+from models.distributed import DistInfo, export_checkpoint, full_state_dict, gathered_params, shard_model
+from models.loading import (CheckpointError, enable_activation_checkpointing, load_generation_config, load_model,
+                            load_processor, resolve_dtype)
 from models.lora import adapters_disabled, apply_lora, merge_adapters_, merged_state_dict, save_adapters
 from models.policy import policy_logprobs, set_trainable
 
@@ -169,6 +170,23 @@ def prepare_model(cfg: Config) -> None:
                           audio_hidden=m.tiny_audio_hidden, audio_layers=m.tiny_audio_layers)
 
 
+def check_inputs(cfg: Config, resume: str | None) -> None:
+    """What a user can fix, checked on every rank before the process group exists (so every
+    rank stops alike, and before the run directory is touched): model.path, the data files,
+    the checkpoint ``resume`` names, and whether a fresh run may use run.output_dir."""
+    m, d = cfg.model, cfg.data
+    if not m.build_tiny and not (Path(m.path) / "config.json").is_file():
+        raise CheckpointError(f"model.path {m.path}: " + ("no config.json in it (not a transformers-format "
+                              "checkpoint directory)" if Path(m.path).is_dir() else "directory not found"))
+    built = d.format == "synthetic" and d.synthetic_generate  # written at start when absent
+    for key, path in (("data.train_path", d.train_path), ("data.eval_path", d.eval_path)):
+        if path and not built and not Path(path).is_file():
+            raise DataError(f"{key} {path}: file not found")
+    if resume:
+        resolve_resume(cfg.run.output_dir, resume, verify=False)  # verified once the ranks can share the work
+    check_run_dir(cfg.run.output_dir, resume=resume is not None, overwrite=cfg.run.overwrite)
+
+
 def use_fsdp(cfg: Config, info: DistInfo) -> bool:
     if cfg.distribution.fsdp == "always":
         return True
@@ -203,23 +221,52 @@ class Trainer:
         self.rank, self.world = info.rank, info.world_size
         self.run_dir = Path(cfg.run.output_dir)
         self.is_main = self.rank == 0
-        check_reward_names(cfg.algorithm.rewards)
-        if cfg.rollout.prompts_per_step % self.world:
-            raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple "
-                             f"of the number of processes ({self.world})")
+        with alike_on_every_rank():  # the same config on every rank
+            check_reward_names(cfg.algorithm.rewards)
+            if cfg.rollout.prompts_per_step % self.world:
+                raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple "
+                                  f"of the number of processes ({self.world})")
+            self.resume_path = resolve_resume(self.run_dir, resume) if resume else None
         self.local_prompts = cfg.rollout.prompts_per_step // self.world
 
         # 1. the run directory (locked for the run's lifetime), then data (built once by rank 0)
-        self.resume_path = resolve_resume(self.run_dir, resume) if resume else None
+        self._rank_0_first(lambda: self._prepare_run(resume, allow_config_change))
+        with alike_on_every_rank():  # every rank reads the same files: set-up errors are the same on each
+            self._set_up_data_and_model(cfg, info)
+        if self.resume_path is not None:
+            self._resume(self.resume_path)
+
+    def _prepare_run(self, resume: str | None, allow_config_change: bool) -> None:
+        """Rank 0: lock the run directory, record the config, build the model and data if asked to."""
+        cfg = self.cfg
+        self.run_lock = prepare_run_dir(self.run_dir, resume=resume is not None, overwrite=cfg.run.overwrite)
+        record_config(self.run_dir, cfg, self.resume_path, allow_change=allow_config_change)
+        if resume and self.resume_path is None:  # --resume auto, nothing saved yet
+            logger.warning("--resume %s: no checkpoint in %s: starting fresh at step 0", resume, self.run_dir)
+            self._truncate_history(0)  # what an earlier attempt logged describes no saved state
+        prepare_model(cfg)
+        prepare_data(cfg)
+
+    def _rank_0_first(self, body) -> None:
+        """``body()`` on rank 0, then every rank: a user error there is raised on every rank
+        (marked as such: one of them reports it), so no rank waits in a collective for a rank that left."""
+        failure = None
         if self.is_main:
-            self.run_lock = prepare_run_dir(self.run_dir, resume=resume is not None, overwrite=cfg.run.overwrite)
-            record_config(self.run_dir, cfg, self.resume_path, allow_change=allow_config_change)
-            if resume and self.resume_path is None:
-                logger.info("no checkpoint to resume from in %s: starting fresh", self.run_dir)
-                self._truncate_history(0)  # what an earlier attempt logged describes no saved state
-            prepare_model(cfg)
-            prepare_data(cfg)
-        barrier()
+            try:
+                body()
+            except user_errors() as err:
+                failure = err
+        if self.world > 1:
+            verdict = [None if failure is None else (type(failure), str(failure))]
+            dist.broadcast_object_list(verdict, src=0)
+            if verdict[0] is not None and failure is None:
+                kind, message = verdict[0]
+                failure = kind(message)
+        if failure is not None:
+            raise same_on_every_rank(failure)
+
+    def _set_up_data_and_model(self, cfg: Config, info: DistInfo) -> None:
+        """Steps 1-5 after the run directory: data, model(s), optimizer, stream, logging."""
         d = cfg.data
         # a training question listing a choice twice is ambiguous for the accuracy reward and the warm-up
         self.train_samples = read_dataset(d.format, d.train_path, audio_root=d.audio_root, on_error=d.on_error,
@@ -291,8 +338,6 @@ class Trainer:
         if cfg.checkpointing.save_on_signal:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-        if self.resume_path is not None:
-            self._resume(self.resume_path)
 
     # ----------------------------------------------------------------- set-up helpers
 
@@ -865,8 +910,8 @@ class Trainer:
                                                     frozen=self._base_changed(saved_step),
                                                     verify=False)  # resolve_resume verified it
         if trainer_state.get("world_size", self.world) != self.world:
-            raise ResumeError(f"{path} was saved by {trainer_state['world_size']} processes; "
-                             f"resume it with the same number (now {self.world})")
+            raise same_on_every_rank(ResumeError(f"{path} was saved by {trainer_state['world_size']} processes; "
+                             f"resume it with the same number (now {self.world})"))
         self.step, self.update = trainer_state["step"], trainer_state["update"]
         self.saved_step = self.step
         self.nonfinite_total = trainer_state.get("nonfinite_total", 0)
@@ -905,14 +950,16 @@ class Trainer:
         saves the last completed step on the way out (``_save_after_failure``).
         """
         cfg = self.cfg
-        bar = None
-        if self.is_main and cfg.logging.progress_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        bar = self._progress_bar()
         last: dict = {}
         before = pending = None  # the state before the running step; a completed step's unwritten metrics
+        redirect = nullcontext()
+        if bar is not None:  # log lines (samples, warnings) print above the bar, not through it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect = logging_redirect_tqdm()
         try:
+            redirect.__enter__()
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 before = self._state_between_steps()  # what a failure in this step restores
@@ -942,6 +989,9 @@ class Trainer:
                 pending = None
                 if bar is not None:
                     bar.update(1)
+                    if self.step == self.warmup_steps < self.total_steps:  # GRPO's steps take longer: its own ETA
+                        bar.close()
+                        bar = self._progress_bar()
                     shown = ("train/reward", "train/kl", "train/loss", "eval/greedy_accuracy")
                     bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in shown if k in metrics})
                 if signum:
@@ -955,9 +1005,22 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            redirect.__exit__(None, None, None)
             if self.writer is not None:
                 self.writer.flush()
         return last
+
+    def _progress_bar(self):
+        """rank 0's bar for the current phase (the format warm-up, then GRPO or SFT), or None."""
+        if not (self.is_main and self.cfg.logging.progress_bar):
+            return None
+        from tqdm import tqdm
+
+        if self.step < self.warmup_steps:
+            return tqdm(total=self.warmup_steps, initial=self.step, desc="format warm-up", dynamic_ncols=True)
+        name = "SFT" if self.cfg.algorithm.name == "sft" else "GRPO"
+        return tqdm(total=self.total_steps - self.warmup_steps, initial=self.step - self.warmup_steps, desc=name,
+                    dynamic_ncols=True)
 
     def _write_history(self, metrics: dict) -> None:
         if self.is_main:  # one JSON line per step, written as it happens (survives a crash)
@@ -1019,4 +1082,6 @@ class Trainer:
             if self.writer is not None:
                 self.writer.add_text("samples", shown, self.step)
             logger.info("step %d samples:\n%s", self.step, shown)
+        if self.writer is not None:  # on disk now: a run that ends abruptly keeps every curve logged so far
+            self.writer.flush()
 

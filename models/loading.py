@@ -38,6 +38,19 @@ _SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
+def quiet_transformers() -> None:
+    """No weight-loading progress bars and no deprecation warnings from transformers: they are
+    about its API, not the run, and would print through the training progress bar."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    for handler in transformers_logging.get_logger().handlers:  # its own handler: the library's root logger's
+        handler.addFilter(lambda record: "deprecated" not in record.getMessage())
+
+
 class CheckpointError(FileNotFoundError):
     """A checkpoint directory, or a file it needs, is missing or broken; the message names it."""
 

@@ -299,6 +299,13 @@ def test_run_directory_summary_and_tensorboard(tmp_path, tiny, synthetic):
     assert set(totals) == {0, 10, 20}
     assert totals[10] == pytest.approx(results[1].scores["total"]["accuracy"])
 
+    shutil.copytree(tiny, run / "checkpoints" / "step_30" / "hf")
+    again = ev.run_evaluation(config, [run, tiny])  # three reused, one new: only the new one is written
+    assert [r.reused for r in again] == [True, True, True, False]
+    acc = EventAccumulator(str(tmp_path / "out" / "tb"))
+    acc.Reload()
+    assert sorted(e.step for e in acc.Scalars("eval/testset/total")) == [0, 10, 20, 30]  # each point once
+
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_predictions_as_one(tmp_path, tiny, synthetic):

@@ -108,3 +108,27 @@ def test_cli(raw, tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 4
     with pytest.raises(SystemExit, match="file not found"):
         main(["--qa", str(tmp_path / "none.json"), "--audio-dir", str(audio), "--output", str(out)])
+
+
+def test_a_clip_not_at_16k_mono_is_converted_and_the_line_points_at_the_copy(raw, tmp_path, caplog):
+    qa, audio, _ = raw
+    t = np.arange(44100, dtype=np.float32) / 44100  # 1 s: a 440 Hz tone left, silence right
+    sf.write(audio / "zz_1200.wav", np.stack([np.sin(2 * np.pi * 440 * t), np.zeros_like(t)], axis=1), 44100)
+    out = tmp_path / "out" / "avqa.jsonl"
+    with caplog.at_level(logging.WARNING, logger="prepare_avqa"):
+        convert(qa, audio, out, progress=False)
+    assert "1 clips were not 16 kHz mono (e.g. zz_1200.wav: 44100 Hz, 2 channel(s))" in caplog.text
+    paths = {r["id"]: r["audio_path"] for r in map(json.loads, out.read_text().splitlines())}
+    assert paths[3] == str(tmp_path / "out" / "avqa.jsonl.16k" / "zz_1200.wav")
+    assert paths[0] == str(audio / "-HG3Omg_89c_30.wav")  # already 16 kHz mono: used where it is
+    info = sf.info(paths[3])
+    assert (info.samplerate, info.channels, info.frames) == (16000, 1, 16000)
+    wave, _ = sf.read(paths[3], dtype="float32")
+    assert 0.6 < np.abs(wave).max() <= 1.0  # the tone of the first channel, not the silent second
+
+
+def test_an_undecodable_clip_is_named(raw, tmp_path):
+    qa, audio, _ = raw
+    (audio / "zz_1200.wav").write_bytes(b"not a wav")
+    with pytest.raises(PrepareError, match="zz_1200.wav: cannot decode audio"):
+        convert(qa, audio, tmp_path / "o.jsonl", progress=False)

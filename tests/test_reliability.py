@@ -5,7 +5,10 @@ directories, tampered files. Each test names the behaviour it pins down.
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -246,8 +249,6 @@ def test_a_rank_file_with_a_pickled_callable_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- training runs (in process)
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -405,6 +406,53 @@ def test_a_fresh_run_into_a_non_empty_directory_is_refused(tmp_path):
     prepare_run_dir(tmp_path / "new", resume=False, overwrite=False).release()  # absent or empty: fine
 
 
+def test_a_directory_where_no_step_completed_holds_no_run(tmp_path):
+    from grpo.rundir import RunDirError, prepare_run_dir
+
+    run = tmp_path / "run"
+    (run / "tb").mkdir(parents=True)
+    (run / "tb" / "events.out.tfevents.1.host.1.0").write_bytes(b"header only")
+    (run / "config.yaml").write_text("run: {}\n")
+    (run / "history.jsonl").write_text("")
+    (run / "checkpoints").mkdir()
+    lock = prepare_run_dir(run, resume=False, overwrite=False)  # what a failed start leaves: cleared, used
+    assert sorted(p.name for p in run.iterdir()) == ["run.lock"]
+    lock.release()
+    (run / "config.yaml").write_text("run: {}\n")
+    (run / "notes.txt").write_text("mine")  # not the trainer's: the directory is not ours to clear
+    with pytest.raises(RunDirError, match=r"already holds a run \(config.yaml, notes.txt\)\. It has no checkpoint"):
+        prepare_run_dir(run, resume=False, overwrite=False)
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_resume_without_a_checkpoint_is_an_error_and_auto_starts_fresh(small_world, tmp_path):
+    from grpo.checkpoint import ResumeError
+
+    with pytest.raises(ResumeError, match=r"holds no checkpoint to continue from.*--resume auto"):
+        make_trainer(small_world, tmp_path / "run", resume="latest")
+    assert not (tmp_path / "run").exists()
+    trainer = make_trainer(small_world, tmp_path / "run", resume="auto")
+    assert trainer.resume_path is None and trainer.step == 0
+    trainer.train()
+    trainer.close()
+    trainer = make_trainer(small_world, tmp_path / "run", "run.steps=3", resume="auto", allow_config_change=True)
+    assert trainer.step == 2  # a checkpoint now exists: auto continues it
+    trainer.close()
+
+
+def test_a_start_that_failed_leaves_nothing_that_blocks_the_corrected_command(small_world, tmp_path):
+    from data.audio import AudioError
+
+    broken = eval_set_with(small_world, tmp_path, broken="missing")  # fails after the run directory is set up
+    with pytest.raises(AudioError, match="broken.wav"):
+        make_trainer(small_world, tmp_path / "run", f"data.eval_path={broken}", "logging.tensorboard=true")
+    assert (tmp_path / "run" / "config.yaml").is_file()  # the failed start's config
+    trainer = make_trainer(small_world, tmp_path / "run", "logging.tensorboard=true")  # the corrected command
+    trainer.train()
+    trainer.close()
+    assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 2
+
+
 def test_overwrite_moves_the_old_run_aside_first(tmp_path):
     from grpo.rundir import prepare_run_dir
 
@@ -535,9 +583,10 @@ def test_the_trainer_refuses_a_changed_resume_unless_allowed(small_world, tmp_pa
 def test_a_second_trainer_in_the_same_directory_is_refused(small_world, tmp_path):
     from grpo.rundir import RunDirError
 
-    first = make_trainer(small_world, tmp_path / "run")
+    first = make_trainer(small_world, tmp_path / "run")  # no step yet: only the lock keeps a second one out
     with pytest.raises(RunDirError, match="in use by another run"):
-        make_trainer(small_world, tmp_path / "run", resume="latest")
+        make_trainer(small_world, tmp_path / "run")
+    assert (tmp_path / "run" / "config.yaml").is_file()  # the first run's, untouched
     first.close()
 
 
@@ -824,3 +873,139 @@ def test_a_write_the_os_refuses_while_saving_is_one_line_from_train_py(small_wor
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]
     assert {p: p.read_bytes() for p in (run / "checkpoints" / "step_1").rglob("*") if p.is_file()} == step_1
     assert checkpoint_problem(run / "checkpoints" / "step_1") is None
+
+
+def test_a_missing_data_file_writes_nothing_and_the_corrected_command_runs(small_world, tmp_path):
+    out = tmp_path / "run"
+    _, err = (proc := _run_train([*quick_overrides(small_world, out), "data.train_path=nowhere.jsonl"])
+              ).communicate(timeout=300)
+    assert proc.returncode == 1 and not out.exists()
+    assert err.strip().splitlines() == ["error: data.train_path nowhere.jsonl: file not found (--debug shows the "
+                                        "traceback)"]
+    _, err = (proc := _run_train(quick_overrides(small_world, out))).communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _scalar_steps(tb_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_each_steps_curves_and_history_line_are_on_disk_when_the_step_is_logged(small_world, tmp_path,
+                                                                                monkeypatch):
+    """Whatever ends a run later (a kill, an abort at exit), what was logged is on disk: checked
+    right after each step's logging, with TensorBoard's background writer slowed down."""
+    import time
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    write = RecordWriter.write
+    monkeypatch.setattr(RecordWriter, "write", lambda self, data: (time.sleep(0.02), write(self, data))[1])
+    trainer = make_trainer(small_world, tmp_path / "run", "run.steps=3", "logging.tensorboard=true")
+    seen = []  # per step: (steps with curves on disk, history lines on disk)
+    log_step, write_history = trainer._log, trainer._write_history
+
+    def logged(metrics):
+        log_step(metrics)
+        seen.append(_scalar_steps(tmp_path / "run" / "tb", "train/phase"))  # the step's last scalar
+
+    def written(metrics):
+        write_history(metrics)
+        seen[-1] = (seen[-1], len((tmp_path / "run" / "history.jsonl").read_text().splitlines()))
+
+    monkeypatch.setattr(trainer, "_log", logged)
+    monkeypatch.setattr(trainer, "_write_history", written)
+    trainer.train()
+    trainer.close()
+    assert seen == [([1], 1), ([1, 2], 2), ([1, 2, 3], 3)]
+
+
+def test_the_progress_output_shows_each_phase_and_no_library_noise(small_world, tmp_path):
+    overrides = [o for o in quick_overrides(small_world, tmp_path / "run") if not o.startswith(("logging.",
+                 "algorithm.format_warmup_steps"))]
+    _, err = (proc := _run_train([*overrides, "algorithm.format_warmup_steps=2", "logging.sample_every=1"])
+              ).communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "format warm-up: 100%" in err and "GRPO: 100%" in err  # one bar (and ETA) per phase
+    assert "deprecated" not in err and "Loading weights" not in err
+    samples = [line for line in err.splitlines() if "samples:" in line]
+    assert samples and all(line.startswith("20") for line in samples)  # on a line of their own, not after a bar
+
+
+# --------------------------------------------------------------------------- under torchrun
+
+
+def _torchrun_train(args: list[str]) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "train.py"), "--config", str(TINY), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _ours_and_exit_codes(proc) -> tuple[list[str], list[str]]:
+    """(what the ranks printed before torchrun's own report, each rank's exit code in that report)."""
+    import re
+
+    lines = proc.stderr.splitlines()
+    # torchrun reports a failed child with its log lines (W..., E...) and a ChildFailedError block
+    first = next((i for i, line in enumerate(lines) if re.match(r"^[WE]\d{4} ", line)), len(lines))
+    ours = [line for line in lines[:first] if "[rank0] INFO" not in line and not line.startswith(" ")]
+    return ours, re.findall(r"^\s+exitcode\s*: (-?\d+)", proc.stderr, flags=re.M)
+
+
+def test_under_torchrun_a_missing_data_file_is_one_line_and_every_rank_exits_1(small_world, tmp_path):
+    proc = _torchrun_train([*quick_overrides(small_world, tmp_path / "run"), "data.train_path=nowhere.jsonl"])
+    ours, codes = _ours_and_exit_codes(proc)
+    assert proc.returncode == 1
+    assert ours == ["error: data.train_path nowhere.jsonl: file not found (--debug shows the traceback)"], \
+        proc.stderr[-4000:]
+    assert codes == ["1", "1"]  # both ranks, the same status (none stopped by torchrun's SIGTERM: -15)
+    root_cause = proc.stderr[proc.stderr.index("Root Cause"):]
+    assert "traceback : error: data.train_path nowhere.jsonl: file not found" in root_cause  # torchrun's report
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0s_run_directory_error_is_one_line_from_one_rank(small_world, tmp_path):
+    """The lock is rank 0's to take: its refusal reaches the other rank, which exits alike, silently."""
+    import os
+    import signal
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = _torchrun_train(quick_overrides(small_world, run))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    ours, codes = _ours_and_exit_codes(proc)
+    assert proc.returncode == 1 and "Traceback" not in "\n".join(ours), proc.stderr[-4000:]
+    assert len(ours) == 1 and ours[0].startswith(f"error: {run} is in use by another run: pid {holder.pid}")
+    assert codes == ["1", "1"]
+
+
+@pytest.mark.slow
+def test_under_torchrun_evaluate_reports_a_missing_checkpoint_once(tmp_path):
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "evaluate.py"), "--config", str(REPO / "configs" / "eval_tiny.yaml"),
+                           "--checkpoint", str(tmp_path / "nowhere"), f"output.dir={tmp_path / 'eval'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    ours, codes = _ours_and_exit_codes(proc)
+    assert proc.returncode == 1
+    assert ours == [f"error: --checkpoint {tmp_path / 'nowhere'}: no such directory (--debug shows the traceback)"], \
+        proc.stderr[-4000:]
+    assert codes == ["1", "1"]

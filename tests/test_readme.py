@@ -111,7 +111,7 @@ def test_every_config_key_the_readme_names_exists():
 
     known = keys(Config()) | keys(EvalConfig())
     sections = {key.split(".")[0] for key in known}
-    files = ("py", "lock", "yaml", "json", "jsonl", "md", "txt")  # grpo/algorithm.py, run.lock: file names
+    files = ("py", "lock", "yaml", "json", "jsonl", "md", "txt", "safetensors", "bin")  # grpo/algorithm.py, run.lock: file names
     named = {m for m in re.findall(r"(?<![\w/.])([a-z_]+\.[a-z_0-9]+)(?==|`|:| )", README)
              if m.split(".")[0] in sections and m.split(".")[1] not in files}
     assert len(named) > 15

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 
-.PHONY: install check-install lock train test test-fast test-oldest clean
+.PHONY: install check-install lock train test test-fast test-oldest test-newest clean
 
 # Exactly the versions in the lock (direct and transitive), then the project itself without
 # resolving anything again, then a check that torch, torchaudio and transformers load together.
@@ -61,5 +61,16 @@ $(OLDEST)/.installed: requirements-oldest.lock $(STAMP)
 test-oldest: $(OLDEST)/.installed
 	PYTHONPATH=$(OLDEST) $(PY) -m pytest tests
 
+# The suite on the newest releases pyproject.toml's ranges allow, resolved afresh in a scratch venv
+# (as `make lock` resolves them): one command shows whether a new release breaks the project.
+NEWEST := .venv-newest
+test-newest:
+	rm -rf $(NEWEST)
+	$(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install -q --upgrade pip
+	$(NEWEST)/bin/python -m pip install -q ".[test]"
+	$(NEWEST)/bin/python scripts/check_install.py
+	$(NEWEST)/bin/python -m pytest tests
+
 clean:
-	rm -rf $(VENV) runs artifacts .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-newest runs artifacts .pytest_cache .hypothesis

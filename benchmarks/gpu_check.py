@@ -309,7 +309,8 @@ def decode_speed(trainer, device, tokens: int = 64) -> dict:
     floor = read / bandwidth
     return {"rows": G, "seconds_per_step": per_step, "tokens_per_second": G / per_step,
             "weights_read_per_step_gb": read / GB, "copy_bandwidth_gb_per_s": bandwidth / GB,
-            "floor_seconds_per_step": floor, "floor_tokens_per_second": G / floor, "fraction_of_floor": floor / per_step}
+            "floor_seconds_per_step": floor, "floor_tokens_per_second": G / floor,
+            "fraction_of_floor": floor / per_step}
 
 
 def eval_mode_gap(trainer) -> dict:
@@ -393,8 +394,9 @@ def main(argv=None) -> int:
         for recipe in args.recipes:
             layers, plan = layers_that_fit(recipe, args.shape, work, data, device, budget)
             if layers < 0:
-                result["recipes"][recipe] = {"recipe": recipe, "skipped": f"the plan ({(plan.peak - plan.overhead) / GB:.1f} "
-                                             f"GB) exceeds {budget / GB:.1f} GB even at 1 decoder layer"}
+                need = (plan.peak - plan.overhead) / GB
+                result["recipes"][recipe] = {"recipe": recipe, "skipped": f"the plan ({need:.1f} GB) exceeds "
+                                             f"{budget / GB:.1f} GB even at 1 decoder layer"}
                 print(f"{recipe}: skipped, {result['recipes'][recipe]['skipped']}")
                 continue
             model_dir = work / f"model-{layers}" if layers else write_model_dir(args.shape, work / "model-tiny")

@@ -15,18 +15,21 @@ benchmarks/plan_check.py --shape slice.
 What it measures:
 
   precision   the same weights loaded in bf16 and in fp32, the same completions (sampled in
-              bf16), the adapters' B set to small random values (so that they act): the
+              bf16), the adapters' B set to random values N(0, 0.02^2) (so that they act), the
               log-probs of the completions, the GRPO loss (advantages +-1, the k3 KL to the
               adapters-off reference) and the adapters' gradients, fp32 against bf16
   gap         the sampler/trainer gap: the log-probs the rollout drew its tokens from (KV-cache
               decoding, grpo.rollout.sample_completions) against the log-probs the loss
               recomputes for them (one packed forward, models.policy.policy_logprobs), eval
               mode (no dropout), in fp32 and bf16: mean and max |difference| over the tokens
-  export      one GRPO step through the trainer (bf16, LoRA, lr 1e-3 so that the adapters
-              move), its checkpoint's export (adapters merged) loaded in plain transformers
-              (Qwen2AudioForConditionalGeneration / AutoProcessor .from_pretrained); its
-              greedy answer (transformers' generate) to a question against the trained
-              slice's (the trainer's greedy path), token by token
+  export      one GRPO step through the trainer (bf16, LoRA); then the adapters' B set to
+              N(0, 0.02^2) (a random model earns no reward signal in one step, so its adapters
+              would stay at B = 0 and the merge would be the identity), the checkpoint saved
+              and its export (adapters merged into the bf16 weights) loaded in plain
+              transformers (Qwen2AudioForConditionalGeneration / AutoProcessor
+              .from_pretrained): its greedy answer to a question (transformers' generate)
+              against the trained slice's (the trainer's greedy path), token by token, and its
+              log-probs of the trained slice's answer (plain forward) against the trainer's
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ def precision_and_gap(model_dir: Path, prompts, settings, G: int, device="cpu") 
     runs = {}
     ids = None
     for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
-        model = lora_model(model_dir, dtype, device, b_std=1e-3)
+        model = lora_model(model_dir, dtype, device, b_std=2e-2)
         t0 = time.perf_counter()
         own_ids, gap = sampler_gap(model, prompts, settings, G)
         out[f"gap_{name}"] = gap
@@ -173,19 +176,20 @@ def export_check(model_dir: Path, data: Path, work: Path, new_tokens: int = 16) 
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
     from data.audio import AudioLoader
+    from data.collate import collate_prompts
     from data.datasets import read_dataset
     from grpo.config import load_config
-    from grpo.rollout import greedy_answers
+    from grpo.rollout import greedy_answers, prompt_batch
     from grpo.trainer import Trainer
     from models.distributed import DistInfo
+    from models.policy import policy_logprobs
 
     spec = SHAPES["slice"]
     overrides = [f"run.output_dir={work / 'run-export'}", "run.overwrite=true", f"model.path={model_dir}",
                  f"data.train_path={data}", "data.eval_path=null", "distribution.fsdp=never",
                  "logging.progress_bar=false", "logging.tensorboard=false", "logging.sample_every=0",
                  "checkpointing.every=0", "checkpointing.export=true", *spec["overrides"],
-                 "rollout.group_size=2", f"rollout.max_new_tokens={new_tokens}", "optimizer.lr=1e-3",
-                 "model.dtype=bfloat16"]
+                 "rollout.group_size=2", f"rollout.max_new_tokens={new_tokens}", "model.dtype=bfloat16"]
     cfg = load_config(ROOT / "configs" / spec["config"], overrides)
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     sample = read_dataset("synthetic", data)[0]
@@ -193,11 +197,18 @@ def export_check(model_dir: Path, data: Path, work: Path, new_tokens: int = 16) 
     try:
         metrics = trainer.grpo_step()
         trainer.step += 1
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # adapters that act (see the module's docstring)
+            for name, p in sorted(trainer.model.named_parameters()):
+                if name.endswith("lora_B"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         path = trainer.save()
         trainer.model.eval()
         with torch.no_grad():
             trained = greedy_answers(trainer.model, trainer.processor, [sample], [wave], trainer.sampling, template=2,
                                      device=torch.device("cpu"), batch_prompts=1)[0]
+            prompts = prompt_batch([sample], [wave], trainer.processor, 2, torch.device("cpu"))
+            trained_logp = policy_logprobs(trainer.model, prompts, trained[None]).float()[0]  # [T]
         settings = trainer.sampling
     finally:
         trainer.close()
@@ -206,17 +217,23 @@ def export_check(model_dir: Path, data: Path, work: Path, new_tokens: int = 16) 
     export = path / "hf"
     plain = Qwen2AudioForConditionalGeneration.from_pretrained(export, dtype=torch.bfloat16).eval()
     processor = AutoProcessor.from_pretrained(export)
-    from data.collate import collate_prompts
-
     batch = collate_prompts([sample], [wave], processor, template=2)
+    P = batch["input_ids"].shape[1]
     with torch.no_grad():
         out = plain.generate(**batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=settings.end_token_ids,
                              pad_token_id=settings.pad_token_id, suppress_tokens=settings.suppress_token_ids)
-    answer = out[0, batch["input_ids"].shape[1]:]
+        # the plain forward's log-probs of the trained slice's answer
+        ids = torch.cat([batch["input_ids"], trained[None]], dim=1)
+        logits = plain(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=batch["input_features"],
+                       feature_attention_mask=batch["feature_attention_mask"]).logits[0, P - 1:-1].float()
+        plain_logp = torch.log_softmax(logits, -1).gather(-1, trained[:, None]).squeeze(-1)
+    answer = out[0, P:]
     n = min(len(answer), len(trained))
     same = int((answer[:n] == trained[:n]).cumprod(0).sum())
+    diff = (plain_logp - trained_logp).abs()
     return {"export": str(export), "trained_tokens": trained.tolist(), "plain_transformers_tokens": answer.tolist(),
-            "identical_prefix_tokens": same, "compared_tokens": n,
+            "identical_prefix_tokens": same, "compared_tokens": n, "distinct_tokens": len(set(trained.tolist())),
+            "logprob_abs_diff": {"mean": diff.mean().item(), "max": diff.max().item()},
             "exported_dtype": str(next(plain.parameters()).dtype),
             "step_metrics": {k: v for k, v in metrics.items() if isinstance(v, float)}}
 
@@ -243,16 +260,20 @@ def main(argv=None) -> dict:
                                          max_new_tokens=args.new_tokens, temperature=1.0, top_k=50, top_p=1.0)
             result["precision"] = r = precision_and_gap(model_dir, prompts, settings, args.group_size)
             print(f"slice P={r['shape']['P']} G={r['shape']['G']} T={r['shape']['T']}: bf16 vs fp32 log-probs "
-                  f"mean {r['logprobs']['mean']:.2e} max {r['logprobs']['max']:.2e}; loss {r['loss']['bfloat16']:.6f} vs "
-                  f"{r['loss']['float32']:.6f} (rel {r['loss']['relative']:.2e}); adapter gradients rel L2 "
+                  f"mean {r['logprobs']['mean']:.2e} max {r['logprobs']['max']:.2e}; "
+                  f"loss {r['loss']['bfloat16']:.4e} vs {r['loss']['float32']:.4e} "
+                  f"(rel {r['loss']['relative']:.2e}); adapter gradients rel L2 "
                   f"{r['gradients']['relative_l2']:.2e}, cosine {r['gradients']['cosine']:.5f}")
             for name in ("float32", "bfloat16"):
                 g = r[f"gap_{name}"]
-                print(f"  sampler/trainer gap {name}: mean {g['mean']:.2e} max {g['max']:.2e} over {g['tokens']} tokens")
+                print(f"  sampler/trainer gap {name}: mean {g['mean']:.2e} max {g['max']:.2e} "
+                      f"over {g['tokens']} tokens")
         if "export" not in args.skip:
             result["export"] = e = export_check(model_dir, data, work)
             print(f"export: plain transformers' greedy answer equals the trained slice's on "
-                  f"{e['identical_prefix_tokens']} of {e['compared_tokens']} tokens ({e['exported_dtype']})")
+                  f"{e['identical_prefix_tokens']} of {e['compared_tokens']} tokens ({e['distinct_tokens']} distinct; "
+                  f"{e['exported_dtype']}); its log-probs of that answer differ by mean "
+                  f"{e['logprob_abs_diff']['mean']:.2e} max {e['logprob_abs_diff']['max']:.2e}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

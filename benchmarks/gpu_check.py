@@ -30,7 +30,7 @@ and .md, <device> the GPU's name in lower case with '-' for spaces, or 'cpu'):
  3. Decoding: G rows of one prompt, seconds per decoding step (a 64-token generation minus a
     1-token one, over 63), tokens per second, against the floor: every weight the step reads
     (decoder, lm_head) divided by the device's copy bandwidth (measured here: a 1 GiB
-    device-to-device copy reads and writes 2 GiB).
+    device-to-device copy reads and writes 2 GiB; 0.25 GiB on the CPU).
  4. The sampler/trainer gap in bf16: the trainer's train/sampler_logprob_diff/{mean,max} of
     the measured step, and the same in eval mode (no LoRA dropout) on fresh completions.
 
@@ -305,7 +305,7 @@ def decode_speed(trainer, device, tokens: int = 64) -> dict:
     lm = model.model.language_model
     read = sum(p.numel() * p.element_size() for p in lm.layers.parameters())
     read += sum(p.numel() * p.element_size() for p in model.lm_head.parameters())
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device, gib=1.0 if device.type == "cuda" else 0.25)
     floor = read / bandwidth
     return {"rows": G, "seconds_per_step": per_step, "tokens_per_second": G / per_step,
             "weights_read_per_step_gb": read / GB, "copy_bandwidth_gb_per_s": bandwidth / GB,

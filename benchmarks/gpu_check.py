@@ -8,8 +8,8 @@ What it does, in order (every number also goes to benchmarks/results/gpu_check_<
 and .md, <device> the GPU's name in lower case with '-' for spaces, or 'cpu'):
 
  1. Qwen2-Audio-7B-Instruct's architecture (configs/qwen2_audio_7b_random.yaml) with random
-    weights, built in bf16 directly on the device (models.tiny.random_model: seconds; nothing
-    written to disk but the configs and the processor). --shape slice keeps the widths and
+    weights, built in bf16 directly on the device (models.tiny.random_model; nothing written
+    to disk but the configs and the processor). --shape slice keeps the widths and
     vocabulary with 1 decoder + 1 encoder layer; --shape tiny is the test model's sizes.
  2. Per recipe, the trainer (grpo.trainer.Trainer, one process, fsdp never) runs one warm-up
     step and one measured step; each phase of the measured step is timed (CUDA synchronised)

@@ -456,10 +456,11 @@ class Trainer:
 
     def _sampler_gap_metrics(self, gap: torch.Tensor) -> dict:
         """The sampler/trainer gap over all ranks: mean and max over the loss tokens of
-        |log-prob the rollout sampled with - log-prob the first update pass computed| (both under
-        the sampling temperature, over the whole vocabulary). Near 0 in fp32; in bf16 the KV-cache
-        decoding and the packed forward round differently (benchmarks/RESULTS.md gives sizes); a
-        large value means the loss scores tokens under another distribution than the sampler's."""
+        |log-prob the rollout sampled with - log pi_old the loss uses| (the old-policy pass when
+        mu > 1, else the first update pass; both under the sampling temperature, over the whole
+        vocabulary). Near 0 in fp32; in bf16 the KV-cache decoding and the packed forward round
+        differently (benchmarks/RESULTS.md gives sizes); a large value means the loss scores
+        tokens under another distribution than the sampler's."""
         total, tokens = self._all_reduce(gap[[0, 2]].clone()).tolist()
         largest = self._all_reduce(gap[1:2].clone(), dist.ReduceOp.MAX).item()
         return {"train/sampler_logprob_diff/mean": total / max(tokens, 1.0),

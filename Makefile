@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 
-.PHONY: install check-install lock train test test-fast test-oldest test-newest clean
+.PHONY: install check-install lock train test test-fast test-oldest test-newest gpu-check clean
 
 # Exactly the versions in the lock (direct and transitive), then the project itself without
 # resolving anything again, then a check that torch, torchaudio and transformers load together.
@@ -71,6 +71,13 @@ test-newest:
 	$(NEWEST)/bin/python -m pip install -q ".[test]"
 	$(NEWEST)/bin/python scripts/check_install.py
 	$(NEWEST)/bin/python -m pytest tests
+
+# On a machine with one NVIDIA GPU (under 10 minutes): the 7B's LoRA and full recipes' steps,
+# per phase, against the memory plan; decoding against the memory-bandwidth floor; the
+# sampler/trainer gap. Writes benchmarks/results/gpu_check_<gpu>.{json,md}; how to read it:
+# benchmarks/RESULTS.md, "One command for a GPU". Without a GPU it says so and fails.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .venv-newest runs artifacts .pytest_cache .hypothesis

@@ -3,6 +3,7 @@ full fine-tuning (step time and peak memory), at the tiny and anchor shapes.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python benchmarks/plan_check.py --shape tiny
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python benchmarks/plan_check.py --shape anchor --lora both
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python benchmarks/plan_check.py --shape slice --lora on --dtype both
 
 How the CPU measurement is compared with the plan. The plan counts tensors (what
 torch.cuda.max_memory_allocated measures on a GPU). On the CPU the equivalent is counted by
@@ -41,7 +42,34 @@ SHAPES = {
                    overrides=["rollout.prompts_per_step=2", "rollout.group_size=8", "rollout.max_new_tokens=32",
                               "rollout.generation_batch_prompts=2", "rollout.top_k=50", "rollout.top_p=1.0",
                               "algorithm.micro_batch_prompts=2"], clip_seconds=10.0),
+    # a slice of Qwen2-Audio-7B-Instruct (every width, the vocabulary of 156032, the special ids, the 30 s
+    # window; 1 decoder + 1 encoder layer) at the LoRA 24 GB recipe's settings (r1_aqa_lora_24gb.yaml: rank
+    # 16, beta 0.04, activation checkpointing, one prompt generated and trained at a time), scaled to a CPU:
+    # 1 prompt x G = 4 x 32 new tokens, 10 s clips (AVQA's length)
+    "slice": dict(config="r1_aqa_lora_24gb.yaml", slice=dict(text_layers=1, audio_layers=1),
+                  overrides=["rollout.prompts_per_step=1", "rollout.group_size=4", "rollout.max_new_tokens=32",
+                             "rollout.generation_batch_prompts=1", "algorithm.micro_batch_prompts=1",
+                             "data.format=synthetic", "data.prompt_template=2", "optimizer.schedule=constant"],
+                  clip_seconds=10.0),
 }
+ARCH_7B = ROOT / "configs" / "qwen2_audio_7b_random.yaml"
+
+
+def build_model(shape: str, model_dir: Path, dtype: str = "bfloat16") -> Path:
+    """The shape's checkpoint at ``model_dir`` (built when absent): the tiny builder's sizes, or
+    the 7B slice (stored in bf16; a float32 run upcasts the same weights)."""
+    import yaml
+
+    from models.tiny import build_slice_checkpoint, build_tiny_checkpoint
+
+    spec = SHAPES[shape]
+    if not (model_dir / "config.json").is_file():
+        if "slice" in spec:
+            build_slice_checkpoint(model_dir, yaml.safe_load(ARCH_7B.read_text()), seed=0, dtype=torch.bfloat16,
+                                   **spec["slice"])
+        else:
+            build_tiny_checkpoint(model_dir, seed=0, **spec.get("model", {}))
+    return model_dir
 
 
 def rss_gb() -> float:
@@ -79,6 +107,11 @@ class LiveTensors:
     bytes not added) and then be subtracted, leaving the count short by it. How often the
     address is reused depends on the allocator's state, which differs from run to run, so that
     shortfall made the measured peak vary between runs of the same steps.
+
+    An output that shares an input's storage (a view: a weight's transpose in every linear
+    layer, a slice, a reshape; or an in-place op's result) is no allocation and is not counted:
+    counting it would add a weight created before the step (the transposed [V, H] lm_head is
+    1.2 GB at the 7B's vocabulary) to the step's peak.
     """
 
     def __init__(self):
@@ -93,11 +126,13 @@ class LiveTensors:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
                 tracker._prune()  # before registering: a new storage may sit at a freed one's address
+                inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
                 for t in tree_leaves(out):
                     if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                         st = t.untyped_storage()
                         key = st.data_ptr()
-                        if key and key not in tracker.live:
+                        if key and key not in tracker.live and key not in inputs:
                             tracker.live[key] = (StorageWeakRef(st), st.nbytes())
                             tracker.current += st.nbytes()
                 tracker.peak = max(tracker.peak, tracker.current)
@@ -119,18 +154,20 @@ def allocation_peak(fn) -> int:
     return tracker.peak
 
 
-def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1) -> dict:
+def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1, dtype: str | None = None,
+            model_dir: Path | None = None) -> dict:
+    """GRPO steps of the shape through the trainer (one process, fsdp never): the live-tensor
+    peak against the plan, step times, and the metrics of the last step (the sampler/trainer gap
+    among them). ``dtype``: model.dtype (default the shape's config's: float32 for tiny/anchor,
+    bfloat16 for slice)."""
     from data.synthetic import generate_synthetic
     from grpo.config import load_config
     from grpo.memory_plan import plan_memory
     from grpo.trainer import Trainer
     from models.distributed import DistInfo
-    from models.tiny import build_tiny_checkpoint
 
     spec = SHAPES[shape]
-    model_dir = work / f"model-{shape}"
-    if not (model_dir / "config.json").is_file():
-        build_tiny_checkpoint(model_dir, seed=0, **spec["model"])
+    model_dir = build_model(shape, model_dir or work / f"model-{shape}")
     data = work / f"data-{shape}"
     if not (data / "train.jsonl").is_file():
         extra = {"clip_seconds": spec["clip_seconds"]} if spec["clip_seconds"] else {}
@@ -144,7 +181,11 @@ def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1) -> d
                  "algorithm.dynamic_sampling=false", "algorithm.beta=0.04", *spec["overrides"]]
     if lora:
         overrides += ["lora.enabled=true", "lora.rank=16", "lora.alpha=32", "lora.dropout=0.05"]
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    elif "slice" in spec:
+        overrides += ["lora.enabled=false"]
+    if dtype:
+        overrides.append(f"model.dtype={dtype}")
+    cfg = load_config(ROOT / "configs" / spec.get("config", "tiny.yaml"), overrides)
     baseline_rss = rss_gb()
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     shapes = []
@@ -157,20 +198,25 @@ def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1) -> d
         return traj, metrics, texts
 
     trainer.rollout = recording_rollout
+    last: dict = {}
+
+    def step():
+        last.update(trainer.train_step())
+
     try:
-        trainer.train_step()  # the first step: AdamW creates its state, lazy initialisations
+        step()  # the first step: AdamW creates its state, lazy initialisations
         held = tensor_bytes(trainer)
         times, peaks = [], []
         for _ in range(steps):
             t0 = time.perf_counter()
-            peaks.append(allocation_peak(trainer.train_step))
+            peaks.append(allocation_peak(step))
             times.append(time.perf_counter() - t0)
         step_times = []
         for _ in range(timed):  # timed without the tracker
             t0 = time.perf_counter()
-            trainer.train_step()
+            step()
             step_times.append(time.perf_counter() - t0)
-        step_s = sorted(step_times)[len(step_times) // 2]
+        step_s = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
     finally:
         trainer.close()
     P, T = max(s[0] for s in shapes), max(s[1] for s in shapes)
@@ -179,14 +225,16 @@ def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1) -> d
                        audio_seconds=seconds)
     measured = held + max(peaks)
     return {
-        "shape": shape, "lora": lora, "P": P, "T": T,
+        "shape": shape, "lora": lora, "dtype": cfg.model.dtype, "P": P, "T": T,
         "trainable": sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"]),
         "measured_tensor_peak_gb": measured / 2**30, "plan_peak_gb": plan.peak / 2**30,
         "plan_over_measured": plan.peak / measured,
         "held_between_steps_gb": held / 2**30,
         "step_seconds": step_s, "step_seconds_all": step_times,
         "rss_peak_minus_baseline_gb": rss_gb() - baseline_rss,
-        "plan": plan.render(),
+        "plan": plan.render(), "plan_parts_gb": {k: v / 2**30 for part in (plan.persistent, plan.rollout, plan.update)
+                                                 for k, v in part.items()},
+        "last_step_metrics": {k: v for k, v in last.items() if isinstance(v, float)},
     }
 
 
@@ -194,6 +242,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--lora", choices=["off", "on", "both"], default="off")
+    p.add_argument("--dtype", choices=["config", "bfloat16", "float32", "both"], default="config",
+                   help="model.dtype (config: the shape's config's)")
+    p.add_argument("--model-dir", default=None, help="the shape's checkpoint (built here when absent)")
     p.add_argument("--steps", type=int, default=2, help="measured steps (after one unmeasured step)")
     p.add_argument("--timed", type=int, default=1, help="steps timed afterwards (the median is reported)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -201,13 +252,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for lora in {"off": [False], "on": [True], "both": [False, True]}[args.lora]:
-            r = measure(args.shape, lora, args.steps, Path(tmp), timed=args.timed)
+        dtypes = {"config": [None], "both": ["bfloat16", "float32"]}.get(args.dtype, [args.dtype])
+        for lora, dtype in [(lo, d) for lo in {"off": [False], "on": [True], "both": [False, True]}[args.lora]
+                            for d in dtypes]:
+            r = measure(args.shape, lora, args.steps, Path(tmp), timed=args.timed, dtype=dtype,
+                        model_dir=Path(args.model_dir) if args.model_dir else None)
             results.append(r)
-            print(f"{r['shape']:>6} lora={'on ' if lora else 'off'} P={r['P']} T={r['T']} "
+            gap = r["last_step_metrics"].get("train/sampler_logprob_diff/mean", float("nan"))
+            print(f"{r['shape']:>6} lora={'on ' if lora else 'off'} {r['dtype']} P={r['P']} T={r['T']} "
                   f"trainable={r['trainable']:,}: measured tensor peak {r['measured_tensor_peak_gb'] * 1024:.1f} MB, "
                   f"plan {r['plan_peak_gb'] * 1024:.1f} MB (plan/measured {r['plan_over_measured']:.3f}); "
-                  f"step {r['step_seconds']:.2f} s; "
+                  f"step {r['step_seconds']:.2f} s; sampler/trainer gap (mean) {gap:.2e}; "
                   f"peak RSS - baseline {r['rss_peak_minus_baseline_gb'] * 1024:.0f} MB")
             if args.show_plan:
                 print(r["plan"])

@@ -105,8 +105,11 @@ def sample_completions(
     row_seeds: torch.Tensor | None = None,
     sync_ranks: bool = False,
     real_frames: bool = True,
-) -> torch.Tensor:
-    """G completions per prompt, ordered group by group: completion_ids [B*G, T].
+    return_logprobs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """G completions per prompt, ordered group by group: completion_ids [B*G, T]
+    (and, with ``return_logprobs``, the sampler's log-probs of those tokens [B*G, T], 0 after
+    the end: see ``models.policy.generate``).
 
     Steps, per chunk of ``chunk_prompts`` prompts:
       1. encode each clip once and build the prompt embeddings [b, P, H];
@@ -118,11 +121,11 @@ def sample_completions(
     ``real_frames``: the encoder over each chunk's real frames, not the whole window (same result).
     """
     n_prompts = prompts["input_ids"].shape[0]
-    chunks = []
+    chunks, chunk_logprobs = [], []
     for start in range(0, n_prompts, chunk_prompts):
         part = slice_prompts(prompts, start, start + chunk_prompts)
         embeds = prompt_embeddings(model, **part, real_frames=real_frames)  # [b, P, H]
-        chunks.append(
+        out = (
             generate(
                 model,
                 embeds,  # [b, P, H]: each prompt once, its cache shared by its G completions
@@ -139,9 +142,15 @@ def sample_completions(
                 generator=generator,
                 row_seeds=None if row_seeds is None else row_seeds[start * group_size : (start + chunk_prompts) * group_size],
                 sync_ranks=sync_ranks,
+                return_logprobs=return_logprobs,
             )
         )
-    return pad_right(chunks, settings.pad_token_id)
+        if return_logprobs:
+            chunk_logprobs.append(out[1])
+            out = out[0]
+        chunks.append(out)
+    ids = pad_right(chunks, settings.pad_token_id)
+    return (ids, pad_right(chunk_logprobs, 0.0)) if return_logprobs else ids
 
 
 @torch.no_grad()

@@ -75,6 +75,7 @@ class Round(NamedTuple):
     texts: list[str]  # [N] the completions as text, cut before the end token
     rewards: torch.Tensor  # [B, G] total reward of each completion
     per_reward: dict[str, list[float]]  # reward name -> [N] that reward alone
+    sampler_logp: torch.Tensor | None = None  # [N, T] the sampler's log-probs of ids (0 after the end)
 
 
 class Trajectory(NamedTuple):
@@ -88,6 +89,7 @@ class Trajectory(NamedTuple):
     old_logp: torch.Tensor | None  # [N, T] log pi_old, only when mu > 1
     ref_logp: torch.Tensor | None  # [N, T] log pi_ref, only when beta > 0
     total_tokens: int  # loss tokens of the whole batch, all ranks
+    sampler_logp: torch.Tensor | None = None  # [N, T] log-probs the rollout computed while sampling
 
 
 # --------------------------------------------------------------------------- small pure helpers
@@ -455,6 +457,7 @@ class Trainer:
             rounds.append(self._sample_round(step, len(rounds)))
         batch = self._select_groups(rounds) if a.dynamic_sampling else rounds[0]
         ids = self._pad_to_global_width(batch.ids)  # [N, T], the same T on every rank
+        sampler_logp = pad_right([batch.sampler_logp], 0.0, ids.shape[1])  # [N, T]
         t_rollout = time.perf_counter() - t0
 
         # 4. advantages and the loss mask
@@ -474,7 +477,7 @@ class Trainer:
         timings = {"rollout": t_rollout, "old_logp": t_old, "reference": t_ref}
         metrics = self._rollout_metrics(rounds, batch, all_rewards, lengths, ended, timings)
         traj = Trajectory(batch.samples, batch.prompts, ids, mask, advantages.to(self.device), old_logp, ref_logp,
-                          total_tokens)
+                          total_tokens, sampler_logp)
         return traj, metrics, batch.texts
 
     def policy_update(self, traj: Trajectory) -> dict:
@@ -487,13 +490,28 @@ class Trainer:
         """
         t0 = time.perf_counter()
         sums: dict[str, float] = {}  # token-weighted statistics of all passes, this rank
+        gap = torch.zeros(3, dtype=torch.float64)  # sampler/trainer |log-prob difference|: [sum, max, tokens]
         losses, norms, trained_tokens = [], [], 0  # [mu] loss share, [mu] global gradient norm
-        for _ in range(self.cfg.algorithm.mu):
-            loss, tokens = self._update_pass(traj, sums)
+        for k in range(self.cfg.algorithm.mu):
+            loss, tokens = self._update_pass(traj, sums, gap if k == 0 else None)
             norms.append(self._optimizer_step(loss))
             losses.append(loss)
             trained_tokens += tokens
-        return self._update_metrics(sums, losses, norms, trained_tokens, time.perf_counter() - t0)
+        metrics = self._update_metrics(sums, losses, norms, trained_tokens, time.perf_counter() - t0)
+        metrics.update(self._sampler_gap_metrics(gap))
+        return metrics
+
+    def _sampler_gap_metrics(self, gap: torch.Tensor) -> dict:
+        """The sampler/trainer gap over all ranks: mean and max over the loss tokens of
+        |log-prob the rollout sampled with - log pi_old the loss uses| (the old-policy pass when
+        mu > 1, else the first update pass; both under the sampling temperature, over the whole
+        vocabulary). Near 0 in fp32; in bf16 the KV-cache decoding and the packed forward round
+        differently (benchmarks/RESULTS.md gives sizes); a large value means the loss scores
+        tokens under another distribution than the sampler's."""
+        total, tokens = self._all_reduce(gap[[0, 2]].clone()).tolist()
+        largest = self._all_reduce(gap[1:2].clone(), dist.ReduceOp.MAX).item()
+        return {"train/sampler_logprob_diff/mean": total / max(tokens, 1.0),
+                "train/sampler_logprob_diff/max": largest}
 
     # ----------------------------------------------------------------- rollout: sampling
 
@@ -504,15 +522,15 @@ class Trainer:
         samples, waves = self.stream.take(self.local_prompts)
         prompts = prompt_batch(samples, waves, self.processor, cfg.data.prompt_template, self.device)
         with self._rollout_context():
-            ids = sample_completions(
+            ids, sampler_logp = sample_completions(
                 self.model, prompts, self.sampling, group_size=G,
                 chunk_prompts=cfg.rollout.generation_batch_prompts,
                 row_seeds=completion_seeds(cfg.run.seed, step, round_, self.stream.positions, G),
-                sync_ranks=self.fsdp, real_frames=cfg.model.audio_real_frames,
-            )
+                sync_ranks=self.fsdp, real_frames=cfg.model.audio_real_frames, return_logprobs=True,
+            )  # [N, T] each
         texts = decode_completions(self.tokenizer, ids, self.end_ids)
         rewards, per_reward = compute_rewards(texts, [s for s in samples for _ in range(G)], cfg.algorithm.rewards)
-        return Round(samples, waves, prompts, ids, texts, torch.tensor(rewards).view(-1, G), per_reward)
+        return Round(samples, waves, prompts, ids, texts, torch.tensor(rewards).view(-1, G), per_reward, sampler_logp)
 
     def _select_groups(self, rounds: list[Round]) -> Round:
         """Dynamic sampling (DAPO): keep the B groups whose rewards differ first, then fill
@@ -533,6 +551,7 @@ class Trainer:
             rewards=torch.stack([r.rewards[i] for r, i in chosen]),
             per_reward={k: [v for r, i in chosen for v in r.per_reward[k][i * G : (i + 1) * G]]
                         for k in rounds[0].per_reward},
+            sampler_logp=pad_right([r.sampler_logp[i * G : (i + 1) * G] for r, i in chosen], 0.0, width),
         )
 
     def _loss_mask(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -669,11 +688,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- update
 
-    def _update_pass(self, traj: Trajectory, sums: dict[str, float]) -> tuple[float, int]:
+    def _update_pass(self, traj: Trajectory, sums: dict[str, float], gap: torch.Tensor | None = None
+                     ) -> tuple[float, int]:
         """One pass over the batch, micro-batch by micro-batch: log pi_theta (and entropy) of the
         completions, the GRPO loss share with the global counts, backward. Adds the statistics,
         weighted by loss tokens, to ``sums``; returns this rank's loss share and the tokens
-        through the model (prompt rows x G + loss tokens)."""
+        through the model (prompt rows x G + loss tokens). ``gap`` (the first pass only): adds
+        [sum, max, count] of |sampler log-prob - log pi_old| over the loss tokens, log pi_old being
+        the old-policy pass (mu > 1) or this pass's own log-probs (mu = 1: what the loss uses)."""
         cfg, a = self.cfg, self.cfg.algorithm
         G = cfg.rollout.group_size
         n_prompts = len(traj.samples)
@@ -685,6 +707,11 @@ class Trainer:
             ids, mask = traj.completion_ids[c, :width], mask[:, :width]  # trim padding columns
             logp, entropy = self._group_logprobs(self.model, traj.prompts, lo, hi, ids, with_entropy=True)
             old = traj.old_logp[c, :width] if traj.old_logp is not None else logp.detach()
+            if gap is not None and traj.sampler_logp is not None and mask.any():
+                diff = (traj.sampler_logp[c, :width] - old).abs()[mask]  # [loss tokens of this micro-batch]
+                gap[0] += diff.sum().item()
+                gap[1] = max(gap[1].item(), diff.max().item())
+                gap[2] += diff.numel()
             ref = traj.ref_logp[c, :width] if traj.ref_logp is not None else None
             loss, stats = policy_loss(
                 logp, old, traj.advantages[c], mask, ref_logp=ref, beta=a.beta if ref is not None else 0.0,

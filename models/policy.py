@@ -311,7 +311,7 @@ def _all_ranks_done(done, sync_ranks):
 @torch.no_grad()
 def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids, pad_token_id, suppress_token_ids,
              temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None, row_seeds=None,
-             sync_ranks=False, group_size=1):
+             sync_ranks=False, group_size=1, return_logprobs=False):
     """Sample completions with a KV cache: [N, T <= max_new_tokens] ids, `pad_token_id` after the first end token.
 
     With `group_size` G > 1, prompt_embeds [B, P, H] and prompt_mask [B, P] hold each prompt
@@ -323,6 +323,12 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
     (row_seeds[n], t) and its logits (counter-based Gumbel-max, models.sampling), so the
     draw does not depend on the batch, the chunking or the rank; else torch.multinomial
     with `generator`.
+
+    With `return_logprobs`, also the sampler's log-prob of each chosen token [N, T] (0 after
+    the end): log_softmax(logits / temperature) over the whole vocabulary, as the loss
+    computes it (`_token_stats`), not the filtered distribution the token was drawn from, so
+    that it can be compared with the trainer's log-probs of the same tokens (the
+    sampler/trainer gap). One logsumexp over the step's [N, V] logits, already computed.
     """
     lm, embed = model.model.language_model, model.get_input_embeddings()
     device = prompt_embeds.device
@@ -340,9 +346,11 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
     N = hidden.shape[0]
     position = mask.sum(-1, keepdim=True)  # [N, 1]: position of the first new token
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    tokens = []
+    tokens, logprobs = [], []
     for step in range(max_new_tokens):
         logits = model.lm_head(hidden).float()  # [N, V]
+        if return_logprobs:  # before suppression and filtering: the loss scores the whole vocabulary
+            raw, log_norm = logits, (logits / temperature).logsumexp(-1)  # [N, V], [N]
         if suppress.numel():
             logits[:, suppress] = float("-inf")
         if greedy:
@@ -355,6 +363,9 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
                 token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
         token = token.masked_fill(done, pad_token_id)  # [N]
         tokens.append(token)
+        if return_logprobs:  # a chosen token is never suppressed (set in place in raw) or filtered
+            chosen = raw.gather(-1, token[:, None]).squeeze(-1) / temperature - log_norm  # [N]
+            logprobs.append(chosen.masked_fill(done, 0.0))
         done = done | torch.isin(token, ends)
         if step == max_new_tokens - 1 or _all_ranks_done(done, sync_ranks):
             break
@@ -363,8 +374,10 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
                                      position_ids=position)
         position = position + 1
     if not tokens:  # max_new_tokens == 0
-        return torch.empty(N, 0, dtype=torch.long, device=device)
-    return torch.stack(tokens, dim=1)  # [N, T]
+        ids = torch.empty(N, 0, dtype=torch.long, device=device)
+        return (ids, torch.empty(N, 0, device=device)) if return_logprobs else ids
+    ids = torch.stack(tokens, dim=1)  # [N, T]
+    return (ids, torch.stack(logprobs, dim=1)) if return_logprobs else ids  # [N, T], [N, T] fp32
 
 
 def decoder_step(lm, cache, **inputs):

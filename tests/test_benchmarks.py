@@ -151,3 +151,61 @@ def test_ablations_run(tmp_path):
 def test_7b_random_refuses_cpu():
     with pytest.raises(SystemExit, match="needs --device cuda"):
         bench_step.main(["--model", "7b-random", "--device", "cpu"])
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_fails(monkeypatch, capsys, tmp_path):
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0]
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def _check_gpu_check_result(result: dict, recipes: list[str]):
+    for name in recipes:
+        r = result["recipes"][name]
+        assert list(r["phases"]) == ["rollout", "reference", "update"]
+        for phase in r["phases"].values():
+            assert phase["seconds"] > 0 and phase["peak_gb"] > 0
+        for phase in ("rollout", "update"):
+            ph = r["phases"][phase]
+            assert ph["plan_over_measured"] == pytest.approx(ph["plan_gb"] / ph["peak_gb"])
+        assert r["shape"]["T"] == 4  # the end tokens are suppressed: every completion has the full length
+        assert 0 <= r["sampler_logprob_diff"]["mean"] <= r["sampler_logprob_diff"]["max"] < 0.05  # bf16
+    d = result["recipes"]["lora"]["decode"]
+    assert d["floor_seconds_per_step"] == pytest.approx(d["weights_read_per_step_gb"] / d["copy_bandwidth_gb_per_s"])
+    assert d["tokens_per_second"] == pytest.approx(d["rows"] / d["seconds_per_step"])
+
+
+def test_gpu_check_on_the_cpu_measures_both_recipes_and_writes_json_and_markdown(tmp_path):
+    """benchmarks/gpu_check.py's logic at the tiny shape: both recipes' phases measured against
+    the plan, decoding against the bandwidth floor, the gap; one JSON and one table, named 'cpu'."""
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--shape", "tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    _check_gpu_check_result(result, ["lora", "full"])
+    table = (tmp_path / "gpu_check_cpu.md").read_text()
+    for recipe in ("lora", "full"):
+        for phase in ("rollout", "reference", "update"):
+            assert f"| {recipe} | 2 | 1 x 2 x 4 " in table and f"| {phase} |" in table
+    assert "decode:" in table and "sampler/trainer gap (lora, bf16)" in table
+
+
+@pytest.mark.slow
+def test_gpu_check_at_the_7b_widths_on_the_cpu(tmp_path):
+    """The same at the slice of the 7B (every width, vocabulary 156032, 1 + 1 layers, bf16): the
+    LoRA recipe's step within 15 % of the plan in both phases the plan covers; the full recipe's
+    plan exceeds the CPU's budget of 8 GB even at one layer, so it is skipped, saying why."""
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--shape", "slice", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    _check_gpu_check_result(result, ["lora"])
+    lora = result["recipes"]["lora"]
+    assert lora["layers"] == 1 and lora["shape"]["P"] > 250  # a 10 s clip: 250 audio tokens
+    for phase in ("rollout", "update"):
+        assert 0.85 <= lora["phases"][phase]["plan_over_measured"] <= 1.15, lora["phases"]
+    assert "exceeds" in result["recipes"]["full"]["skipped"]

@@ -226,3 +226,29 @@ def test_row_seeds_make_a_completion_independent_of_its_batch(tiny_model, tiny_p
     real = mask[G].bool()
     alone = generate(tiny_model, embeds[G:G + 1, real], mask[G:G + 1, real], **kw, row_seeds=seeds[G:], group_size=G)
     assert torch.equal(both[G:, :alone.shape[1]], alone)
+
+
+def test_the_sampler_logprobs_are_the_loss_logprobs_of_the_same_tokens(tiny_model, tiny_processor, batch):
+    """generate(return_logprobs=True) keeps log_softmax(logits / temperature) of each chosen
+    token, over the whole vocabulary: in fp32 they equal the packed forward's log-probs of the
+    same completions (the sampler/trainer gap is rounding only), filtering and suppression
+    notwithstanding; scored at another temperature, the gap is plain to see."""
+    from models.policy import group_logprobs
+
+    with torch.no_grad():
+        embeds = prompt_embeddings(tiny_model, **batch)  # [2, P, H]
+    mask = batch["attention_mask"]
+    kw = gen_kwargs(tiny_processor, max_new_tokens=10, temperature=0.7, top_k=50, top_p=0.9)
+    seeds = torch.tensor([row_seed(3, i) for i in range(2 * G)])
+    ids, sampled = generate(tiny_model, embeds, mask, **kw, row_seeds=seeds, group_size=G, return_logprobs=True)
+    assert torch.equal(ids, generate(tiny_model, embeds, mask, **kw, row_seeds=seeds, group_size=G))  # same draw
+    from grpo.algorithm import completion_mask
+
+    real = completion_mask(ids, kw["end_token_ids"])  # [N, T] up to the end token
+    assert (sampled[~real] == 0).all() and (sampled[real] < 0).all()
+    with torch.no_grad():
+        loss_side = group_logprobs(tiny_model, embeds, mask, ids, temperature=0.7)  # [N, T]
+        other_temperature = group_logprobs(tiny_model, embeds, mask, ids, temperature=1.0)
+    gap = (sampled - loss_side).abs()[real]
+    assert gap.max() < 1e-5, gap.max()
+    assert (sampled - other_temperature).abs()[real].mean() > 1e-2

@@ -119,6 +119,33 @@ def short_run(world, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def in_process_trainer(world, out: Path, *extra: str):
+    """A Trainer in this process (no subprocess) on the short run's settings, GRPO from step 0."""
+    from grpo.config import load_config
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+
+    cfg = load_config(TINY, short_run(world, out, "algorithm.format_warmup_steps=0", "logging.tensorboard=false",
+                                      "checkpointing.every=0", *extra)[2:])
+    return Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_the_sampler_trainer_gap_is_logged_near_zero_in_fp32_and_shows_a_wrong_temperature(world, tmp_path, mu):
+    """train/sampler_logprob_diff/{mean,max}: the sampler's log-probs of its tokens against the
+    old-policy pass (mu = 2) or the first update pass (mu = 1). fp32 on the CPU: rounding only.
+    A sampler at another temperature than the loss's shows as a gap far above rounding."""
+    trainer = in_process_trainer(world, tmp_path / "run", f"algorithm.mu={mu}", "rollout.temperature=0.8")
+    try:
+        metrics = trainer.grpo_step()
+        assert 0 <= metrics["train/sampler_logprob_diff/mean"] <= metrics["train/sampler_logprob_diff/max"] < 1e-5
+        trainer.sampling.temperature = 1.2  # the rollout now samples (and scores) at 1.2, the loss still at 0.8
+        metrics = trainer.grpo_step()
+        assert metrics["train/sampler_logprob_diff/mean"] > 1e-2
+    finally:
+        trainer.close()
+
+
 # ----------------------------------------------------------------------------- configuration errors
 
 
@@ -311,7 +338,8 @@ def test_a_run_logs_every_metric_and_writes_a_loadable_export(world, one_process
     expected = ["train/reward", "train/reward_std", "train/rewards/accuracy/mean", "train/rewards/format/mean",
                 "train/kl", "train/clip_ratio/region_mean", "train/ratio_mean", "train/entropy", "train/loss",
                 "train/grad_norm", "train/completions/mean_length", "train/completions/clipped_ratio",
-                "train/frac_reward_zero_std", "timing/rollout", "timing/update", "timing/step",
+                "train/frac_reward_zero_std", "train/sampler_logprob_diff/mean", "train/sampler_logprob_diff/max",
+                "timing/rollout", "timing/update", "timing/step",
                 "perf/generated_tokens_per_second", "perf/peak_memory_gb"]
     for row in grpo:
         missing = [k for k in expected if k not in row]

@@ -217,8 +217,9 @@ def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1, dtyp
             step()
             step_times.append(time.perf_counter() - t0)
         step_s = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
+        trainable = sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"])
     finally:
-        trainer.close()
+        trainer.close()  # drops the model and optimizer
     P, T = max(s[0] for s in shapes), max(s[1] for s in shapes)
     seconds = max(s[2] for s in shapes)
     plan = plan_memory(cfg, world_size=1, device_type="cpu", prompt_tokens=P, completion_tokens=T,
@@ -226,7 +227,7 @@ def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1, dtyp
     measured = held + max(peaks)
     return {
         "shape": shape, "lora": lora, "dtype": cfg.model.dtype, "P": P, "T": T,
-        "trainable": sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"]),
+        "trainable": trainable,
         "measured_tensor_peak_gb": measured / 2**30, "plan_peak_gb": plan.peak / 2**30,
         "plan_over_measured": plan.peak / measured,
         "held_between_steps_gb": held / 2**30,

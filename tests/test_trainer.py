@@ -255,8 +255,19 @@ def test_the_logged_loss_and_gradient_norm_are_means_over_the_mu_passes(world, t
     assert metrics["train/grad_norm"] == pytest.approx(sum(norms) / 3, rel=1e-12)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "token_mean", "dr_grpo"])
-def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, tmp_path, loss_type):
+VARIANT_OVERRIDES = {  # the GRPO family through the trainer (grpo/algorithm.py, "Variants")
+    "cispo": ["algorithm.policy_loss_type=cispo", "algorithm.loss_type=token_mean"],
+    "gmpo": ["algorithm.policy_loss_type=gmpo", "algorithm.eps_low=0.4", "algorithm.eps_high=0.4"],
+    "sapo+kl_iw": ["algorithm.policy_loss_type=sapo", "algorithm.kl_importance_weighted=true"],
+    "dual_clip+entropy": ["algorithm.clip_ratio_c=3", "algorithm.top_entropy_fraction=0.3",
+                          "algorithm.loss_type=dr_grpo"],
+}
+
+
+@pytest.mark.parametrize("overrides", [[f"algorithm.loss_type={t}"] for t in ("grpo", "token_mean", "dr_grpo")]
+                         + list(VARIANT_OVERRIDES.values()),
+                         ids=["grpo", "token_mean", "dr_grpo", *VARIANT_OVERRIDES])
+def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, tmp_path, overrides):
     """The invariance of the GRPO core, through Trainer.policy_update: 4 prompts in 1, 2 or 4
     micro-batches accumulate the same gradient (completions of unequal lengths)."""
     from grpo.config import load_config
@@ -265,7 +276,7 @@ def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, t
 
     cfg = load_config(TINY, short_run(world, tmp_path / "mb")[2:] + [
         "checkpointing.save_on_signal=false", "logging.tensorboard=false", "optimizer.max_grad_norm=0",
-        f"algorithm.loss_type={loss_type}", "algorithm.mu=1", "rollout.max_new_tokens=6"])
+        "algorithm.mu=1", "rollout.max_new_tokens=6", *overrides])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     traj, _, _ = trainer.rollout(step=0)
     # an untrained model rarely ends early and gets no reward: give the completions unequal
@@ -288,9 +299,49 @@ def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, t
         trainer.policy_update(traj)
         grads[micro] = captured
     assert grads[4] and any(g.abs().max() > 0 for g in grads[4].values())
+    if cfg.algorithm.top_entropy_fraction < 1:  # a real selection: some loss tokens out, some in
+        kept = traj.token_weights.sum() / (traj.token_weights.numel())
+        assert 0 < kept < 1
     for micro in (2, 1):
         for name, g in grads[4].items():
             torch.testing.assert_close(grads[micro][name], g, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_rollout_adds_the_overlong_punishment_and_normalises_each_reward(world, tmp_path):
+    """overlong_buffer adds DAPO's length reward per completion (logged as "overlong"); with
+    normalize_each and leave_one_out the advantages are those of multi_reward_advantages."""
+    from grpo.algorithm import multi_reward_advantages
+    from grpo.config import load_config
+    from grpo.rewards import soft_overlong_punishment
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+
+    cfg = load_config(TINY, short_run(world, tmp_path / "ol")[2:] + [
+        "checkpointing.save_on_signal=false", "logging.tensorboard=false", "algorithm.mu=1",
+        "rollout.max_new_tokens=6", "algorithm.overlong_buffer=4", "algorithm.overlong_penalty=0.5",
+        "algorithm.reward_normalization=normalize_each", "algorithm.advantage_baseline=leave_one_out"])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    seen = {}
+    sample_round = trainer._sample_round
+
+    def keep(step, round_):
+        seen["round"] = sample_round(step, round_)
+        return seen["round"]
+
+    trainer._sample_round = keep
+    traj, metrics, _ = trainer.rollout(step=0)
+    lengths = traj.mask.sum(dim=1).tolist()
+    expected = [soft_overlong_punishment(n, 6, 4) for n in lengths]
+    assert seen["round"].per_reward["overlong"] == expected
+    assert metrics["train/rewards/overlong/mean"] == pytest.approx(sum(expected) / len(expected))
+    names = list(seen["round"].per_reward)
+    per_reward = torch.tensor([seen["round"].per_reward[k] for k in names]).T.float()
+    weights = torch.tensor([0.5 if k == "overlong" else cfg.algorithm.rewards[k] for k in names])
+    torch.testing.assert_close(traj.advantages, multi_reward_advantages(
+        per_reward, weights, 4, "normalize_each", baseline="leave_one_out"))
+    totals = seen["round"].rewards.reshape(-1)
+    assert totals.tolist() == pytest.approx([sum(weights[k].item() * per_reward[i, k].item() for k in range(len(names)))
+                                             for i in range(len(totals))])
 
 
 # ----------------------------------------------------------------------------- one run

@@ -74,7 +74,8 @@ kl_importance_weighted: k_it -> rho_it k_it (token ratio, with its gradient): th
 Advantages: baseline "leave_one_out" (RLOO, arXiv:2402.14740) centres r_i on the mean of
   the other G - 1 rewards: r_i - (sum_g r - r_i)/(G - 1) = G/(G - 1) (r_i - mean_g r).
   `multi_reward_advantages` with "normalize_each" normalises each reward within the group
-  and sums them, weighted (GDPO-style); "sum_then_normalize" is GRPO's.
+  and sums them, weighted (GDPO, arXiv:2601.05242, without its final batch normalisation);
+  "sum_then_normalize" is GRPO's.
 """
 
 from __future__ import annotations

@@ -282,6 +282,25 @@ def _weight_stats(raw: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tens
     }
 
 
+@torch.no_grad()
+def follow_policy_(reference: Iterable[torch.Tensor], policy: Iterable[torch.Tensor], alpha: float) -> None:
+    """A reference that follows the policy (TR-DPO, Gorbatovski et al. 2024, arXiv:2404.09656):
+
+        theta_ref <- alpha theta + (1 - alpha) theta_ref     (in place, tensor by tensor)
+
+    alpha = 1 is the hard update (the reference becomes the policy); the trainer calls it
+    every algorithm.ref_sync_every GRPO steps. The tensors pair up in order and must share
+    shapes (and, sharded, placements).
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    for ref, new in zip(reference, policy, strict=True):
+        if alpha == 1.0:
+            ref.copy_(new)
+        else:
+            ref.mul_(1.0 - alpha).add_(new.to(ref.dtype), alpha=alpha)
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(pi_theta || pi_ref) from tokens sampled from pi_theta.
 

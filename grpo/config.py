@@ -119,6 +119,8 @@ class AlgorithmConfig:
     top_entropy_fraction: float = 1.0  # train only on this fraction of highest-entropy loss tokens (1: all)
     overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N of max_new_tokens (0 off)
     overlong_penalty: float = 1.0  # weight of that reward (it goes from 0 to -1 across the buffer)
+    ref_sync_every: int = 0  # reference follows the policy every N GRPO steps (TR-DPO; LoRA: merge and restart; 0 off)
+    ref_sync_alpha: float = 1.0  # ref <- alpha * policy + (1 - alpha) * ref (1: a copy; LoRA needs 1)
     mu: int = 1  # optimizer updates per rollout (mu=1: the ratio is exactly 1)
     micro_batch_prompts: int = 1  # prompts (each with its G completions) per forward/backward
     mask_truncated: bool = False  # leave completions cut at max_new_tokens out of the loss
@@ -281,6 +283,8 @@ RANGES = {
     "algorithm.top_entropy_fraction": Range(0, 1, low_open=True),
     "algorithm.overlong_buffer": at_least(0),
     "algorithm.overlong_penalty": at_least(0),
+    "algorithm.ref_sync_every": at_least(0),
+    "algorithm.ref_sync_alpha": Range(0, 1, low_open=True),
     "algorithm.mu": at_least(1),
     "algorithm.micro_batch_prompts": at_least(1),
     "algorithm.max_sampling_rounds": at_least(0),
@@ -426,6 +430,12 @@ def validate(config: Config, source: str, *, require_paths: bool = False) -> Non
     if a.clip_ratio_c != 0 and (a.clip_ratio_c <= 1 or a.policy_loss_type != "clip"):
         raise ConfigError(f"'algorithm.clip_ratio_c' in {source} is {a.clip_ratio_c!r}; allowed: 0 (off), or > 1 "
                           f"with algorithm.policy_loss_type clip (it is {a.policy_loss_type!r})")
+    if a.ref_sync_every and a.beta == 0:
+        raise ConfigError(f"'algorithm.ref_sync_every' in {source} is {a.ref_sync_every} with algorithm.beta 0: "
+                          "there is no reference to sync; set beta > 0 or ref_sync_every 0")
+    if a.ref_sync_every and config.lora.enabled and a.ref_sync_alpha != 1:
+        raise ConfigError(f"'algorithm.ref_sync_alpha' in {source} is {a.ref_sync_alpha} with lora.enabled: the LoRA "
+                          "reference follows by merging the adapters, so only 1 is allowed")
     if a.overlong_buffer > config.rollout.max_new_tokens:
         raise ConfigError(f"'algorithm.overlong_buffer' in {source} is {a.overlong_buffer}; allowed: at most "
                           f"rollout.max_new_tokens ({config.rollout.max_new_tokens})")

@@ -37,8 +37,8 @@ from data.audio import AudioError, AudioLoader
 from data.collate import prompt_length
 from data.datasets import DataError, Sample, read_dataset
 from data.prompts import answer_target
-from grpo.algorithm import (completion_mask, entropy_threshold, high_entropy_mask, multi_reward_advantages,
-                            policy_loss)
+from grpo.algorithm import (completion_mask, entropy_threshold, follow_policy_, high_entropy_mask,
+                            multi_reward_advantages, policy_loss)
 from grpo.checkpoint import (ResumeError, SaveError, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
                              set_rng_state)
 from grpo.config import Config, ConfigError
@@ -874,13 +874,24 @@ class Trainer:
     def _saved_models(self) -> dict:
         # After a format warm-up the reference is a snapshot of the policy, not the
         # checkpoint on disk, so it must be saved with the run to be restored.
-        return {"reference": self.ref_model} if self.ref_model is not None and self.warmup_steps else {}
+        # So is a reference that follows the policy.
+        moved = self.warmup_steps or self.cfg.algorithm.ref_sync_every
+        return {"reference": self.ref_model} if self.ref_model is not None and moved else {}
+
+    def _reference_sync_due(self, step: int) -> bool:
+        """Whether the reference follows the policy after ``step`` (every ref_sync_every GRPO steps)."""
+        every, grpo_steps = self.cfg.algorithm.ref_sync_every, step - self.warmup_steps
+        return (self.cfg.algorithm.name == "grpo" and every > 0 and grpo_steps > 0 and grpo_steps % every == 0
+                and (self.ref_model is not None or self.cfg.lora.enabled))
 
     def _base_changed(self, step: int) -> bool:
         """Whether the weights besides the trainable ones differ from model.path at ``step``,
         so a checkpoint must hold them: always without LoRA (everything trains); with LoRA,
-        once the format warm-up's adapters were merged into the base."""
-        return not self.cfg.lora.enabled or 0 < self.warmup_steps <= step
+        once the format warm-up's adapters (or, with a reference that follows the policy, GRPO's)
+        were merged into the base."""
+        first_sync = self.warmup_steps + self.cfg.algorithm.ref_sync_every if self.cfg.algorithm.ref_sync_every else None
+        return (not self.cfg.lora.enabled or 0 < self.warmup_steps <= step
+                or (first_sync is not None and first_sync <= step))
 
     @torch.no_grad()
     def snapshot_reference(self) -> None:
@@ -896,6 +907,18 @@ class Trainer:
             return
         for ref_p, p in zip(self.ref_model.parameters(), self.model.parameters()):
             ref_p.copy_(p)
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """The reference follows the policy (``follow_policy_``): pi_ref <- alpha pi_theta +
+        (1 - alpha) pi_ref. With LoRA the adapters are merged into the base and start again
+        (alpha is 1): "adapters off" is then the current policy; their AdamW moments, which
+        belonged to the merged adapters, are cleared."""
+        if self.cfg.lora.enabled:
+            merge_adapters_(self.model, seed=self.cfg.run.seed)
+            self.optimizer.state.clear()
+            return
+        follow_policy_(self.ref_model.parameters(), self.model.parameters(), self.cfg.algorithm.ref_sync_alpha)
 
     def _resume(self, path: Path) -> None:
         saved_step = json.loads((path / "trainer_state.json").read_text())["step"]
@@ -961,6 +984,8 @@ class Trainer:
                     self.optimizer.state.clear()
                     if self.ref_model is not None or self.cfg.lora.enabled:
                         self.snapshot_reference()
+                elif self._reference_sync_due(self.step):
+                    self.sync_reference()
                 before, pending = None, metrics  # the step is complete: its state is consistent from here on
                 metrics["timing/step"] = time.perf_counter() - t0
                 metrics["perf/peak_memory_gb"] = peak_memory_gb(self.device)

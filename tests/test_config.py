@@ -103,6 +103,9 @@ def test_the_24gb_lora_config_is_r1_aqas_recipe_with_adapters():
     (["algorithm.top_entropy_fraction=0"], "top_entropy_fraction"),
     (["algorithm.overlong_buffer=300", "rollout.max_new_tokens=256"], "overlong_buffer"),
     (["algorithm.sapo_tau_neg=0"], "sapo_tau_neg"),
+    (["algorithm.ref_sync_every=10", "algorithm.beta=0"], "ref_sync_every"),
+    (["algorithm.ref_sync_every=10", "lora.enabled=true", "algorithm.ref_sync_alpha=0.5"], "ref_sync_alpha"),
+    (["algorithm.ref_sync_alpha=0"], "ref_sync_alpha"),
 ])
 def test_family_keys_are_checked(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -344,6 +344,66 @@ def test_rollout_adds_the_overlong_punishment_and_normalises_each_reward(world, 
                                              for i in range(len(totals))])
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lora):
+    """ref_sync_every: after GRPO steps 2 and 4 (not 1, 3) the reference moves. Without LoRA it
+    becomes alpha pi_theta + (1 - alpha) pi_ref; with LoRA the adapters are merged, so the
+    reference ("adapters off") computes what the policy computed."""
+    from grpo.config import load_config
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+    from models.lora import adapters_disabled
+
+    extra = ["lora.enabled=true", "lora.rank=4"] if lora else ["algorithm.ref_sync_alpha=0.5"]
+    cfg = load_config(TINY, short_run(world, tmp_path / "sync")[2:] + [
+        "checkpointing.save_on_signal=false", "logging.tensorboard=false", "algorithm.mu=1",
+        "algorithm.format_warmup_steps=0", "run.steps=4", "algorithm.ref_sync_every=2",
+        "rollout.max_new_tokens=4", "checkpointing.every=0", *extra])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    synced, sync = [], trainer.sync_reference
+    ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+
+    def logits(adapters: bool) -> torch.Tensor:
+        training = trainer.model.training
+        trainer.model.eval()  # no dropout: the same input must give the same output
+        try:
+            with torch.no_grad():
+                if adapters:
+                    return trainer.model(input_ids=ids).logits
+                with adapters_disabled(trainer.model):
+                    return trainer.model(input_ids=ids).logits
+        finally:
+            trainer.model.train(training)
+
+    def record():
+        if lora:  # the reference ("adapters off") must become what the policy computes now
+            reference_before, policy = logits(False), logits(True)
+            sync()
+            torch.testing.assert_close(logits(False), policy, atol=1e-5, rtol=1e-5)
+            if not synced:  # the hand-moved adapters (later ones may not have learned anything)
+                assert not torch.allclose(reference_before, policy, atol=1e-5)
+        else:
+            ref_before = [p.detach().clone() for p in trainer.ref_model.parameters()]
+            sync()
+            for r, b, p in zip(trainer.ref_model.parameters(), ref_before, trainer.model.parameters()):
+                torch.testing.assert_close(r, 0.5 * p.detach() + 0.5 * b)
+            if not synced:
+                assert any(not torch.equal(r, b) for r, b in zip(trainer.ref_model.parameters(), ref_before))
+        synced.append(trainer.step)
+
+    # an untrained model may earn no reward in 4 steps (zero advantages, no update): set the
+    # policy and its reference apart by hand so that the sync has something to do
+    with torch.no_grad():
+        moved = [p for n, p in trainer.model.named_parameters() if "lora_B" in n] if lora else \
+            list(trainer.ref_model.parameters())
+        for p in moved:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    trainer.sync_reference = record
+    trainer.train()
+    trainer.close()
+    assert synced == [2, 4]
+
+
 # ----------------------------------------------------------------------------- one run
 
 

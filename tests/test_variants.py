@@ -445,3 +445,26 @@ def test_rollout_weights_of_huge_ratios_stay_finite():
         rollout_importance_weights(torch.zeros(1, 3), torch.zeros(1, 3), mask, cap=0.0)
     with pytest.raises(ValueError, match="low <= high"):
         rollout_rejection_mask(torch.zeros(1, 3), torch.zeros(1, 3), mask, low=2.0, high=1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# A reference that follows the policy
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_follow_policy_mixes_each_tensor(alpha):
+    from grpo.algorithm import follow_policy_
+
+    g = torch.Generator().manual_seed(0)
+    ref = [torch.randn(3, 2, generator=g, dtype=DTYPE), torch.randn(4, generator=g, dtype=DTYPE)]
+    policy = [torch.randn(3, 2, generator=g, dtype=DTYPE), torch.randn(4, generator=g, dtype=DTYPE)]
+    before = [r.clone() for r in ref]
+    follow_policy_(ref, policy, alpha)
+    for r, b, p in zip(ref, before, policy):
+        for x, y, z in zip(r.flatten().tolist(), b.flatten().tolist(), p.flatten().tolist()):
+            assert x == pytest.approx(alpha * z + (1 - alpha) * y, rel=1e-12)
+    with pytest.raises(ValueError, match="alpha"):
+        follow_policy_(ref, policy, 0.0)
+    with pytest.raises(ValueError):
+        follow_policy_(ref, policy[:1], 0.5)  # unpaired tensors are an error, not a silent partial update

@@ -76,6 +76,7 @@ Advantages: baseline "leave_one_out" (RLOO, arXiv:2402.14740) centres r_i on the
   `multi_reward_advantages` with "normalize_each" normalises each reward within the group
   and sums them, weighted (GDPO, arXiv:2601.05242, without its final batch normalisation);
   "sum_then_normalize" is GRPO's.
+Reference: `follow_policy_` moves pi_ref towards pi_theta (TR-DPO, arXiv:2404.09656).
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ class AlgorithmConfig:
     advantage_scale: str = "group"  # group, batch or none (Dr. GRPO)
     advantage_eps: float = 1e-4  # added to the std of the advantage denominator
     advantage_baseline: str = "mean"  # mean (GRPO) or leave_one_out (RLOO: the mean of the other G - 1)
-    reward_normalization: str = "sum_then_normalize"  # or normalize_each: each reward within the group, then the weighted sum
+    reward_normalization: str = "sum_then_normalize"  # or normalize_each: each reward in its group, then the sum
     policy_loss_type: str = "clip"  # clip (GRPO), cispo, gmpo or sapo; equations in grpo/algorithm.py
     clip_ratio_c: float = 0.0  # dual clip: with A < 0 the loss stops growing past rho = c (> 1; 0 off; clip only)
     sapo_tau_pos: float = 1.0  # SAPO gate temperature for A > 0

@@ -482,8 +482,8 @@ class Trainer:
         rewards, per_reward = compute_rewards(texts, [s for s in samples for _ in range(G)], cfg.algorithm.rewards)
         if cfg.algorithm.overlong_buffer > 0:  # DAPO's length reward: on token counts, so computed here
             lengths = completion_mask(ids, self.end_ids).sum(dim=1).tolist()  # [N], end token included
-            per_reward["overlong"] = [soft_overlong_punishment(n, cfg.rollout.max_new_tokens, cfg.algorithm.overlong_buffer)
-                                      for n in lengths]
+            per_reward["overlong"] = [
+                soft_overlong_punishment(n, cfg.rollout.max_new_tokens, cfg.algorithm.overlong_buffer) for n in lengths]
             rewards = [r + cfg.algorithm.overlong_penalty * p for r, p in zip(rewards, per_reward["overlong"])]
         return Round(samples, waves, prompts, ids, texts, torch.tensor(rewards).view(-1, G), per_reward)
 
@@ -889,9 +889,9 @@ class Trainer:
         so a checkpoint must hold them: always without LoRA (everything trains); with LoRA,
         once the format warm-up's adapters (or, with a reference that follows the policy, GRPO's)
         were merged into the base."""
-        first_sync = self.warmup_steps + self.cfg.algorithm.ref_sync_every if self.cfg.algorithm.ref_sync_every else None
+        every = self.cfg.algorithm.ref_sync_every
         return (not self.cfg.lora.enabled or 0 < self.warmup_steps <= step
-                or (first_sync is not None and first_sync <= step))
+                or (every > 0 and self.warmup_steps + every <= step))
 
     @torch.no_grad()
     def snapshot_reference(self) -> None:

@@ -178,7 +178,8 @@ def test_dual_clip_case_is_exercised_and_changes_the_loss():
 
 def test_dual_clip_holds_the_gradient_at_zero_past_c():
     logp = torch.tensor([[math.log(3.0)]], dtype=DTYPE, requires_grad=True)  # rho = 3 > c = 2
-    old, mask, adv = torch.zeros(1, 1, dtype=DTYPE), torch.ones(1, 1, dtype=torch.bool), torch.tensor([-1.0], dtype=DTYPE)
+    old, mask = torch.zeros(1, 1, dtype=DTYPE), torch.ones(1, 1, dtype=torch.bool)
+    adv = torch.tensor([-1.0], dtype=DTYPE)
     loss, _ = policy_loss(logp, old, adv, mask, clip_ratio_c=2.0)
     loss.backward()
     assert loss.item() == pytest.approx(2.0) and logp.grad.item() == 0.0
@@ -212,7 +213,8 @@ def test_cispo_keeps_the_gradient_of_clipped_tokens():
     """A token with rho > 1 + eps_high and A > 0: the clip zeroes its gradient, CISPO scales
     grad log pi by the clipped weight 1 + eps_high instead."""
     logp = torch.tensor([[math.log(2.0)]], dtype=DTYPE, requires_grad=True)
-    old, mask, adv = torch.zeros(1, 1, dtype=DTYPE), torch.ones(1, 1, dtype=torch.bool), torch.tensor([1.0], dtype=DTYPE)
+    old, mask = torch.zeros(1, 1, dtype=DTYPE), torch.ones(1, 1, dtype=torch.bool)
+    adv = torch.tensor([1.0], dtype=DTYPE)
     for kind, expected in (("clip", 0.0), ("cispo", -1.28)):
         logp.grad = None
         loss, _ = policy_loss(logp, old, adv, mask, eps_high=0.28, policy_loss_type=kind)
@@ -312,7 +314,8 @@ def naive_adv(rewards, group, scale, baseline, eps=1e-4):
 def test_leave_one_out_matches_naive(scale, group):
     rewards = torch.randint(0, 4, (4 * group,), generator=torch.Generator().manual_seed(group)).to(DTYPE)
     got = group_advantages(rewards, group, scale=scale, baseline="leave_one_out")
-    assert got.tolist() == pytest.approx(naive_adv(rewards.tolist(), group, scale, "leave_one_out"), rel=1e-12, abs=1e-12)
+    expected = naive_adv(rewards.tolist(), group, scale, "leave_one_out")
+    assert got.tolist() == pytest.approx(expected, rel=1e-12, abs=1e-12)
     if group > 1 and scale == "none":
         assert not torch.allclose(got, group_advantages(rewards, group, scale=scale))
 

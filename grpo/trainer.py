@@ -418,8 +418,8 @@ class Trainer:
         mask, lengths, ended = self._loss_mask(ids)  # [N, T] bool, [N] tokens, [N] bool
         all_rewards = self._gather(batch.rewards.reshape(-1).float())  # [W*N], every rank's rewards
         names = list(batch.per_reward)
-        all_per_reward = self._gather(torch.tensor([batch.per_reward[k] for k in names]).T.float()
-                                      .reshape(len(batch.texts), len(names)))  # [W*N, K]
+        per_reward = torch.tensor([batch.per_reward[k] for k in names], dtype=torch.float32)
+        all_per_reward = self._gather(per_reward.reshape(len(names), len(batch.texts)).T.contiguous())  # [W*N, K]
         advantages = self._advantages(all_rewards, all_per_reward, names)  # [N], this rank's slice
 
         # 5. log pi_old and log pi_ref of the completions

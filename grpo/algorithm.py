@@ -56,7 +56,8 @@ policy_loss_type (the per-token policy term p_it; l_it = p_it + beta k_it):
   gmpo   p = -A_i exp(1/|o_i| sum_t sgn(A_i) min(sgn(A_i) log rho_it,     GMPO arXiv:2507.20673
                  sgn(A_i) clip(log rho_it, -eps_low, eps_high)))
          the geometric mean of the token ratios, each clipped in log space, the same
-         value on every token of o_i (so "grpo" aggregation gives -A_i times it)
+         value on every token of o_i (so "grpo" aggregation gives -A_i times it);
+         sequence-level by construction, it ignores importance_level
   sapo   p = -(4 / tau) sigmoid(tau (rho - 1)) A,  tau = tau_pos if A > 0  SAPO arXiv:2511.20347
          else tau_neg: a soft gate; its slope is 1 at rho = 1 (the plain
          policy gradient on-policy) and decays smoothly away from it

@@ -3,7 +3,9 @@
 Sources: GRPO, DeepSeekMath arXiv:2402.03300; clip-higher and token_mean, DAPO
 arXiv:2503.14476; scale "none" and dr_grpo, Dr. GRPO arXiv:2503.20783; sequence-level
 ratio, GSPO arXiv:2507.18071; k1/k2/k3, Schulman, "Approximating KL Divergence"
-(joschu.net/blog/kl-approx.html). Summary with context: docs/FACTS.md.
+(joschu.net/blog/kl-approx.html). The family (policy_loss_type, dual clip, leave-one-out
+baseline, per-reward normalisation, entropy token selection, rollout correction) is listed
+under "Variants" below, each with its paper. Summary with context: docs/FACTS.md.
 
 The loss, written once
 ----------------------
@@ -40,10 +42,47 @@ share by world_size.)
 
 With one update per rollout (mu = 1) pi_old is pi_theta detached: rho = 1 and J sits
 near 0, but grad rho = grad log pi_theta, so learning goes on.
+
+Variants
+--------
+Each replaces one piece of the equation above; all go through the same `aggregate_loss`,
+so every one keeps the micro-batch and rank invariance.
+
+policy_loss_type (the per-token policy term p_it; l_it = p_it + beta k_it):
+  clip   p = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)          GRPO / PPO
+  cispo  p = -sg(clip(rho, 1 - eps_low, 1 + eps_high)) A log pi_theta      CISPO, MiniMax-M1
+         (the clipped weight is a constant: every token keeps its         arXiv:2506.13585
+         gradient, scaled, instead of the clip zeroing it)
+  gmpo   p = -A_i exp(1/|o_i| sum_t sgn(A_i) min(sgn(A_i) log rho_it,     GMPO arXiv:2507.20673
+                 sgn(A_i) clip(log rho_it, -eps_low, eps_high)))
+         the geometric mean of the token ratios, each clipped in log space, the same
+         value on every token of o_i (so "grpo" aggregation gives -A_i times it);
+         sequence-level by construction, it ignores importance_level
+  sapo   p = -(4 / tau) sigmoid(tau (rho - 1)) A,  tau = tau_pos if A > 0  SAPO arXiv:2511.20347
+         else tau_neg: a soft gate; its slope is 1 at rho = 1 (the plain
+         policy gradient on-policy) and decays smoothly away from it
+dual clip (clip_ratio_c = c > 1, clip only): for A < 0, p = min(p_clip, -c A): the loss of a
+  token whose ratio has run far above 1 with a negative advantage stops growing
+  (Dual-clip PPO, arXiv:1912.09729).
+token_weights w_it (constant): p_it -> w_it p_it. Rollout correction (a truncated importance
+  weight pi_old / pi_sampler, or a 0/1 mask of tokens whose weight left a band:
+  `rollout_importance_weights`, `rollout_rejection_mask`) and the entropy selection
+  (`high_entropy_mask`: only the top fraction of highest-entropy tokens, arXiv:2506.01939)
+  enter here. The normaliser (|o_i|, sum|o_i|) is unchanged: dropped tokens add 0.
+kl_importance_weighted: k_it -> rho_it k_it (token ratio, with its gradient): the samples come
+  from pi_old, and E_old[rho k] = E_theta[k]. With k3 the gradient of rho k3 is
+  rho (log pi_theta - log pi_ref) grad log pi_theta, an unbiased estimate of grad KL.
+Advantages: baseline "leave_one_out" (RLOO, arXiv:2402.14740) centres r_i on the mean of
+  the other G - 1 rewards: r_i - (sum_g r - r_i)/(G - 1) = G/(G - 1) (r_i - mean_g r).
+  `multi_reward_advantages` with "normalize_each" normalises each reward within the group
+  and sums them, weighted (GDPO, arXiv:2601.05242, without its final batch normalisation);
+  "sum_then_normalize" is GRPO's.
+Reference: `follow_policy_` moves pi_ref towards pi_theta (TR-DPO, arXiv:2404.09656).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -52,6 +91,10 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_LEVELS = ("token", "sequence")
 LOSS_TYPES = ("grpo", "token_mean", "dr_grpo")
+POLICY_LOSS_TYPES = ("clip", "cispo", "gmpo", "sapo")
+ADVANTAGE_BASELINES = ("mean", "leave_one_out")
+REWARD_NORMALIZATIONS = ("sum_then_normalize", "normalize_each")
+ROLLOUT_CORRECTION_LEVELS = ("token", "sequence", "geometric")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -73,12 +116,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
-                     eps: float = 1e-4) -> torch.Tensor:
+                     eps: float = 1e-4, baseline: str = "mean") -> torch.Tensor:
     """A_i from the rewards, centred within each group of G completions of one prompt.
 
-        "group" (R1-AQA):   A_i = (r_i - mean_g(r)) / (std_g(r) + eps)
-        "batch":            A_i = (r_i - mean_g(r)) / (std(all N rewards) + eps)
-        "none" (Dr. GRPO):  A_i =  r_i - mean_g(r)
+        "group" (R1-AQA):   A_i = (r_i - b_i) / (std_g(r) + eps)
+        "batch":            A_i = (r_i - b_i) / (std(all N rewards) + eps)
+        "none" (Dr. GRPO):  A_i =  r_i - b_i
+
+    b_i, the baseline: "mean", mean_g(r); "leave_one_out" (RLOO, arXiv:2402.14740), the mean
+    of the group's other G - 1 rewards, so r_i - b_i = G/(G - 1) (r_i - mean_g(r)); it is
+    0 for G = 1 (no other completion).
 
     std uses Bessel's correction (divides by n - 1). With one value (group_size 1, or a
     batch of one) that std is undefined; it is taken as 0, so A_i = 0 / eps = 0.
@@ -88,6 +135,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     Returns [N], float.
     """
     _check_choice("advantage scale", scale, ADVANTAGE_SCALES)
+    _check_choice("advantage baseline", baseline, ADVANTAGE_BASELINES)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
     if not isinstance(group_size, int) or group_size < 1:
@@ -105,11 +153,154 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
     r = rewards.view(-1, group_size)  # [P, G]
     centred = r - r.mean(dim=1, keepdim=True)  # [P, G]
+    if baseline == "leave_one_out":
+        centred = centred * (group_size / (group_size - 1)) if group_size > 1 else torch.zeros_like(r)
     if scale == "group":
         centred = centred / (bessel_std(r, 1) + eps)  # [P, G] / [P, 1]
     elif scale == "batch":
         centred = centred / (bessel_std(rewards, None) + eps)  # [P, G] / []
     return centred.reshape(-1)  # [N]
+
+
+def multi_reward_advantages(per_reward: torch.Tensor, weights: torch.Tensor, group_size: int,
+                            normalization: str = "sum_then_normalize", scale: str = "group",
+                            eps: float = 1e-4, baseline: str = "mean") -> torch.Tensor:
+    """A_i from K rewards per completion, weighted by w_k.
+
+        "sum_then_normalize" (GRPO):  A = adv(sum_k w_k r_k)
+        "normalize_each":             A = sum_k w_k adv(r_k)
+
+    adv is `group_advantages` (scale, eps, baseline). Normalising each reward on its own keeps
+    a reward whose values spread widely (or a rare one) from drowning the others' signal
+    within the group; the two agree when K = 1, or when scale is "none" (adv is then linear).
+    per_reward: [N, K]; weights: [K]. Returns [N].
+    """
+    _check_choice("reward normalization", normalization, REWARD_NORMALIZATIONS)
+    if per_reward.dim() != 2 or weights.shape != per_reward.shape[1:]:
+        raise ValueError(f"per_reward must be [N, K] and weights [K], got {tuple(per_reward.shape)} "
+                         f"and {tuple(weights.shape)}")
+    per_reward = per_reward.to(torch.promote_types(per_reward.dtype, torch.float32))
+    weights = weights.to(per_reward.dtype)
+    if normalization == "sum_then_normalize":
+        return group_advantages((per_reward * weights).sum(dim=1), group_size, scale, eps, baseline)
+    columns = [weights[k] * group_advantages(per_reward[:, k], group_size, scale, eps, baseline)
+               for k in range(per_reward.shape[1])]  # K x [N]
+    return torch.stack(columns, dim=1).sum(dim=1) if columns else per_reward.new_zeros(per_reward.shape[0])
+
+
+def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_fraction: float) -> torch.Tensor:
+    """The entropy at or above which a token is among the top `top_fraction` of the loss tokens.
+
+    With n loss tokens and k = ceil(top_fraction * n) (at least 1), the k-th largest entropy.
+    Pass the whole optimizer batch (every micro-batch, every rank): the selection is then
+    the same however the batch is cut. Returns a scalar (-inf when no token is in the mask,
+    so nothing is dropped).
+    """
+    if not 0.0 < top_fraction <= 1.0:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    values = entropy.detach()[mask.bool()]  # [n]
+    if values.numel() == 0:
+        return entropy.new_tensor(float("-inf"))
+    k = max(1, math.ceil(top_fraction * values.numel()))
+    return values.topk(k).values[-1]
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """[B, T] bool: loss tokens whose entropy is at least `threshold` (see `entropy_threshold`).
+
+    Training on these alone ("forking tokens", Wang et al. 2025, arXiv:2506.01939; 20% in
+    the paper) enters `policy_loss` as token_weights. Ties at the threshold are all kept.
+    """
+    return mask.bool() & (entropy.detach() >= threshold)
+
+
+def _rollout_log_weight(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                        level: str) -> torch.Tensor:
+    """log pi_old / pi_sampler per token [B, T], at the requested level (masked tokens 0)."""
+    _check_choice("rollout correction level", level, ROLLOUT_CORRECTION_LEVELS)
+    mask = mask.bool()
+    log_w = torch.where(mask, logp.detach() - sampler_logp.detach(), torch.zeros_like(logp))  # [B, T]
+    if level == "token":
+        return log_w
+    per_seq = log_w.sum(dim=1, keepdim=True)  # [B, 1] log of the product of the token ratios
+    if level == "geometric":
+        per_seq = per_seq / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return per_seq.expand_as(log_w)
+
+
+def rollout_importance_weights(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                               cap: float = 2.0, level: str = "token") -> tuple[torch.Tensor, dict]:
+    """Truncated importance weights for the gap between the sampler and the trainer.
+
+    The sampler (an inference engine, other kernels, other precision) drew the tokens with
+    pi_sampler, not with the pi_old the trainer computes; the weight corrects for it:
+
+        "token":     w_it = min(pi_old(o_it) / pi_sampler(o_it), cap)
+        "sequence":  w_i  = min(prod_t pi_old(o_it) / pi_sampler(o_it), cap)
+        "geometric": w_i  = min(exp(1/|o_i| sum_t log(pi_old / pi_sampler)), cap)
+
+    (truncated IS, Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"). The result is a constant ([B, T], no gradient) for
+    `policy_loss`'s token_weights; 0 off the mask. logp: the trainer's log pi_old [B, T];
+    sampler_logp: the sampler's own log-probs of the same tokens [B, T].
+    Returns (weights, stats): the untruncated weights' mean / min / max over loss tokens,
+    the fraction truncated, and the token count (to weight means across calls).
+    """
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    mask = mask.bool()
+    log_w = _rollout_log_weight(logp, sampler_logp, mask, level)  # [B, T]
+    raw = torch.exp(log_w.clamp(max=80.0))  # [B, T]; a ratio of e^80 is as truncated as any
+    weights = torch.where(mask, raw.clamp(max=cap), torch.zeros_like(raw))
+    stats = _weight_stats(raw, mask)
+    stats["rollout_is/truncated_frac"] = masked_mean((raw > cap).to(raw.dtype), mask)
+    return weights, stats
+
+
+def rollout_rejection_mask(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                           low: float = 0.5, high: float = 2.0, level: str = "token") -> tuple[torch.Tensor, dict]:
+    """[B, T] bool: loss tokens kept because their weight pi_old / pi_sampler (at `level`, as in
+    `rollout_importance_weights`) lies in [low, high]; at a sequence level a completion is
+    kept or dropped whole. Returns (keep, stats) with the fraction of loss tokens rejected."""
+    if not 0 <= low <= high:
+        raise ValueError(f"need 0 <= low <= high, got {low}, {high}")
+    mask = mask.bool()
+    log_w = _rollout_log_weight(logp, sampler_logp, mask, level)  # [B, T]
+    raw = torch.exp(log_w.clamp(max=80.0))
+    keep = mask & (raw >= low) & (raw <= high)
+    stats = _weight_stats(raw, mask)
+    stats["rollout_is/rejected_frac"] = masked_mean((mask & ~keep).to(raw.dtype), mask)
+    return keep, stats
+
+
+def _weight_stats(raw: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    big = torch.finfo(raw.dtype).max
+    any_token = mask.any()
+    return {
+        "rollout_is/mean": masked_mean(raw, mask),
+        "rollout_is/min": torch.where(mask, raw, raw.new_tensor(big)).min() if any_token else raw.new_zeros(()),
+        "rollout_is/max": torch.where(mask, raw, raw.new_tensor(-big)).max() if any_token else raw.new_zeros(()),
+        "tokens": mask.sum().to(raw.dtype),
+    }
+
+
+@torch.no_grad()
+def follow_policy_(reference: Iterable[torch.Tensor], policy: Iterable[torch.Tensor], alpha: float) -> None:
+    """A reference that follows the policy (TR-DPO, Gorbatovski et al. 2024, arXiv:2404.09656):
+
+        theta_ref <- alpha theta + (1 - alpha) theta_ref     (in place, tensor by tensor)
+
+    alpha = 1 is the hard update (the reference becomes the policy); the trainer calls it
+    every algorithm.ref_sync_every GRPO steps. The tensors pair up in order and must share
+    shapes (and, sharded, placements).
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    for ref, new in zip(reference, policy, strict=True):
+        if alpha == 1.0:
+            ref.copy_(new)
+        else:
+            ref.mul_(1.0 - alpha).add_(new.to(ref.dtype), alpha=alpha)
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -222,6 +413,43 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, 
     return per_token.sum() / (total_sequences * max_completion_length)
 
 
+def policy_term(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                policy_loss_type: str = "clip", eps_low: float = 0.2, eps_high: float = 0.2,
+                importance_level: str = "token", clip_ratio_c: float | None = None,
+                sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token policy term p_it [B, T] of the chosen policy_loss_type (module docstring,
+    "Variants"), and the importance weight rho [B, T] it was built from (for statistics).
+    logp (with gradient), old_logp, mask: [B, T]; advantages: [B]."""
+    _check_choice("policy loss type", policy_loss_type, POLICY_LOSS_TYPES)
+    mask = mask.bool()
+    rho = importance_ratio(logp, old_logp, mask, importance_level)  # [B, T]
+    adv = advantages.to(rho.dtype).unsqueeze(1)  # [B, 1]
+    if policy_loss_type == "clip":
+        # The min picks the pessimistic term: once rho has moved past the clip range in the
+        # direction the advantage pushes, the gradient is 0.
+        clipped_rho = rho.clamp(1.0 - eps_low, 1.0 + eps_high)  # [B, T]
+        per_token = -torch.minimum(rho * adv, clipped_rho * adv)  # [B, T]
+        if clip_ratio_c is not None:
+            # Dual clip: with A < 0 the term -rho A grows without bound as rho does; cap it at -c A.
+            per_token = torch.where(adv < 0, torch.minimum(per_token, -clip_ratio_c * adv), per_token)
+        return per_token, rho
+    if policy_loss_type == "cispo":
+        weight = rho.detach().clamp(1.0 - eps_low, 1.0 + eps_high)  # [B, T] constant
+        safe_logp = torch.where(mask, logp, torch.zeros_like(logp))  # padding never reaches the sum
+        return -weight * adv * safe_logp, rho
+    if policy_loss_type == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(adv, sapo_tau_pos), torch.full_like(adv, sapo_tau_neg))  # [B, 1]
+        return -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * adv, rho
+    # gmpo: the geometric mean of the token ratios, each clipped in log space on the side the
+    # advantage pushes (sgn(A) min(sgn(A) x, sgn(A) clip(x)) = the pessimistic of the two).
+    log_ratio = torch.where(mask, logp - old_logp, torch.zeros_like(logp))  # [B, T]
+    sign = torch.where(adv < 0, -torch.ones_like(adv), torch.ones_like(adv))  # [B, 1]; A = 0 adds 0 anyway
+    clipped = log_ratio.clamp(-eps_low, eps_high)
+    pessimistic = sign * torch.minimum(sign * log_ratio, sign * clipped)  # [B, T]
+    seq_ratio = torch.exp(masked_mean(pessimistic, mask, dim=1)).unsqueeze(1)  # [B, 1]
+    return (-adv * seq_ratio).expand_as(logp), rho
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -238,11 +466,20 @@ def policy_loss(
     max_completion_length: int | None = None,
     total_sequences: float | None = None,
     total_tokens: float | None = None,
+    policy_loss_type: str = "clip",
+    clip_ratio_c: float | None = None,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    token_weights: torch.Tensor | None = None,
+    kl_importance_weighted: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the GRPO loss, and its statistics.
 
-        l_it = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta * k_it
+        l_it = w_it p_it + beta * k_it,   p_it = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i)
 
+    for policy_loss_type "clip"; the other types (cispo, gmpo, sapo), the dual clip
+    (clip_ratio_c, > 1), token_weights w (constant, [B, T]; 1 when None) and
+    kl_importance_weighted (k -> rho k) are in the module docstring, "Variants".
     rho from `importance_ratio` (token level, or GSPO's sequence level), k from
     `kl_penalty`, the reduction from `aggregate_loss`. total_sequences / total_tokens
     default to this call's own counts (B and mask.sum()): right only when the call
@@ -252,7 +489,8 @@ def policy_loss(
     Returns (loss: scalar, stats): stats are detached scalars over this call's unmasked
     tokens: "kl", "ratio_mean", "clip_ratio/low_mean" (rho < 1 - eps_low with A < 0: the
     clip holds the gradient at 0), "clip_ratio/high_mean" (rho > 1 + eps_high with A > 0),
-    "clip_ratio/region_mean" (either), and "tokens" (the count, to weight means across calls).
+    "clip_ratio/region_mean" (either), "clip_ratio/dual_mean" (rho > c with A < 0: the dual
+    clip holds), and "tokens" (the count, to weight means across calls).
     """
     if not (logp.shape == old_logp.shape == mask.shape) or logp.dim() != 2:
         raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
@@ -261,22 +499,30 @@ def policy_loss(
         raise ValueError(f"advantages must be [B] = [{logp.shape[0]}], got {tuple(advantages.shape)}")
     if ref_logp is not None and ref_logp.shape != logp.shape:
         raise ValueError(f"ref_logp {tuple(ref_logp.shape)} must have shape {tuple(logp.shape)}")
+    if token_weights is not None and token_weights.shape != logp.shape:
+        raise ValueError(f"token_weights {tuple(token_weights.shape)} must have shape {tuple(logp.shape)}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probabilities)")
     if eps_low < 0 or eps_high < 0:
         raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
+    if clip_ratio_c is not None and (policy_loss_type != "clip" or not clip_ratio_c > 1.0):
+        raise ValueError(f"clip_ratio_c (the dual clip) needs policy_loss_type 'clip' and a value > 1, "
+                         f"got {clip_ratio_c!r} with {policy_loss_type!r}")
+    if sapo_tau_pos <= 0 or sapo_tau_neg <= 0:
+        raise ValueError(f"sapo temperatures must be > 0, got {sapo_tau_pos}, {sapo_tau_neg}")
     _check_choice("kl estimator", kl_estimator, KL_ESTIMATORS)
     _check_choice("loss type", loss_type, LOSS_TYPES)
     mask = mask.bool()
 
-    # Clipped surrogate, per token. The min picks the pessimistic term: once rho has moved
-    # past the clip range in the direction the advantage pushes, the gradient is 0.
-    rho = importance_ratio(logp, old_logp, mask, importance_level)  # [B, T]
+    per_token, rho = policy_term(logp, old_logp, advantages, mask, policy_loss_type=policy_loss_type,
+                                 eps_low=eps_low, eps_high=eps_high, importance_level=importance_level,
+                                 clip_ratio_c=clip_ratio_c, sapo_tau_pos=sapo_tau_pos,
+                                 sapo_tau_neg=sapo_tau_neg)  # [B, T], [B, T]
     adv = advantages.to(rho.dtype).unsqueeze(1)  # [B, 1]
-    clipped_rho = rho.clamp(1.0 - eps_low, 1.0 + eps_high)  # [B, T]
-    per_token = -torch.minimum(rho * adv, clipped_rho * adv)  # [B, T]
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
 
     # KL to the reference, per token inside the loss (not in the reward).
     kl = None
@@ -286,7 +532,11 @@ def policy_loss(
         kl = kl_penalty(torch.where(mask, logp, zero), torch.where(mask, ref_logp, zero),
                         kl_estimator)  # [B, T]
         if beta > 0:
-            per_token = per_token + beta * kl
+            if kl_importance_weighted:
+                token_rho = torch.exp(torch.where(mask, logp - old_logp, zero))  # [B, T], with gradient
+                per_token = per_token + beta * token_rho * kl
+            else:
+                per_token = per_token + beta * kl
 
     if total_sequences is None:
         total_sequences = logp.shape[0]
@@ -300,12 +550,14 @@ def policy_loss(
     with torch.no_grad():
         low = (rho < 1.0 - eps_low) & (adv < 0)  # [B, T]
         high = (rho > 1.0 + eps_high) & (adv > 0)  # [B, T]
+        dual = (rho > clip_ratio_c) & (adv < 0) if clip_ratio_c is not None else torch.zeros_like(low)
         stats = {
             "kl": masked_mean(kl, mask) if kl is not None else rho.new_zeros(()),
             "ratio_mean": masked_mean(rho, mask),
             "clip_ratio/low_mean": masked_mean(low.to(rho.dtype), mask),
             "clip_ratio/high_mean": masked_mean(high.to(rho.dtype), mask),
             "clip_ratio/region_mean": masked_mean((low | high).to(rho.dtype), mask),
+            "clip_ratio/dual_mean": masked_mean(dual.to(rho.dtype), mask),
             "tokens": mask.sum().to(rho.dtype),
         }
     return loss, {k: v.detach() for k, v in stats.items()}

@@ -28,7 +28,8 @@ from data.audio import CHANNELS
 from data.datasets import FORMATS, ON_ERROR
 from data.prompts import TEMPLATES
 from data.synthetic import DIFFICULTY_CHOICES
-from grpo.algorithm import ADVANTAGE_SCALES, IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES
+from grpo.algorithm import (ADVANTAGE_BASELINES, ADVANTAGE_SCALES, IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES,
+                            POLICY_LOSS_TYPES, REWARD_NORMALIZATIONS)
 
 
 class ConfigError(ValueError):
@@ -108,6 +109,18 @@ class AlgorithmConfig:
     loss_type: str = "grpo"  # grpo, token_mean (DAPO) or dr_grpo
     advantage_scale: str = "group"  # group, batch or none (Dr. GRPO)
     advantage_eps: float = 1e-4  # added to the std of the advantage denominator
+    advantage_baseline: str = "mean"  # mean (GRPO) or leave_one_out (RLOO: the mean of the other G - 1)
+    reward_normalization: str = "sum_then_normalize"  # or normalize_each: each reward in its group, then the sum
+    policy_loss_type: str = "clip"  # clip (GRPO), cispo, gmpo or sapo; equations in grpo/algorithm.py
+    clip_ratio_c: float = 0.0  # dual clip: with A < 0 the loss stops growing past rho = c (> 1; 0 off; clip only)
+    sapo_tau_pos: float = 1.0  # SAPO gate temperature for A > 0
+    sapo_tau_neg: float = 1.05  # SAPO gate temperature for A < 0
+    kl_importance_weighted: bool = False  # KL term weighted by pi_theta / pi_old (unbiased with mu > 1)
+    top_entropy_fraction: float = 1.0  # train only on this fraction of highest-entropy loss tokens (1: all)
+    overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N of max_new_tokens (0 off)
+    overlong_penalty: float = 1.0  # weight of that reward (it goes from 0 to -1 across the buffer)
+    ref_sync_every: int = 0  # reference follows the policy every N GRPO steps (TR-DPO; LoRA: merge and restart; 0 off)
+    ref_sync_alpha: float = 1.0  # ref <- alpha * policy + (1 - alpha) * ref (1: a copy; LoRA needs 1)
     mu: int = 1  # optimizer updates per rollout (mu=1: the ratio is exactly 1)
     micro_batch_prompts: int = 1  # prompts (each with its G completions) per forward/backward
     mask_truncated: bool = False  # leave completions cut at max_new_tokens out of the loss
@@ -197,6 +210,9 @@ CHOICES = {
     "algorithm.importance_level": IMPORTANCE_LEVELS,
     "algorithm.loss_type": LOSS_TYPES,
     "algorithm.advantage_scale": ADVANTAGE_SCALES,
+    "algorithm.advantage_baseline": ADVANTAGE_BASELINES,
+    "algorithm.reward_normalization": REWARD_NORMALIZATIONS,
+    "algorithm.policy_loss_type": POLICY_LOSS_TYPES,
     "optimizer.schedule": ("constant", "linear", "cosine"),
     "distribution.fsdp": ("auto", "always", "never"),
 }
@@ -261,6 +277,14 @@ RANGES = {
     "algorithm.eps_low": Range(0, 1, high_open=True),  # 1 - eps_low must stay positive
     "algorithm.eps_high": at_least(0),
     "algorithm.advantage_eps": above(0),
+    "algorithm.clip_ratio_c": at_least(0),  # 0 off; otherwise > 1 (checked in validate)
+    "algorithm.sapo_tau_pos": above(0),
+    "algorithm.sapo_tau_neg": above(0),
+    "algorithm.top_entropy_fraction": Range(0, 1, low_open=True),
+    "algorithm.overlong_buffer": at_least(0),
+    "algorithm.overlong_penalty": at_least(0),
+    "algorithm.ref_sync_every": at_least(0),
+    "algorithm.ref_sync_alpha": Range(0, 1, low_open=True),
     "algorithm.mu": at_least(1),
     "algorithm.micro_batch_prompts": at_least(1),
     "algorithm.max_sampling_rounds": at_least(0),
@@ -402,6 +426,19 @@ def validate(config: Config, source: str, *, require_paths: bool = False) -> Non
     betas = config.optimizer.betas
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"'optimizer.betas' in {source} is {betas!r}; allowed: two numbers, each in [0, 1)")
+    a = config.algorithm
+    if a.clip_ratio_c != 0 and (a.clip_ratio_c <= 1 or a.policy_loss_type != "clip"):
+        raise ConfigError(f"'algorithm.clip_ratio_c' in {source} is {a.clip_ratio_c!r}; allowed: 0 (off), or > 1 "
+                          f"with algorithm.policy_loss_type clip (it is {a.policy_loss_type!r})")
+    if a.ref_sync_every and a.beta == 0:
+        raise ConfigError(f"'algorithm.ref_sync_every' in {source} is {a.ref_sync_every} with algorithm.beta 0: "
+                          "there is no reference to sync; set beta > 0 or ref_sync_every 0")
+    if a.ref_sync_every and config.lora.enabled and a.ref_sync_alpha != 1:
+        raise ConfigError(f"'algorithm.ref_sync_alpha' in {source} is {a.ref_sync_alpha} with lora.enabled: the LoRA "
+                          "reference follows by merging the adapters, so only 1 is allowed")
+    if a.overlong_buffer > config.rollout.max_new_tokens:
+        raise ConfigError(f"'algorithm.overlong_buffer' in {source} is {a.overlong_buffer}; allowed: at most "
+                          f"rollout.max_new_tokens ({config.rollout.max_new_tokens})")
     if not config.run.output_dir.strip():
         raise ConfigError(f"'run.output_dir' in {source} is empty; name the run directory")
     if require_paths:

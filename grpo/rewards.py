@@ -48,6 +48,24 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
+def soft_overlong_punishment(length: int, max_length: int, buffer: int) -> float:
+    """DAPO's length reward (arXiv:2503.14476, eq. 13) for a completion of ``length`` tokens:
+
+        0                                   if length <= max_length - buffer
+        (max_length - buffer - length) / buffer   in the buffer (from 0 down to -1)
+        -1                                  if length > max_length
+
+    It works on token counts, not on text, so the trainer computes it beside the rewards
+    (``algorithm.overlong_buffer``, weighted by ``algorithm.overlong_penalty``, logged as
+    ``overlong``). buffer 0 turns it off (always 0).
+    """
+    if buffer <= 0:
+        return 0.0
+    if length > max_length:
+        return -1.0
+    return min(0.0, (max_length - buffer - length) / buffer)
+
+
 class RewardError(RuntimeError):
     """A reward function failed: the message names the reward and the sample."""
 

@@ -37,11 +37,12 @@ from data.audio import AudioError, AudioLoader
 from data.collate import prompt_length
 from data.datasets import DataError, Sample, read_dataset
 from data.prompts import answer_target
-from grpo.algorithm import completion_mask, group_advantages, policy_loss
+from grpo.algorithm import (completion_mask, entropy_threshold, follow_policy_, high_entropy_mask,
+                            multi_reward_advantages, policy_loss)
 from grpo.checkpoint import (ResumeError, SaveError, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
                              set_rng_state)
 from grpo.config import Config, ConfigError
-from grpo.rewards import accuracy_reward, check_reward_names, compute_rewards
+from grpo.rewards import accuracy_reward, check_reward_names, compute_rewards, soft_overlong_punishment
 from grpo.rollout import (
     completion_seeds,
     decode_completions,
@@ -90,6 +91,7 @@ class Trajectory(NamedTuple):
     ref_logp: torch.Tensor | None  # [N, T] log pi_ref, only when beta > 0
     total_tokens: int  # loss tokens of the whole batch, all ranks
     sampler_logp: torch.Tensor | None = None  # [N, T] log-probs the rollout computed while sampling
+    token_weights: torch.Tensor | None = None  # [N, T] 0/1, the high-entropy tokens, only when top_entropy_fraction < 1
 
 
 # --------------------------------------------------------------------------- small pure helpers
@@ -463,11 +465,20 @@ class Trainer:
         # 4. advantages and the loss mask
         mask, lengths, ended = self._loss_mask(ids)  # [N, T] bool, [N] tokens, [N] bool
         all_rewards = self._gather(batch.rewards.reshape(-1).float())  # [W*N], every rank's rewards
-        advantages = self._advantages(all_rewards)  # [N], this rank's slice
+        names = list(batch.per_reward)
+        per_reward = torch.tensor([batch.per_reward[k] for k in names], dtype=torch.float32)
+        all_per_reward = self._gather(per_reward.reshape(len(names), len(batch.texts)).T.contiguous())  # [W*N, K]
+        advantages = self._advantages(all_rewards, all_per_reward, names)  # [N], this rank's slice
 
         # 5. log pi_old and log pi_ref of the completions
         t1 = time.perf_counter()
-        old_logp = self._logprobs(self.model, batch.prompts, ids) if a.mu > 1 else None  # [N, T]
+        token_weights = None
+        if a.top_entropy_fraction < 1.0:  # the selection needs the entropies of pi_old: one pass gives both
+            logp, entropy = self._logprobs(self.model, batch.prompts, ids, with_entropy=True)  # [N, T] each
+            old_logp = logp if a.mu > 1 else None
+            token_weights = self._high_entropy_weights(entropy, mask)  # [N, T]
+        else:
+            old_logp = self._logprobs(self.model, batch.prompts, ids) if a.mu > 1 else None  # [N, T]
         t_old = time.perf_counter() - t1
         ref_logp = self._reference_logprobs(batch.prompts, ids)  # [N, T] or None
         t_ref = time.perf_counter() - t1 - t_old
@@ -476,8 +487,10 @@ class Trainer:
         total_tokens = int(self._all_reduce(mask.sum().reshape(1).cpu()).item())  # loss tokens, all ranks
         timings = {"rollout": t_rollout, "old_logp": t_old, "reference": t_ref}
         metrics = self._rollout_metrics(rounds, batch, all_rewards, lengths, ended, timings)
+        if token_weights is not None:
+            metrics["train/entropy_selected_frac"] = self._sum(token_weights.float().cpu()) / max(total_tokens, 1)
         traj = Trajectory(batch.samples, batch.prompts, ids, mask, advantages.to(self.device), old_logp, ref_logp,
-                          total_tokens, sampler_logp)
+                          total_tokens, sampler_logp, token_weights)
         return traj, metrics, batch.texts
 
     def policy_update(self, traj: Trajectory) -> dict:
@@ -530,6 +543,11 @@ class Trainer:
             )  # [N, T] each
         texts = decode_completions(self.tokenizer, ids, self.end_ids)
         rewards, per_reward = compute_rewards(texts, [s for s in samples for _ in range(G)], cfg.algorithm.rewards)
+        if cfg.algorithm.overlong_buffer > 0:  # DAPO's length reward: on token counts, so computed here
+            lengths = completion_mask(ids, self.end_ids).sum(dim=1).tolist()  # [N], end token included
+            per_reward["overlong"] = [
+                soft_overlong_punishment(n, cfg.rollout.max_new_tokens, cfg.algorithm.overlong_buffer) for n in lengths]
+            rewards = [r + cfg.algorithm.overlong_penalty * p for r, p in zip(rewards, per_reward["overlong"])]
         return Round(samples, waves, prompts, ids, texts, torch.tensor(rewards).view(-1, G), per_reward, sampler_logp)
 
     def _select_groups(self, rounds: list[Round]) -> Round:
@@ -565,13 +583,17 @@ class Trainer:
             mask = mask & ended[:, None]
         return mask, lengths, ended
 
-    def _advantages(self, all_rewards: torch.Tensor) -> torch.Tensor:
-        """This rank's slice [N] of the advantages of the global batch's rewards [W*N]: every rank
-        normalises all of them (so scale="batch" uses the std of the whole batch); the sign is
-        flipped for the control experiment."""
+    def _advantages(self, all_rewards: torch.Tensor, all_per_reward: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """This rank's slice [N] of the advantages of the global batch's rewards [W*N] (each reward
+        alone [W*N, K], K = names): every rank normalises all of them (so scale="batch" uses the
+        std of the whole batch); the sign is flipped for the control experiment."""
         a = self.cfg.algorithm
-        advantages = group_advantages(all_rewards, self.cfg.rollout.group_size, scale=a.advantage_scale,
-                                      eps=a.advantage_eps)
+        weights = torch.tensor([a.overlong_penalty if k == "overlong" else a.rewards[k] for k in names])  # [K]
+        if a.reward_normalization == "sum_then_normalize":  # the totals, as summed by compute_rewards
+            all_per_reward, weights = all_rewards[:, None], torch.ones(1)
+        advantages = multi_reward_advantages(all_per_reward, weights, self.cfg.rollout.group_size,
+                                             a.reward_normalization, scale=a.advantage_scale,
+                                             eps=a.advantage_eps, baseline=a.advantage_baseline)
         n_local = all_rewards.numel() // self.world
         advantages = advantages[self.rank * n_local : (self.rank + 1) * n_local]
         return -advantages if a.flip_advantage_sign else advantages
@@ -667,11 +689,24 @@ class Trainer:
                                with_entropy=with_entropy, shared_prefix=m.shared_prefix,
                                real_frames=m.audio_real_frames)
 
-    def _logprobs(self, model, prompts: dict, ids: torch.Tensor) -> torch.Tensor:
-        """log pi(o_t) of given completions under ``model``, micro-batch by micro-batch: [N, T]."""
+    def _logprobs(self, model, prompts: dict, ids: torch.Tensor, with_entropy: bool = False):
+        """log pi(o_t) of given completions under ``model``, micro-batch by micro-batch: [N, T]
+        (and the entropies [N, T] with ``with_entropy``)."""
         G = ids.shape[0] // prompts["input_ids"].shape[0]
-        return torch.cat([self._group_logprobs(model, prompts, lo, hi, ids[lo * G : hi * G])
-                          for lo, hi in self._micro_batches(prompts["input_ids"].shape[0])])
+        parts = [self._group_logprobs(model, prompts, lo, hi, ids[lo * G : hi * G], with_entropy=with_entropy)
+                 for lo, hi in self._micro_batches(prompts["input_ids"].shape[0])]
+        if with_entropy:
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return torch.cat(parts)
+
+    def _high_entropy_weights(self, entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[N, T] 0/1: this rank's loss tokens among the top algorithm.top_entropy_fraction of the
+        whole batch's (all ranks) by entropy under pi_old: one threshold for the batch, so the
+        selection does not depend on the micro-batching or the number of ranks."""
+        all_entropy = self._gather(entropy.detach().float())  # [W*N, T], every rank pads to one T
+        all_mask = self._gather(mask.to(all_entropy.dtype)).bool()
+        threshold = entropy_threshold(all_entropy, all_mask, self.cfg.algorithm.top_entropy_fraction)
+        return high_entropy_mask(entropy.float(), mask, threshold).float()
 
     def _reference_logprobs(self, prompts: dict, ids: torch.Tensor) -> torch.Tensor | None:
         """log pi_ref [N, T] of the completions ids [N, T], or None when beta == 0 (no KL term).
@@ -713,12 +748,16 @@ class Trainer:
                 gap[1] = max(gap[1].item(), diff.max().item())
                 gap[2] += diff.numel()
             ref = traj.ref_logp[c, :width] if traj.ref_logp is not None else None
+            weights = traj.token_weights[c, :width] if traj.token_weights is not None else None
             loss, stats = policy_loss(
                 logp, old, traj.advantages[c], mask, ref_logp=ref, beta=a.beta if ref is not None else 0.0,
                 kl_estimator=a.kl_estimator, eps_low=a.eps_low, eps_high=a.eps_high,
                 importance_level=a.importance_level, loss_type=a.loss_type,
                 max_completion_length=cfg.rollout.max_new_tokens,
                 total_sequences=n_prompts * G * self.world, total_tokens=traj.total_tokens,
+                policy_loss_type=a.policy_loss_type, clip_ratio_c=a.clip_ratio_c or None,
+                sapo_tau_pos=a.sapo_tau_pos, sapo_tau_neg=a.sapo_tau_neg, token_weights=weights,
+                kl_importance_weighted=a.kl_importance_weighted,
             )
             # FSDP averages gradients over ranks; the share times world_size makes it a sum.
             (loss * self.world).backward()
@@ -907,13 +946,24 @@ class Trainer:
     def _saved_models(self) -> dict:
         # After a format warm-up the reference is a snapshot of the policy, not the
         # checkpoint on disk, so it must be saved with the run to be restored.
-        return {"reference": self.ref_model} if self.ref_model is not None and self.warmup_steps else {}
+        # So is a reference that follows the policy.
+        moved = self.warmup_steps or self.cfg.algorithm.ref_sync_every
+        return {"reference": self.ref_model} if self.ref_model is not None and moved else {}
+
+    def _reference_sync_due(self, step: int) -> bool:
+        """Whether the reference follows the policy after ``step`` (every ref_sync_every GRPO steps)."""
+        every, grpo_steps = self.cfg.algorithm.ref_sync_every, step - self.warmup_steps
+        return (self.cfg.algorithm.name == "grpo" and every > 0 and grpo_steps > 0 and grpo_steps % every == 0
+                and (self.ref_model is not None or self.cfg.lora.enabled))
 
     def _base_changed(self, step: int) -> bool:
         """Whether the weights besides the trainable ones differ from model.path at ``step``,
         so a checkpoint must hold them: always without LoRA (everything trains); with LoRA,
-        once the format warm-up's adapters were merged into the base."""
-        return not self.cfg.lora.enabled or 0 < self.warmup_steps <= step
+        once the format warm-up's adapters (or, with a reference that follows the policy, GRPO's)
+        were merged into the base."""
+        every = self.cfg.algorithm.ref_sync_every
+        return (not self.cfg.lora.enabled or 0 < self.warmup_steps <= step
+                or (every > 0 and self.warmup_steps + every <= step))
 
     @torch.no_grad()
     def snapshot_reference(self) -> None:
@@ -929,6 +979,18 @@ class Trainer:
             return
         for ref_p, p in zip(self.ref_model.parameters(), self.model.parameters()):
             ref_p.copy_(p)
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """The reference follows the policy (``follow_policy_``): pi_ref <- alpha pi_theta +
+        (1 - alpha) pi_ref. With LoRA the adapters are merged into the base and start again
+        (alpha is 1): "adapters off" is then the current policy; their AdamW moments, which
+        belonged to the merged adapters, are cleared."""
+        if self.cfg.lora.enabled:
+            merge_adapters_(self.model, seed=self.cfg.run.seed)
+            self.optimizer.state.clear()
+            return
+        follow_policy_(self.ref_model.parameters(), self.model.parameters(), self.cfg.algorithm.ref_sync_alpha)
 
     def _resume(self, path: Path) -> None:
         saved_step = json.loads((path / "trainer_state.json").read_text())["step"]
@@ -996,6 +1058,8 @@ class Trainer:
                     self.optimizer.state.clear()
                     if self.ref_model is not None or self.cfg.lora.enabled:
                         self.snapshot_reference()
+                elif self._reference_sync_due(self.step):
+                    self.sync_reference()
                 before, pending = None, metrics  # the step is complete: its state is consistent from here on
                 metrics["timing/step"] = time.perf_counter() - t0
                 metrics["perf/peak_memory_gb"] = peak_memory_gb(self.device)

@@ -9,7 +9,7 @@ from grpo.config import ConfigError, load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN_CONFIGS = ["tiny.yaml", "tiny_lora.yaml", "r1_aqa.yaml", "r1_aqa_lora_24gb.yaml", "r1_aqa_think.yaml", "sft_avqa.yaml",
-                 "dapo_avqa.yaml", "dr_grpo_avqa.yaml"]
+                 "dapo_avqa.yaml", "dr_grpo_avqa.yaml", "cispo_avqa.yaml"]
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
@@ -92,3 +92,27 @@ def test_the_24gb_lora_config_is_r1_aqas_recipe_with_adapters():
         a, b = vars(getattr(full, section)), vars(getattr(lora, section))
         assert {k: v for k, v in a.items() if k != "generation_batch_prompts"} == \
                {k: v for k, v in b.items() if k != "generation_batch_prompts"}, section
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["algorithm.clip_ratio_c=1.0"], "clip_ratio_c"),
+    (["algorithm.clip_ratio_c=3", "algorithm.policy_loss_type=sapo"], "clip_ratio_c"),
+    (["algorithm.policy_loss_type=ppo"], "policy_loss_type"),
+    (["algorithm.advantage_baseline=median"], "advantage_baseline"),
+    (["algorithm.reward_normalization=rank"], "reward_normalization"),
+    (["algorithm.top_entropy_fraction=0"], "top_entropy_fraction"),
+    (["algorithm.overlong_buffer=300", "rollout.max_new_tokens=256"], "overlong_buffer"),
+    (["algorithm.sapo_tau_neg=0"], "sapo_tau_neg"),
+    (["algorithm.ref_sync_every=10", "algorithm.beta=0"], "ref_sync_every"),
+    (["algorithm.ref_sync_every=10", "lora.enabled=true", "algorithm.ref_sync_alpha=0.5"], "ref_sync_alpha"),
+    (["algorithm.ref_sync_alpha=0"], "ref_sync_alpha"),
+])
+def test_family_keys_are_checked(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_cispo_recipe_turns_cispo_on():
+    cfg = load_config(CONFIGS / "cispo_avqa.yaml")
+    assert cfg.algorithm.policy_loss_type == "cispo" and cfg.algorithm.mu > 1
+    assert load_config(None, ["algorithm.clip_ratio_c=3"]).algorithm.clip_ratio_c == 3.0

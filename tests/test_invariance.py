@@ -30,6 +30,16 @@ PROMPTS, G = 4, 4
 N = PROMPTS * G  # completions in the optimizer batch
 MAX_LEN = 10  # configured max new tokens (dr_grpo's constant)
 CASES = list(product(("grpo", "token_mean", "dr_grpo"), ("token", "sequence")))
+# The family's variants (grpo/algorithm.py, "Variants"), each checked under every loss_type.
+VARIANTS = {
+    "cispo": dict(policy_loss_type="cispo"),
+    "gmpo": dict(policy_loss_type="gmpo", eps_low=0.4, eps_high=0.4),
+    "sapo": dict(policy_loss_type="sapo"),
+    "dual_clip": dict(clip_ratio_c=1.5),
+    "kl_importance_weighted": dict(kl_importance_weighted=True),
+    "token_weights": dict(token_weights=True),  # the rollout-correction / entropy weights, per row
+}
+VARIANT_CASES = list(product(("grpo", "token_mean", "dr_grpo"), VARIANTS))
 
 
 def make_batch(seed: int = 0) -> dict:
@@ -48,8 +58,9 @@ def make_batch(seed: int = 0) -> dict:
         logp = token_logp(W0, x, ids)
         old_logp = logp + 0.3 * torch.randn(N, T, generator=g, dtype=DTYPE)
         ref_logp = logp + 0.3 * torch.randn(N, T, generator=g, dtype=DTYPE)
+    weights = torch.rand(N, T, generator=g, dtype=DTYPE) * 2  # [N, T] constant token weights
     return dict(W0=W0, x=x, ids=ids, mask=mask, advantages=group_advantages(rewards, G),
-                old_logp=old_logp, ref_logp=ref_logp)
+                old_logp=old_logp, ref_logp=ref_logp, weights=weights)
 
 
 def token_logp(W: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -57,21 +68,25 @@ def token_logp(W: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Ten
     return torch.log_softmax(x @ W.T, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
 
 
-def loss_share(W, batch, rows: slice, loss_type, level, **totals) -> torch.Tensor:
+def loss_share(W, batch, rows: slice, loss_type, level, variant: str | None = None, **totals) -> torch.Tensor:
     """Forward the completions `rows` only (as a micro-batch would) and return their share."""
     logp = token_logp(W, batch["x"][rows], batch["ids"][rows])
+    options = dict(eps_low=0.2, eps_high=0.28)
+    options.update(VARIANTS[variant] if variant else {})
+    if options.pop("token_weights", False):
+        options["token_weights"] = batch["weights"][rows]
     loss, _ = policy_loss(
         logp, batch["old_logp"][rows], batch["advantages"][rows], batch["mask"][rows],
-        ref_logp=batch["ref_logp"][rows], beta=0.04, eps_low=0.2, eps_high=0.28,
-        importance_level=level, loss_type=loss_type, max_completion_length=MAX_LEN, **totals,
+        ref_logp=batch["ref_logp"][rows], beta=0.04,
+        importance_level=level, loss_type=loss_type, max_completion_length=MAX_LEN, **options, **totals,
     )
     return loss
 
 
-def whole_batch_grad(batch, loss_type, level) -> torch.Tensor:
+def whole_batch_grad(batch, loss_type, level, variant=None) -> torch.Tensor:
     """The reference: one call over the whole batch, default (= whole-batch) counts."""
     W = batch["W0"].clone().requires_grad_(True)
-    loss_share(W, batch, slice(0, N), loss_type, level).backward()
+    loss_share(W, batch, slice(0, N), loss_type, level, variant).backward()
     return W.grad
 
 
@@ -81,11 +96,11 @@ def micro_batches(lo: int, hi: int, n_micro: int) -> list[slice]:
     return [slice(lo + k * size, lo + (k + 1) * size) for k in range(n_micro)]
 
 
-def accumulated_grad(batch, loss_type, level, parts, **totals) -> torch.Tensor:
+def accumulated_grad(batch, loss_type, level, parts, variant=None, **totals) -> torch.Tensor:
     """backward on each share; the gradients accumulate in W.grad, as in the trainer."""
     W = batch["W0"].clone().requires_grad_(True)
     for rows in parts:
-        loss_share(W, batch, rows, loss_type, level, **totals).backward()
+        loss_share(W, batch, rows, loss_type, level, variant, **totals).backward()
     return W.grad
 
 
@@ -106,6 +121,17 @@ def test_micro_batches_sum_to_the_whole_batch(loss_type, level, n_micro):
     totals = dict(total_sequences=N, total_tokens=int(batch["mask"].sum()))
     got = accumulated_grad(batch, loss_type, level, micro_batches(0, N, n_micro), **totals)
     torch.testing.assert_close(got, whole_batch_grad(batch, loss_type, level), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss_type,variant", VARIANT_CASES)
+@pytest.mark.parametrize("n_micro", [2, 4])
+def test_variants_micro_batches_sum_to_the_whole_batch(loss_type, variant, n_micro):
+    batch = make_batch()
+    totals = dict(total_sequences=N, total_tokens=int(batch["mask"].sum()))
+    got = accumulated_grad(batch, loss_type, "token", micro_batches(0, N, n_micro), variant, **totals)
+    expected = whole_batch_grad(batch, loss_type, "token", variant)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(expected, whole_batch_grad(batch, loss_type, "token"))  # the variant acts
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "token_mean", "dr_grpo"])
@@ -160,6 +186,13 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             if mode == "avg":
                 grad /= world
             results[(loss_type, level, mode)] = grad
+        for loss_type, variant in VARIANT_CASES:
+            W = batch["W0"].clone().requires_grad_(True)
+            for rows in parts:
+                loss_share(W, batch, rows, loss_type, "token", variant, **totals).backward()
+            grad = W.grad.clone()
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+            results[(loss_type, variant, "sum")] = grad
         torch.save({"totals": totals, "grads": results}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -181,6 +214,8 @@ def test_two_ranks_sum_to_the_whole_batch(tmp_path):
         out = torch.load(tmp_path / f"rank{rank}.pt")
         assert out["totals"] == dict(total_sequences=N, total_tokens=int(batch["mask"].sum()))
         for (loss_type, level, mode), grad in out["grads"].items():
-            torch.testing.assert_close(grad, whole_batch_grad(batch, loss_type, level), rtol=1e-12,
+            variant = level if level in VARIANTS else None
+            expected = whole_batch_grad(batch, loss_type, "token" if variant else level, variant)
+            torch.testing.assert_close(grad, expected, rtol=1e-12,
                                        atol=1e-14, msg=lambda m: f"{loss_type}/{level}/{mode}: {m}")
-        assert len(out["grads"]) == 2 * len(CASES)
+        assert len(out["grads"]) == 2 * len(CASES) + len(VARIANT_CASES)

@@ -10,6 +10,7 @@ from grpo.rewards import (
     compute_rewards,
     format_reward,
     mmau_match_reward,
+    soft_overlong_punishment,
     think_format_reward,
 )
 
@@ -75,3 +76,10 @@ def test_a_failing_reward_names_the_reward_and_the_sample(monkeypatch):
 def test_unknown_reward_names_are_listed():
     with pytest.raises(ValueError, match="accuracy"):
         check_reward_names({"acuracy": 1.0})
+
+
+@pytest.mark.parametrize("length,expected", [(0, 0.0), (12, 0.0), (13, -0.25), (14, -0.5), (16, -1.0), (17, -1.0)])
+def test_soft_overlong_punishment(length, expected):
+    """DAPO's ramp, max 16 tokens with a buffer of 4: 0 up to 12, then -1/4 per token, -1 past 16."""
+    assert soft_overlong_punishment(length, 16, 4) == pytest.approx(expected)
+    assert soft_overlong_punishment(length, 16, 0) == 0.0

@@ -282,8 +282,19 @@ def test_the_logged_loss_and_gradient_norm_are_means_over_the_mu_passes(world, t
     assert metrics["train/grad_norm"] == pytest.approx(sum(norms) / 3, rel=1e-12)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "token_mean", "dr_grpo"])
-def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, tmp_path, loss_type):
+VARIANT_OVERRIDES = {  # the GRPO family through the trainer (grpo/algorithm.py, "Variants")
+    "cispo": ["algorithm.policy_loss_type=cispo", "algorithm.loss_type=token_mean"],
+    "gmpo": ["algorithm.policy_loss_type=gmpo", "algorithm.eps_low=0.4", "algorithm.eps_high=0.4"],
+    "sapo+kl_iw": ["algorithm.policy_loss_type=sapo", "algorithm.kl_importance_weighted=true"],
+    "dual_clip+entropy": ["algorithm.clip_ratio_c=3", "algorithm.top_entropy_fraction=0.3",
+                          "algorithm.loss_type=dr_grpo"],
+}
+
+
+@pytest.mark.parametrize("overrides", [[f"algorithm.loss_type={t}"] for t in ("grpo", "token_mean", "dr_grpo")]
+                         + list(VARIANT_OVERRIDES.values()),
+                         ids=["grpo", "token_mean", "dr_grpo", *VARIANT_OVERRIDES])
+def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, tmp_path, overrides):
     """The invariance of the GRPO core, through Trainer.policy_update: 4 prompts in 1, 2 or 4
     micro-batches accumulate the same gradient (completions of unequal lengths)."""
     from grpo.config import load_config
@@ -292,7 +303,7 @@ def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, t
 
     cfg = load_config(TINY, short_run(world, tmp_path / "mb")[2:] + [
         "checkpointing.save_on_signal=false", "logging.tensorboard=false", "optimizer.max_grad_norm=0",
-        f"algorithm.loss_type={loss_type}", "algorithm.mu=1", "rollout.max_new_tokens=6"])
+        "algorithm.mu=1", "rollout.max_new_tokens=6", *overrides])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     traj, _, _ = trainer.rollout(step=0)
     # an untrained model rarely ends early and gets no reward: give the completions unequal
@@ -315,9 +326,109 @@ def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, t
         trainer.policy_update(traj)
         grads[micro] = captured
     assert grads[4] and any(g.abs().max() > 0 for g in grads[4].values())
+    if cfg.algorithm.top_entropy_fraction < 1:  # a real selection: some loss tokens out, some in
+        kept = traj.token_weights.sum() / (traj.token_weights.numel())
+        assert 0 < kept < 1
     for micro in (2, 1):
         for name, g in grads[4].items():
             torch.testing.assert_close(grads[micro][name], g, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_rollout_adds_the_overlong_punishment_and_normalises_each_reward(world, tmp_path):
+    """overlong_buffer adds DAPO's length reward per completion (logged as "overlong"); with
+    normalize_each and leave_one_out the advantages are those of multi_reward_advantages."""
+    from grpo.algorithm import multi_reward_advantages
+    from grpo.config import load_config
+    from grpo.rewards import soft_overlong_punishment
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+
+    cfg = load_config(TINY, short_run(world, tmp_path / "ol")[2:] + [
+        "checkpointing.save_on_signal=false", "logging.tensorboard=false", "algorithm.mu=1",
+        "rollout.max_new_tokens=6", "algorithm.overlong_buffer=4", "algorithm.overlong_penalty=0.5",
+        "algorithm.reward_normalization=normalize_each", "algorithm.advantage_baseline=leave_one_out"])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    seen = {}
+    sample_round = trainer._sample_round
+
+    def keep(step, round_):
+        seen["round"] = sample_round(step, round_)
+        return seen["round"]
+
+    trainer._sample_round = keep
+    traj, metrics, _ = trainer.rollout(step=0)
+    lengths = traj.mask.sum(dim=1).tolist()
+    expected = [soft_overlong_punishment(n, 6, 4) for n in lengths]
+    assert seen["round"].per_reward["overlong"] == expected
+    assert metrics["train/rewards/overlong/mean"] == pytest.approx(sum(expected) / len(expected))
+    names = list(seen["round"].per_reward)
+    per_reward = torch.tensor([seen["round"].per_reward[k] for k in names]).T.float()
+    weights = torch.tensor([0.5 if k == "overlong" else cfg.algorithm.rewards[k] for k in names])
+    torch.testing.assert_close(traj.advantages, multi_reward_advantages(
+        per_reward, weights, 4, "normalize_each", baseline="leave_one_out"))
+    totals = seen["round"].rewards.reshape(-1)
+    assert totals.tolist() == pytest.approx([sum(weights[k].item() * per_reward[i, k].item() for k in range(len(names)))
+                                             for i in range(len(totals))])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lora):
+    """ref_sync_every: after GRPO steps 2 and 4 (not 1, 3) the reference moves. Without LoRA it
+    becomes alpha pi_theta + (1 - alpha) pi_ref; with LoRA the adapters are merged, so the
+    reference ("adapters off") computes what the policy computed."""
+    from grpo.config import load_config
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+    from models.lora import adapters_disabled
+
+    extra = ["lora.enabled=true", "lora.rank=4"] if lora else ["algorithm.ref_sync_alpha=0.5"]
+    cfg = load_config(TINY, short_run(world, tmp_path / "sync")[2:] + [
+        "checkpointing.save_on_signal=false", "logging.tensorboard=false", "algorithm.mu=1",
+        "algorithm.format_warmup_steps=0", "run.steps=4", "algorithm.ref_sync_every=2",
+        "rollout.max_new_tokens=4", "checkpointing.every=0", *extra])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    synced, sync = [], trainer.sync_reference
+    ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+
+    def logits(adapters: bool) -> torch.Tensor:
+        training = trainer.model.training
+        trainer.model.eval()  # no dropout: the same input must give the same output
+        try:
+            with torch.no_grad():
+                if adapters:
+                    return trainer.model(input_ids=ids).logits
+                with adapters_disabled(trainer.model):
+                    return trainer.model(input_ids=ids).logits
+        finally:
+            trainer.model.train(training)
+
+    def record():
+        if lora:  # the reference ("adapters off") must become what the policy computes now
+            reference_before, policy = logits(False), logits(True)
+            sync()
+            torch.testing.assert_close(logits(False), policy, atol=1e-5, rtol=1e-5)
+            if not synced:  # the hand-moved adapters (later ones may not have learned anything)
+                assert not torch.allclose(reference_before, policy, atol=1e-5)
+        else:
+            ref_before = [p.detach().clone() for p in trainer.ref_model.parameters()]
+            sync()
+            for r, b, p in zip(trainer.ref_model.parameters(), ref_before, trainer.model.parameters()):
+                torch.testing.assert_close(r, 0.5 * p.detach() + 0.5 * b)
+            if not synced:
+                assert any(not torch.equal(r, b) for r, b in zip(trainer.ref_model.parameters(), ref_before))
+        synced.append(trainer.step)
+
+    # an untrained model may earn no reward in 4 steps (zero advantages, no update): set the
+    # policy and its reference apart by hand so that the sync has something to do
+    with torch.no_grad():
+        moved = [p for n, p in trainer.model.named_parameters() if "lora_B" in n] if lora else \
+            list(trainer.ref_model.parameters())
+        for p in moved:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    trainer.sync_reference = record
+    trainer.train()
+    trainer.close()
+    assert synced == [2, 4]
 
 
 # ----------------------------------------------------------------------------- one run

@@ -1,16 +1,18 @@
 """Audio I/O: decode with soundfile, pick one channel, resample to 16 kHz, float32 numpy.
 
-soundfile (libsndfile, bundled in the wheel) decodes wav/flac/ogg/mp3 without FFmpeg;
-torchaudio.load would need TorchCodec + FFmpeg, so it is never used here.
+soundfile (libsndfile, bundled in the wheel) decodes wav/flac/ogg/mp3 without FFmpeg. The
+resampler is written here (`resample`) rather than taken from torchaudio: it is the same
+windowed-sinc filter R1-AQA's data path applies (torchaudio's default), and without torchaudio
+the project installs beside any torch release, not only the one a torchaudio build matches.
 """
 
 import logging
+import math
 import os
 
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +26,43 @@ class AudioError(RuntimeError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+def resample(wav, orig_freq, new_freq, *, lowpass_filter_width=6, rolloff=0.99):
+    """Band-limited resampling of `wav` [S] from `orig_freq` to `new_freq` Hz -> np.ndarray [S'] float32.
+
+    Windowed-sinc interpolation with a Hann window, as torchaudio's `functional.resample` does
+    with its defaults (lowpass_filter_width=6, rolloff=0.99, "sinc_interp_hann"), so that audio
+    reaches the model as it does in R1-AQA. With the rates divided by their gcd (L = orig/gcd,
+    M = new/gcd), the low-pass cutoff c = rolloff * min(L, M) in those units and w the filter
+    width in zero crossings, output sample j is
+
+        y[j] = sum_i x[i] * (c / L) * sinc(u) * cos(pi * u / (2w))^2,   u = c * (i/L - j/M)
+
+    with sinc(u) = sin(pi u) / (pi u), u clamped to [-w, w] (the window ends there) and x zero
+    outside the clip. The cutoff at the lower of the two Nyquist rates is the anti-aliasing
+    filter when downsampling. The weights repeat every M outputs (shifted by L inputs), so they
+    form M filters of 2W + L taps applied with stride L. The output has ceil(S * M / L) samples.
+    Computed in float64, returned as float32.
+    """
+    if orig_freq != int(orig_freq) or new_freq != int(new_freq) or orig_freq <= 0 or new_freq <= 0:
+        raise ValueError(f"sampling rates must be positive integers, got {orig_freq} and {new_freq}")
+    wav = np.asarray(wav, dtype=np.float32)
+    if orig_freq == new_freq:
+        return wav
+    g = math.gcd(int(orig_freq), int(new_freq))
+    L, M = int(orig_freq) // g, int(new_freq) // g
+    w = lowpass_filter_width
+    cutoff = rolloff * min(L, M)
+    W = math.ceil(w * L / cutoff)  # input samples each side of a stride's L that reach its outputs
+    offsets = torch.arange(-W, W + L, dtype=torch.float64)  # input index within the frame [2W+L]
+    phases = torch.arange(M, dtype=torch.float64)  # output index within the frame [M]
+    u = (cutoff * (offsets[None, :] / L - phases[:, None] / M)).clamp(-w, w)  # [M, 2W+L]
+    taps = (cutoff / L) * torch.sinc(u) * torch.cos(math.pi * u / (2 * w)) ** 2  # [M, 2W+L]
+    x = torch.nn.functional.pad(torch.from_numpy(wav).to(torch.float64)[None, None], (W, W + L))  # [1, 1, S+2W+L]
+    y = torch.nn.functional.conv1d(x, taps[:, None, :], stride=L)  # [1, M, S//L + 1]: y[0, m, k] = out[k*M + m]
+    n_out = -(-wav.shape[0] * M // L)  # ceil(S * M / L)
+    return y[0].T.reshape(-1)[:n_out].to(torch.float32).numpy()
 
 
 def load_audio(path, *, sampling_rate=16000, channel="first"):
@@ -47,8 +86,7 @@ def load_audio(path, *, sampling_rate=16000, channel="first"):
         raise AudioError(path, f"{bad} of {wav.size} audio samples are NaN or Inf")
     wav = wav[:, 0] if channel == "first" else wav.mean(axis=1)  # [S]
     if sr != sampling_rate:
-        # torchaudio's windowed-sinc resampler, the same one R1-AQA's Resample transform uses
-        wav = AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), sr, sampling_rate).numpy()
+        wav = resample(wav, sr, sampling_rate)
     return np.ascontiguousarray(wav, dtype=np.float32)
 
 

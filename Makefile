@@ -8,7 +8,8 @@ LOCK   := requirements.lock
 .PHONY: install check-install lock train test test-fast test-oldest test-newest gpu-check clean
 
 # Exactly the versions in the lock (direct and transitive), then the project itself without
-# resolving anything again, then a check that torch, torchaudio and transformers load together.
+# resolving anything again, then a check that torch and transformers (and torchaudio, which
+# only the tests use) load together.
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$$(grep -E '^pip==' $(LOCK))"
@@ -49,8 +50,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
 
-# The same suite on the oldest transformers pyproject.toml allows (5.17, the GPU image's): its
-# packages from requirements-oldest.lock laid over the locked venv, nothing else changed.
+# The same suite on the oldest releases pyproject.toml allows: torch 2.11 (the lock's) and
+# transformers 5.17 (the GPU image's), whose packages from requirements-oldest.lock are laid
+# over the locked venv, nothing else changed.
 OLDEST := $(VENV)/oldest
 $(OLDEST)/.installed: requirements-oldest.lock $(STAMP)
 	rm -rf $(OLDEST)
@@ -63,12 +65,14 @@ test-oldest: $(OLDEST)/.installed
 
 # The suite on the newest releases pyproject.toml's ranges allow, resolved afresh in a scratch venv
 # (as `make lock` resolves them): one command shows whether a new release breaks the project.
+# PIP_CONSTRAINT=/dev/null: a constraint file in the machine's pip config (one capping torch,
+# say) must not hold the resolution back; the config's index settings still apply.
 NEWEST := .venv-newest
 test-newest:
 	rm -rf $(NEWEST)
 	$(PYTHON) -m venv $(NEWEST)
 	$(NEWEST)/bin/python -m pip install -q --upgrade pip
-	$(NEWEST)/bin/python -m pip install -q ".[test]"
+	PIP_CONSTRAINT=/dev/null $(NEWEST)/bin/python -m pip install -q ".[test]"
 	$(NEWEST)/bin/python scripts/check_install.py
 	$(NEWEST)/bin/python -m pytest tests
 

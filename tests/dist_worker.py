@@ -130,23 +130,32 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 
 class CollectiveCounter:
-    """Counts calls of one torch.distributed collective (FSDP2 looks them up on the module
-    at each call: ``all_gather_into_tensor`` to unshard, ``reduce_scatter_tensor`` for grads)."""
+    """Counts calls of one kind of torch.distributed collective. FSDP2 looks its collectives up
+    on the module at each call, under names that depend on the torch release: to unshard,
+    ``all_gather_into_tensor`` (torch 2.11, 2.12) or ``all_gather_single`` (2.13 on); for
+    gradients, ``reduce_scatter_tensor`` or ``reduce_scatter_single``. Every name present is counted."""
 
-    def __init__(self, name: str):
-        self.name, self.count = name, 0
-        self._original = getattr(dist, name)
+    NAMES = {"all_gather": ("all_gather_into_tensor", "all_gather_single"),
+             "reduce_scatter": ("reduce_scatter_tensor", "reduce_scatter_single")}
+
+    def __init__(self, kind: str):
+        self.count = 0
+        self._originals = {name: getattr(dist, name) for name in self.NAMES[kind] if hasattr(dist, name)}
 
     def __enter__(self):
-        def counting(*args, **kwargs):
-            self.count += 1
-            return self._original(*args, **kwargs)
+        def counting(original):
+            def call(*args, **kwargs):
+                self.count += 1
+                return original(*args, **kwargs)
+            return call
 
-        setattr(dist, self.name, counting)
+        for name, original in self._originals.items():
+            setattr(dist, name, counting(original))
         return self
 
     def __exit__(self, *exc):
-        setattr(dist, self.name, self._original)
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
 
 
 class Env:
@@ -204,7 +213,7 @@ def scenario_grads(env: Env) -> dict:
             reduce_scatters = []
             for i in range(PROMPTS_PER_RANK):
                 c = slice(i * GROUP, (i + 1) * GROUP)
-                with CollectiveCounter("reduce_scatter_tensor") as counter:
+                with CollectiveCounter("reduce_scatter") as counter:
                     loss = token_mean_loss(model, select(env.local_batch, i, i + 1), env.local_ids[c],
                                            env.local_mask[c], env.local_adv[c], env.total_tokens)
                     (loss * scale).backward()
@@ -344,11 +353,11 @@ def scenario_generation(env: Env) -> dict:
             # rank 0 ends only on <|AUDIO|>, which is never sampled: it reaches max_new_tokens
             audio_id = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
             end_ids = [audio_id] if env.rank == 0 else sorted(set(first))
-            with CollectiveCounter("all_gather_into_tensor") as counter:
+            with CollectiveCounter("all_gather") as counter:
                 ids = run(end_ids, False)
             results["inside"] = {"width": ids.shape[1], "all_gathers": counter.count}
 
-        with CollectiveCounter("all_gather_into_tensor") as counter:
+        with CollectiveCounter("all_gather") as counter:
             ids = run(end_ids, True)
         results["sync_ranks"] = {"width": ids.shape[1], "all_gathers": counter.count,
                                  "padded_after_first": bool((ids[:, 1:] == pad).all())}

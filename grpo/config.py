@@ -106,15 +106,19 @@ class AlgorithmConfig:
     eps_low: float = 0.2  # clip range below 1
     eps_high: float = 0.2  # clip range above 1 (DAPO clip-higher: 0.28)
     importance_level: str = "token"  # token (GRPO) or sequence (GSPO)
-    loss_type: str = "grpo"  # grpo, token_mean (DAPO) or dr_grpo
+    loss_type: str = "grpo"  # grpo, token_mean (DAPO), dr_grpo or luspo (LUSPO, with importance_level sequence)
     advantage_scale: str = "group"  # group, batch or none (Dr. GRPO)
     advantage_eps: float = 1e-4  # added to the std of the advantage denominator
     advantage_baseline: str = "mean"  # mean (GRPO) or leave_one_out (RLOO: the mean of the other G - 1)
     reward_normalization: str = "sum_then_normalize"  # or normalize_each: each reward in its group, then the sum
-    policy_loss_type: str = "clip"  # clip (GRPO), cispo, gmpo or sapo; equations in grpo/algorithm.py
+    policy_loss_type: str = "clip"  # clip (GRPO), cispo, gmpo, sapo or vespo; equations in grpo/algorithm.py
     clip_ratio_c: float = 0.0  # dual clip: with A < 0 the loss stops growing past rho = c (> 1; 0 off; clip only)
     sapo_tau_pos: float = 1.0  # SAPO gate temperature for A > 0
     sapo_tau_neg: float = 1.05  # SAPO gate temperature for A < 0
+    vespo_k_pos: float = 2.0  # VESPO weight phi(w) = w^k e^(lambda (1 - w)) of the sequence ratio w, for A >= 0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0  # ... and for A < 0
+    vespo_lambda_neg: float = 2.0
     kl_importance_weighted: bool = False  # KL term weighted by pi_theta / pi_old (unbiased with mu > 1)
     top_entropy_fraction: float = 1.0  # train only on this fraction of highest-entropy loss tokens (1: all)
     overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N of max_new_tokens (0 off)
@@ -280,6 +284,10 @@ RANGES = {
     "algorithm.clip_ratio_c": at_least(0),  # 0 off; otherwise > 1 (checked in validate)
     "algorithm.sapo_tau_pos": above(0),
     "algorithm.sapo_tau_neg": above(0),
+    "algorithm.vespo_k_pos": at_least(0),
+    "algorithm.vespo_lambda_pos": above(0),
+    "algorithm.vespo_k_neg": at_least(0),
+    "algorithm.vespo_lambda_neg": above(0),
     "algorithm.top_entropy_fraction": Range(0, 1, low_open=True),
     "algorithm.overlong_buffer": at_least(0),
     "algorithm.overlong_penalty": at_least(0),

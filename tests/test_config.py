@@ -9,7 +9,7 @@ from grpo.config import ConfigError, load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN_CONFIGS = ["tiny.yaml", "tiny_lora.yaml", "r1_aqa.yaml", "r1_aqa_lora_24gb.yaml", "r1_aqa_think.yaml", "sft_avqa.yaml",
-                 "dapo_avqa.yaml", "dr_grpo_avqa.yaml", "cispo_avqa.yaml"]
+                 "dapo_avqa.yaml", "dr_grpo_avqa.yaml", "cispo_avqa.yaml", "luspo_avqa.yaml", "vespo_avqa.yaml"]
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
@@ -113,6 +113,13 @@ def test_the_24gb_lora_config_is_r1_aqas_recipe_with_adapters():
 def test_family_keys_are_checked(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+def test_luspo_and_vespo_recipes_turn_them_on():
+    luspo = load_config(CONFIGS / "luspo_avqa.yaml").algorithm
+    assert (luspo.loss_type, luspo.importance_level) == ("luspo", "sequence") and luspo.mu > 1
+    vespo = load_config(CONFIGS / "vespo_avqa.yaml").algorithm
+    assert (vespo.policy_loss_type, vespo.loss_type) == ("vespo", "token_mean") and vespo.mu > 1
 
 
 def test_cispo_recipe_turns_cispo_on():

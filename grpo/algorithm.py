@@ -79,10 +79,11 @@ dual clip (clip_ratio_c = c > 1, clip only): for A < 0, p = min(p_clip, -c A): t
   token whose ratio has run far above 1 with a negative advantage stops growing
   (Dual-clip PPO, arXiv:1912.09729).
 token_weights w_it (constant): p_it -> w_it p_it. Rollout correction (a truncated importance
-  weight pi_old / pi_sampler, or a 0/1 mask of tokens whose weight left a band:
-  `rollout_importance_weights`, `rollout_rejection_mask`) and the entropy selection
-  (`high_entropy_mask`: only the top fraction of highest-entropy tokens, arXiv:2506.01939)
-  enter here. The normaliser (|o_i|, sum|o_i|) is unchanged: dropped tokens add 0.
+  weight min(pi_old / pi_sampler, C), and/or a 0/1 mask of tokens whose weight left a band:
+  `rollout_correction`, from `rollout_importance_weights` and `rollout_rejection_mask`; Yao et
+  al. 2025, "Your efficient RL framework secretly brings you off-policy RL training") and the
+  entropy selection (`high_entropy_mask`: only the top fraction of highest-entropy tokens,
+  arXiv:2506.01939) enter here. The normaliser (|o_i|, sum|o_i|) is unchanged: dropped tokens add 0.
 kl_importance_weighted: k_it -> rho_it k_it (token ratio, with its gradient): the samples come
   from pi_old, and E_old[rho k] = E_theta[k]. With k3 the gradient of rho k3 is
   rho (log pi_theta - log pi_ref) grad log pi_theta, an unbiased estimate of grad KL.
@@ -109,6 +110,7 @@ POLICY_LOSS_TYPES = ("clip", "cispo", "gmpo", "sapo", "vespo")
 ADVANTAGE_BASELINES = ("mean", "leave_one_out")
 REWARD_NORMALIZATIONS = ("sum_then_normalize", "normalize_each")
 ROLLOUT_CORRECTION_LEVELS = ("token", "sequence", "geometric")
+ROLLOUT_CORRECTION_MODES = ("none", *ROLLOUT_CORRECTION_LEVELS)  # a config key's choices: off, or a level
 VESPO_SHAPE = (2.0, 3.0, 3.0, 2.0)  # (k_pos, lambda_pos, k_neg, lambda_neg): the VESPO authors' and TRL's defaults
 
 
@@ -286,6 +288,42 @@ def rollout_rejection_mask(logp: torch.Tensor, sampler_logp: torch.Tensor, mask:
     stats = _weight_stats(raw, mask)
     stats["rollout_is/rejected_frac"] = masked_mean((mask & ~keep).to(raw.dtype), mask)
     return keep, stats
+
+
+def rollout_correction(logp: torch.Tensor, sampler_logp: torch.Tensor | None, mask: torch.Tensor,
+                       token_weights: torch.Tensor | None = None, *, is_level: str = "none", is_cap: float = 2.0,
+                       rs_level: str = "none", rs_low: float = 0.5, rs_high: float = 2.0,
+                       ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The token weights `policy_loss` gets once the sampler/trainer gap is corrected:
+
+        w_it = token_weights_it * min(pi_old / pi_sampler, is_cap)      (is_level != "none")
+                                * 1[rs_low <= pi_old / pi_sampler <= rs_high]  (rs_level != "none")
+
+    each ratio at its own level ("token", "sequence", "geometric": `rollout_importance_weights`,
+    `rollout_rejection_mask`); a factor that is off is 1. Returns (weights [B, T] or None when
+    nothing is on and token_weights is None, stats): means over this call's loss tokens, to be
+    weighted by their count across calls: "rollout_is/mean" (the untruncated weight) and
+    "rollout_is/truncated_frac" with is_level on, "rollout_rs/rejected_frac" with rs_level on.
+    logp: the trainer's log pi_old [B, T]; sampler_logp: the sampler's log-probs [B, T].
+    """
+    _check_choice("rollout importance-sampling level", is_level, ROLLOUT_CORRECTION_MODES)
+    _check_choice("rollout rejection level", rs_level, ROLLOUT_CORRECTION_MODES)
+    stats: dict[str, torch.Tensor] = {}
+    if is_level == "none" and rs_level == "none":
+        return token_weights, stats
+    if sampler_logp is None:
+        raise ValueError("rollout correction needs the sampler's log-probs (sampler_logp), got None")
+    weights = mask.to(logp.dtype) if token_weights is None else token_weights.detach().to(logp.dtype)  # [B, T]
+    if is_level != "none":
+        truncated, is_stats = rollout_importance_weights(logp, sampler_logp, mask, cap=is_cap, level=is_level)
+        weights = weights * truncated
+        stats["rollout_is/mean"] = is_stats["rollout_is/mean"]
+        stats["rollout_is/truncated_frac"] = is_stats["rollout_is/truncated_frac"]
+    if rs_level != "none":
+        keep, rs_stats = rollout_rejection_mask(logp, sampler_logp, mask, low=rs_low, high=rs_high, level=rs_level)
+        weights = weights * keep.to(weights.dtype)
+        stats["rollout_rs/rejected_frac"] = rs_stats["rollout_is/rejected_frac"]
+    return weights, stats
 
 
 def _weight_stats(raw: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from grpo.algorithm import (
     high_entropy_mask,
     multi_reward_advantages,
     policy_loss,
+    rollout_correction,
     rollout_importance_weights,
     rollout_rejection_mask,
 )
@@ -568,6 +569,51 @@ def test_rollout_weights_of_huge_ratios_stay_finite():
         rollout_importance_weights(torch.zeros(1, 3), torch.zeros(1, 3), mask, cap=0.0)
     with pytest.raises(ValueError, match="low <= high"):
         rollout_rejection_mask(torch.zeros(1, 3), torch.zeros(1, 3), mask, low=2.0, high=1.0)
+
+
+@pytest.mark.parametrize("is_level,rs_level", [("token", "none"), ("none", "sequence"), ("geometric", "token"),
+                                               ("sequence", "geometric")])
+def test_rollout_correction_is_the_product_of_its_factors(is_level, rs_level):
+    """w = token_weights * min(exp(log-ratio at is_level), cap) * 1[band at rs_level], token by
+    token, and the stats are the means over loss tokens; in policy_loss, the gradient of each
+    token is scaled by exactly that w."""
+    logp, old_logp, _, entropy_weights, adv, mask = random_batch(13)
+    trainer = old_logp.nan_to_num(0.0)
+    sampler = trainer + 0.4 * torch.randn(B, T, generator=torch.Generator().manual_seed(4), dtype=DTYPE)
+    weights, stats = rollout_correction(trainer, sampler, mask, entropy_weights, is_level=is_level, is_cap=1.3,
+                                        rs_level=rs_level, rs_low=0.6, rs_high=1.6)
+    lists = trainer.tolist(), sampler.tolist(), mask.tolist()
+    is_logs = naive_log_weights(*lists, is_level) if is_level != "none" else None
+    rs_logs = naive_log_weights(*lists, rs_level) if rs_level != "none" else None
+    loss_tokens = [(i, t) for i in range(B) for t in range(T) if mask[i, t]]
+    for i, t in product(range(B), range(T)):
+        expected = float(entropy_weights[i, t]) if mask[i, t] else 0.0
+        if is_logs:
+            expected *= min(math.exp(is_logs[i][t]), 1.3)
+        if rs_logs:
+            expected *= 0.6 <= math.exp(rs_logs[i][t]) <= 1.6
+        assert weights[i, t].item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    if is_logs:
+        raws = [math.exp(is_logs[i][t]) for i, t in loss_tokens]
+        assert stats["rollout_is/mean"].item() == pytest.approx(sum(raws) / len(raws), rel=1e-12)
+        assert stats["rollout_is/truncated_frac"].item() == pytest.approx(sum(r > 1.3 for r in raws) / len(raws))
+    if rs_logs:
+        raws = [math.exp(rs_logs[i][t]) for i, t in loss_tokens]
+        assert stats["rollout_rs/rejected_frac"].item() == pytest.approx(
+            sum(not 0.6 <= r <= 1.6 for r in raws) / len(raws))
+    assert set(stats) == ({"rollout_is/mean", "rollout_is/truncated_frac"} if is_logs else set()) | (
+        {"rollout_rs/rejected_frac"} if rs_logs else set())
+    assert not torch.allclose(weights, entropy_weights * mask)  # the correction acts
+
+
+def test_rollout_correction_off_is_the_identity_and_needs_the_sampler():
+    logp, old_logp, _, weights, _, mask = random_batch(14)
+    assert rollout_correction(old_logp, None, mask, weights) == (weights, {})
+    assert rollout_correction(old_logp, None, mask) == (None, {})
+    with pytest.raises(ValueError, match="sampler"):
+        rollout_correction(old_logp, None, mask, is_level="token")
+    with pytest.raises(ValueError, match="importance-sampling level"):
+        rollout_correction(old_logp, old_logp, mask, is_level="tokens")
 
 
 # ----------------------------------------------------------------------------------------

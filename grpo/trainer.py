@@ -757,6 +757,7 @@ class Trainer:
                 total_sequences=n_prompts * G * self.world, total_tokens=traj.total_tokens,
                 policy_loss_type=a.policy_loss_type, clip_ratio_c=a.clip_ratio_c or None,
                 sapo_tau_pos=a.sapo_tau_pos, sapo_tau_neg=a.sapo_tau_neg, token_weights=weights,
+                vespo_shape=(a.vespo_k_pos, a.vespo_lambda_pos, a.vespo_k_neg, a.vespo_lambda_neg),
                 kl_importance_weighted=a.kl_importance_weighted,
             )
             # FSDP averages gradients over ranks; the share times world_size makes it a sum.

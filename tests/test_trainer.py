@@ -288,6 +288,8 @@ VARIANT_OVERRIDES = {  # the GRPO family through the trainer (grpo/algorithm.py,
     "sapo+kl_iw": ["algorithm.policy_loss_type=sapo", "algorithm.kl_importance_weighted=true"],
     "dual_clip+entropy": ["algorithm.clip_ratio_c=3", "algorithm.top_entropy_fraction=0.3",
                           "algorithm.loss_type=dr_grpo"],
+    "luspo": ["algorithm.loss_type=luspo", "algorithm.importance_level=sequence"],
+    "vespo": ["algorithm.policy_loss_type=vespo", "algorithm.loss_type=token_mean", "algorithm.vespo_k_pos=1.5"],
 }
 
 

@@ -585,6 +585,30 @@ def test_resume_from_an_older_checkpoint_of_the_same_run_rewrites_its_tail(world
     assert max_weight_difference(final_export(out), final) < 1e-6
 
 
+@pytest.mark.slow
+def test_resume_across_a_reference_sync_equals_the_uninterrupted_run(world, tmp_path):
+    """ref_sync_every=2, alpha 0.5: the checkpoint of GRPO step 2 (step SAVE_AT) is written after
+    that step's sync, so the run resumed from it starts GRPO steps 3-4 with the moved reference
+    (the KL says which reference it used) and ends at the uninterrupted run's weights. (With
+    LoRA the sync is the merge whose resume tests/test_lora.py checks after the warm-up; the
+    short LoRA run earns no reward, so its KL stays 0 and could not tell the references apart.)"""
+    extra = ["algorithm.ref_sync_alpha=0.5"]
+    whole, out = tmp_path / "whole", tmp_path / "resumed"
+    args = [*short_run(world, whole), "algorithm.ref_sync_every=2", f"checkpointing.every={SAVE_AT}",
+            "checkpointing.keep_last=2", *extra]
+    train(args)
+    checkpoint = whole / "checkpoints" / f"step_{SAVE_AT}"
+    assert (checkpoint / "trainer_state.json").is_file()
+    train([*[a.replace(str(whole), str(out)) for a in args], "--resume", str(checkpoint)])
+    resumed, reference = history(out), history(whole)
+    assert [r["step"] for r in resumed] == list(range(SAVE_AT + 1, WARMUP + GRPO_STEPS + 1))
+    for a, b in zip(resumed, reference[SAVE_AT:]):
+        for key in ("train/kl", "train/loss", "train/reward"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    assert reference[SAVE_AT]["train/kl"] > 0  # the policy and the reference differ: the KL tells which reference
+    assert max_weight_difference(final_export(out), final_export(whole)) < 1e-6
+
+
 def test_resume_with_another_number_of_processes_is_refused(world, one_process_run, tmp_path):
     checkpoint = one_process_run / "checkpoints" / f"step_{SAVE_AT}"
     proc = train([*short_run(world, tmp_path / "r"), "--resume", str(checkpoint)], nproc=2, check=False)

@@ -373,6 +373,65 @@ def test_rollout_adds_the_overlong_punishment_and_normalises_each_reward(world, 
                                              for i in range(len(totals))])
 
 
+@pytest.mark.parametrize("mode", ["is_token", "is_sequence", "rs_geometric"])
+def test_rollout_correction_scales_the_gradient_by_the_sampler_weight(world, tmp_path, mode):
+    """With the sampler's log-probs off the trainer's (log pi_sampler = log pi_old - delta),
+    algorithm.rollout_is_level gives the gradient of the loss whose tokens carry the weight
+    min(pi_old / pi_sampler, cap) (at its level), and rollout_rs_level that of the loss whose
+    tokens outside the band are dropped: the same gradient as the trajectory with those
+    weights given as token weights, and not the uncorrected one. The weights' statistics are logged."""
+    from grpo.config import load_config
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+
+    cfg = load_config(TINY, short_run(world, tmp_path / "rc")[2:] + [
+        "checkpointing.save_on_signal=false", "logging.tensorboard=false", "optimizer.max_grad_norm=0",
+        "algorithm.mu=2", "rollout.max_new_tokens=6", "algorithm.micro_batch_prompts=2"])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    traj, _, _ = trainer.rollout(step=0)
+    g = torch.Generator().manual_seed(0)
+    n, T = traj.mask.shape
+    lengths = torch.randint(1, T + 1, (n,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    delta = 0.4 * torch.randn(n, T, generator=g)  # log pi_old - log pi_sampler
+    traj = traj._replace(mask=mask, total_tokens=int(mask.sum()), advantages=torch.randn(n, generator=g),
+                         sampler_logp=traj.old_logp - delta)
+    a = trainer.cfg.algorithm
+
+    def gradient(trajectory, **keys):
+        for key, value in {"rollout_is_level": "none", "rollout_rs_level": "none", **keys}.items():
+            setattr(a, key, value)
+        captured = {}
+
+        def capture(*args, **kwargs):
+            captured.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+
+        trainer.optimizer.step = capture
+        metrics = trainer.policy_update(trajectory)
+        return captured, metrics
+
+    if mode == "rs_geometric":
+        ratio = torch.exp((delta * mask).sum(1, keepdim=True) / lengths[:, None]).expand(n, T)
+        expected_weights = ((ratio >= 0.8) & (ratio <= 1.2) & mask).float()
+        corrected, metrics = gradient(traj, rollout_rs_level="geometric", rollout_rs_low=0.8, rollout_rs_high=1.2)
+        assert metrics["train/rollout_rs/rejected_frac"] == pytest.approx(
+            1 - expected_weights.sum().item() / mask.sum().item(), rel=1e-5)
+    else:
+        level = mode.split("_")[1]
+        log_w = delta * mask if level == "token" else (delta * mask).sum(1, keepdim=True).expand(n, T)
+        expected_weights = torch.exp(log_w).clamp(max=1.5) * mask
+        corrected, metrics = gradient(traj, rollout_is_level=level, rollout_is_cap=1.5)
+        assert metrics["train/rollout_is/mean"] == pytest.approx(torch.exp(log_w)[mask].mean().item(), rel=1e-5)
+        assert 0 < metrics["train/rollout_is/truncated_frac"] < 1
+    assert 0 < expected_weights[mask].ne(1).float().mean()  # the weights are not all 1: the test can see them
+    by_hand, _ = gradient(traj._replace(token_weights=expected_weights))
+    plain, _ = gradient(traj)
+    assert corrected and any(v.abs().max() > 0 for v in corrected.values())
+    for name, value in corrected.items():
+        torch.testing.assert_close(value, by_hand[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert any(not torch.allclose(value, plain[name], atol=1e-6, rtol=1e-4) for name, value in corrected.items())
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lora):
     """ref_sync_every: after GRPO steps 2 and 4 (not 1, 3) the reference moves. Without LoRA it

@@ -3,8 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.policy import (completion_logprobs, generate, prompt_embeddings, set_trainable, suppressed_token_ids)
+from conftest import both_families
+from models import omni
+from models.policy import (completion_logprobs, generate, prompt_embeddings, set_trainable, suppressed_token_ids,
+                           text_decoder)
 from models.sampling import row_seed
+
+pytestmark = both_families  # every test here runs on the tiny Qwen2-Audio and the tiny Qwen2.5-Omni thinker
 
 SR = 16000
 G = 3
@@ -65,6 +70,7 @@ def test_logprobs_and_grads_match_plain_forward(tiny_model, tiny_processor, batc
     model = tiny_model
     completion_ids = completions(tiny_processor, 2 * G)
     weights = torch.randn(completion_ids.shape, generator=torch.Generator().manual_seed(1))
+    set_trainable(model)  # everything the forward uses (not the thinker's vision encoder)
     params = [p for p in model.parameters() if p.requires_grad]
 
     ref = reference_logprobs(model, batch, completion_ids, temperature)
@@ -79,10 +85,17 @@ def test_logprobs_and_grads_match_plain_forward(tiny_model, tiny_processor, batc
 
 
 def test_encoder_runs_once_per_clip(tiny_model, batch):
-    clips = []
-    tiny_model.model.audio_tower.register_forward_hook(lambda m, args, out: clips.append(args[0].shape[0]))
+    calls = []
+    tower = omni.audio_tower(tiny_model) if omni.is_omni(tiny_model) else tiny_model.model.audio_tower
+    tower.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs)), with_kwargs=True)
     prompt_embeddings(tiny_model, **batch)
-    assert clips == [2]  # B clips, not B * G
+    assert len(calls) == 1
+    (args, kwargs), = calls
+    if omni.is_omni(tiny_model):  # the clips' real frames, packed: B clips, not B * G
+        assert kwargs["feature_lens"].tolist() == batch["feature_attention_mask"].sum(-1).tolist()
+        assert args[0].shape[1] == batch["feature_attention_mask"].sum()
+    else:
+        assert args[0].shape[0] == 2  # B clips, not B * G
 
 
 def test_audio_token_mismatch_is_a_clear_error(tiny_model, batch):
@@ -114,16 +127,27 @@ def test_chunking_gives_identical_results_and_bounded_memory(tiny_model, tiny_pr
 
 def test_set_trainable(tiny_model):
     total = sum(p.numel() for p in tiny_model.parameters())
-    frozen_positions = tiny_model.model.audio_tower.embed_positions.weight.numel()
-    assert set_trainable(tiny_model) == total - frozen_positions
+    if omni.is_omni(tiny_model):  # the vision encoder and the talker's audio bos/eos embedding are never used
+        tower, inner = omni.audio_tower(tiny_model), tiny_model.model
+        visual = inner.visual if hasattr(inner, "visual") else tiny_model.visual
+        never = sum(p.numel() for p in visual.parameters()) + tower.audio_bos_eos_token.weight.numel()
+    else:
+        tower = tiny_model.model.audio_tower
+        never = tower.embed_positions.weight.numel()  # a fixed sinusoidal table
+    assert set_trainable(tiny_model) == total - never
     n = set_trainable(tiny_model, audio_encoder=False, projector=False)
-    assert not any(p.requires_grad for p in tiny_model.model.audio_tower.parameters())
-    assert n == sum(p.numel() for p in tiny_model.model.language_model.parameters()) + tiny_model.lm_head.weight.numel()
+    assert not any(p.requires_grad for p in tower.parameters())
+    assert n == sum(p.numel() for p in text_decoder(tiny_model).parameters()) + tiny_model.lm_head.weight.numel()
     assert set_trainable(tiny_model, audio_encoder=False, projector=False, decoder=False) == 0
+    if omni.is_omni(tiny_model):  # the thinker's projector is the encoder's last layer
+        assert set_trainable(tiny_model, audio_encoder=False, decoder=False) == \
+            sum(p.numel() for p in tower.proj.parameters())
 
 
 def test_suppressed_token_ids(tiny_processor):
     expected = ids_of(tiny_processor, "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|im_start|>")
+    vocab = tiny_processor.tokenizer.get_vocab()
+    expected += [vocab[t] for t in omni.VISION_TOKENS if t in vocab]  # the thinker's only
     assert suppressed_token_ids(tiny_processor.tokenizer) == sorted(expected)
     assert suppressed_token_ids(tiny_processor, vocab_size=len(tiny_processor.tokenizer) + 2)[-2:] == \
         [len(tiny_processor.tokenizer), len(tiny_processor.tokenizer) + 1]

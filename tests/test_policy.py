@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from conftest import both_families
 from models import omni
-from models.policy import (completion_logprobs, generate, prompt_embeddings, set_trainable, suppressed_token_ids,
-                           text_decoder)
+from models.policy import (completion_logprobs, generate, group_logprobs, prompt_embeddings, set_trainable,
+                           suppressed_token_ids, text_decoder)
 from models.sampling import row_seed
 
 pytestmark = both_families  # every test here runs on the tiny Qwen2-Audio and the tiny Qwen2.5-Omni thinker
@@ -58,15 +58,20 @@ def reference_logprobs(model, batch, completion_ids, temperature):
     return F.log_softmax(logits / temperature, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
 
 
-def policy_logprobs(model, batch, completion_ids, temperature, **kw):
+def policy_logprobs(model, batch, completion_ids, temperature, shared=False, **kw):
     embeds = prompt_embeddings(model, batch["input_ids"], batch["attention_mask"], batch["input_features"],
                                batch["feature_attention_mask"])
+    if shared:  # each prompt once, its G completions packed after it
+        return group_logprobs(model, embeds, batch["attention_mask"], completion_ids, temperature=temperature, **kw)
     return completion_logprobs(model, embeds.repeat_interleave(G, 0), batch["attention_mask"].repeat_interleave(G, 0),
                                completion_ids, temperature=temperature, **kw)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per-row", "packed"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_and_grads_match_plain_forward(tiny_model, tiny_processor, batch, temperature):
+def test_logprobs_and_grads_match_plain_forward(tiny_model, tiny_processor, batch, temperature, shared):
+    """Against the stock forward of each unpacked sequence [q, o] (which computes its own
+    positions: Qwen2.5-Omni's three-row M-RoPE ones via its get_rope_index)."""
     model = tiny_model
     completion_ids = completions(tiny_processor, 2 * G)
     weights = torch.randn(completion_ids.shape, generator=torch.Generator().manual_seed(1))
@@ -75,7 +80,7 @@ def test_logprobs_and_grads_match_plain_forward(tiny_model, tiny_processor, batc
 
     ref = reference_logprobs(model, batch, completion_ids, temperature)
     ref_grads = torch.autograd.grad((ref * weights).sum(), params)
-    ours = policy_logprobs(model, batch, completion_ids, temperature, chunk_size=5)
+    ours = policy_logprobs(model, batch, completion_ids, temperature, shared=shared, chunk_size=5)
     grads = torch.autograd.grad((ours * weights).sum(), params)
 
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

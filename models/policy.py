@@ -54,6 +54,11 @@ def text_decoder(model):
     return omni.text_decoder(model) if omni.is_omni(model) else model.model.language_model
 
 
+def audio_tower(model):
+    """The audio encoder (Qwen2-Audio's, or the thinker's windowed one)."""
+    return omni.audio_tower(model) if omni.is_omni(model) else model.model.audio_tower
+
+
 def decoder_positions(model, positions):
     """1-D positions [B, L] -> what the decoder takes: the same for Qwen2-Audio, three equal
     rows [3, B, L] for Qwen2.5-Omni's M-RoPE (models.omni.rope_positions says why equal)."""

@@ -66,7 +66,7 @@ def _not_a_training_config(path: str) -> str | None:
     if not isinstance(mapping, dict):
         return None
     if "text_config" in mapping:
-        return (f"{path} describes the 7B architecture (benchmarks/bench_step.py and the plan's default model), "
+        return (f"{path} describes a model architecture (for benchmarks/bench_step.py and model.architecture), "
                 "not a training run: plan a training config, e.g. configs/r1_aqa.yaml")
     if "generation" in mapping or ("output" in mapping and "run" not in mapping):
         return (f"{path} is an evaluate.py config: evaluation holds the model once in its dtype plus the KV cache of "

@@ -50,7 +50,9 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     path: str = ""  # local checkpoint directory (never downloaded)
-    build_tiny: bool = False  # build the tiny Qwen2-Audio at `path` when it is absent
+    build_tiny: bool = False  # build the tiny model (of tiny_family) at `path` when it is absent
+    tiny_family: str = "qwen2_audio"  # the tiny model's family: qwen2_audio or qwen2_5_omni (the thinker)
+    architecture: str = ""  # --plan without a checkpoint at `path`: an architecture file (default Qwen2-Audio-7B's)
     tiny_seed: int = 0  # seed of the tiny model's random weights
     tiny_text_hidden: int = 64  # tiny model: decoder width
     tiny_text_layers: int = 2  # tiny model: decoder layers
@@ -209,6 +211,7 @@ DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: bfloat16 on GPU, fl
 # Each set is defined once, by the code that acts on the value.
 CHOICES = {
     "model.dtype": DTYPES,
+    "model.tiny_family": ("qwen2_audio", "qwen2_5_omni"),
     "data.format": FORMATS,
     "data.on_error": ON_ERROR,
     "data.audio_channel": CHANNELS,

@@ -9,7 +9,8 @@ from grpo.config import ConfigError, load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN_CONFIGS = ["tiny.yaml", "tiny_lora.yaml", "r1_aqa.yaml", "r1_aqa_lora_24gb.yaml", "r1_aqa_think.yaml", "sft_avqa.yaml",
-                 "dapo_avqa.yaml", "dr_grpo_avqa.yaml", "cispo_avqa.yaml", "luspo_avqa.yaml", "vespo_avqa.yaml"]
+                 "dapo_avqa.yaml", "dr_grpo_avqa.yaml", "cispo_avqa.yaml", "luspo_avqa.yaml", "vespo_avqa.yaml",
+                 "tiny_omni.yaml", "r1_aqa_omni3b.yaml", "r1_aqa_omni7b.yaml", "r1_aqa_omni7b_lora_24gb.yaml"]
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)

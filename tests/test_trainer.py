@@ -749,3 +749,27 @@ def test_control_silent_audio_stays_at_chance(learning):
     assert _final_accuracy(rows) <= 0.65
     late, _ = _train_accuracy(rows, 25)
     assert late <= 0.65
+
+
+def test_a_qwen2_5_omni_thinker_trains_and_exports_a_plain_checkpoint(world, tmp_path):
+    """The trainer on the tiny Qwen2.5-Omni thinker (chosen from its config.json): a short
+    warm-up and GRPO steps with the reference, KL and mu = 2, then an export that plain
+    transformers loads as the thinker, in the hub's key layout, with the weights moved."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from data.synthetic import synthetic_corpus
+    from models.tiny import build_tiny_checkpoint
+
+    omni = build_tiny_checkpoint(tmp_path / "omni", family="qwen2_5_omni", seed=0, corpus=synthetic_corpus())
+    out = tmp_path / "run"
+    train(short_run({**world, "model": omni}, out, "logging.tensorboard=false"))
+    rows = history(out)
+    grpo = [r for r in rows if r["train/phase"] == 1.0]
+    assert len(grpo) == GRPO_STEPS and all(math.isfinite(r["train/kl"]) and math.isfinite(r["train/loss"]) for r in grpo)
+    assert any(abs(r["train/ratio_mean"] - 1.0) > 1e-6 for r in grpo)  # mu = 2: the policy moved
+    export = final_export(out)
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(export)
+    trained = weights(export)
+    assert torch.equal(model.lm_head.weight.detach(), trained["lm_head.weight"])
+    assert "model.layers.0.self_attn.q_proj.weight" in trained  # the thinker's hub layout
+    assert max_weight_difference(export, omni) > 1e-3

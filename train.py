@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
 
 from grpo.cli import run_reporting_errors, split_overrides
 from grpo.config import load_config
@@ -101,7 +100,7 @@ def _train(args, overrides: list[str]) -> int:
         cfg = load_config(args.config, overrides, require_paths=True)
         check_inputs(cfg, args.resume)
 
-    from models.distributed import cleanup, init_distributed
+    from models.distributed import init_distributed, torn_down_on_exit
     from models.loading import quiet_transformers
 
     quiet_transformers()
@@ -110,18 +109,8 @@ def _train(args, overrides: list[str]) -> int:
     # rank 0 tells the story; the other ranks speak only when something is wrong
     logging.basicConfig(level=logging.INFO if info.rank == 0 else logging.ERROR,
                         format=f"%(asctime)s [rank{info.rank}] %(levelname)s %(name)s: %(message)s")
-    ended = False
-    try:
-        status = _run(cfg, info, args)
-        ended = True
-        return status
-    except BaseException as err:
-        # the failed run's frames hold the model, and the model holds the process group:
-        # let them go, so that cleanup() tears the group down now and not at interpreter exit
-        traceback.clear_frames(err.__traceback__)
-        raise
-    finally:
-        cleanup(synchronise=ended)
+    with torn_down_on_exit():  # the process group goes now, not during interpreter exit
+        return _run(cfg, info, args)
 
 
 def _run(cfg, info, args) -> int:

@@ -38,7 +38,7 @@ from data.collate import prompt_length
 from data.datasets import DataError, Sample, read_dataset
 from data.prompts import answer_target
 from grpo.algorithm import (completion_mask, entropy_threshold, follow_policy_, high_entropy_mask,
-                            multi_reward_advantages, policy_loss)
+                            multi_reward_advantages, policy_loss, rollout_correction)
 from grpo.checkpoint import (ResumeError, SaveError, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
                              set_rng_state)
 from grpo.config import Config, ConfigError
@@ -749,6 +749,10 @@ class Trainer:
                 gap[2] += diff.numel()
             ref = traj.ref_logp[c, :width] if traj.ref_logp is not None else None
             weights = traj.token_weights[c, :width] if traj.token_weights is not None else None
+            sampler = traj.sampler_logp[c, :width] if traj.sampler_logp is not None else None
+            weights, correction = rollout_correction(  # the sampler/trainer gap, off unless configured
+                old, sampler, mask, weights, is_level=a.rollout_is_level, is_cap=a.rollout_is_cap,
+                rs_level=a.rollout_rs_level, rs_low=a.rollout_rs_low, rs_high=a.rollout_rs_high)
             loss, stats = policy_loss(
                 logp, old, traj.advantages[c], mask, ref_logp=ref, beta=a.beta if ref is not None else 0.0,
                 kl_estimator=a.kl_estimator, eps_low=a.eps_low, eps_high=a.eps_high,
@@ -757,8 +761,10 @@ class Trainer:
                 total_sequences=n_prompts * G * self.world, total_tokens=traj.total_tokens,
                 policy_loss_type=a.policy_loss_type, clip_ratio_c=a.clip_ratio_c or None,
                 sapo_tau_pos=a.sapo_tau_pos, sapo_tau_neg=a.sapo_tau_neg, token_weights=weights,
+                vespo_shape=(a.vespo_k_pos, a.vespo_lambda_pos, a.vespo_k_neg, a.vespo_lambda_neg),
                 kl_importance_weighted=a.kl_importance_weighted,
             )
+            stats.update(correction)  # logged as train/rollout_is/..., train/rollout_rs/...
             # FSDP averages gradients over ranks; the share times world_size makes it a sum.
             (loss * self.world).backward()
             loss_total += loss.item()

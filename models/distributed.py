@@ -29,6 +29,7 @@ import datetime
 import gc
 import os
 import shutil
+import traceback
 import uuid
 import weakref
 from dataclasses import dataclass
@@ -156,6 +157,26 @@ def init_distributed(
     return DistInfo(
         rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev
     )
+
+
+@contextlib.contextmanager
+def torn_down_on_exit():
+    """Run a script's body, then tear the process group down with ``cleanup``, whatever happens.
+
+    A body that ends normally synchronises every rank first; one that raises (or is stopped)
+    does not, since a peer may never arrive. On an error the traceback's frames are cleared
+    before ``cleanup``: the failed run's frames hold its model, and the model holds the process
+    group, which must go now and not during interpreter exit.
+    """
+    ended = False
+    try:
+        yield
+        ended = True
+    except BaseException as err:
+        traceback.clear_frames(err.__traceback__)
+        raise
+    finally:
+        cleanup(synchronise=ended)
 
 
 def cleanup(*, synchronise: bool = True) -> None:

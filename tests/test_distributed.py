@@ -166,6 +166,31 @@ def test_cleanup_tears_the_process_group_down_before_exit(two_ranks):
         assert threads["after"] == 0, (rank, threads)
 
 
+def test_torn_down_on_exit_synchronises_only_a_body_that_ended(monkeypatch):
+    """A body that ends waits for every rank; one that raises does not (a peer may never come),
+    and its frames are cleared first, so the model a failed run held is freed before cleanup."""
+    import weakref
+
+    calls = []
+    monkeypatch.setattr(D, "cleanup", lambda *, synchronise: calls.append((synchronise, held())))
+    held = lambda: None  # noqa: E731 - replaced below by a weak reference to the failed run's "model"
+
+    with D.torn_down_on_exit():
+        pass
+
+    def failing_run():
+        nonlocal held
+        model = torch.nn.Linear(2, 2)
+        held = weakref.ref(model)
+        raise RuntimeError("a rank failed")
+
+    with pytest.raises(RuntimeError, match="a rank failed"):
+        with D.torn_down_on_exit():
+            failing_run()
+    assert calls[0] == (True, None)
+    assert calls[1] == (False, None), "cleanup ran while the failed run's frames still held its model"
+
+
 def test_init_distributed_unlaunched(single_process_group):
     info = single_process_group
     assert (info.rank, info.world_size, info.local_rank) == (0, 1, 0)

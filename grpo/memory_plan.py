@@ -135,6 +135,7 @@ def model_config(cfg: Config):
     path = Path(cfg.model.path)
     if (path / "config.json").is_file():
         config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = getattr(config, "thinker_config", config)  # the whole Qwen2.5-Omni: its thinker is loaded
         window = 30.0
         pre = path / "preprocessor_config.json"
         if pre.is_file():

@@ -1,8 +1,11 @@
 """Load and save checkpoints from local directories, never from the network.
 
 Two model families, told apart by config.json's ``model_type``: ``qwen2_audio``
-(Qwen2AudioForConditionalGeneration) and ``qwen2_5_omni_thinker`` (Qwen2.5-Omni's thinker,
-Qwen2_5OmniThinkerForConditionalGeneration: text out; the talker is never loaded).
+(Qwen2AudioForConditionalGeneration) and Qwen2.5-Omni's thinker
+(Qwen2_5OmniThinkerForConditionalGeneration: text out), from a thinker-only directory
+(``qwen2_5_omni_thinker``, what the exports write) or from the whole Qwen2.5-Omni checkpoint
+as published (``qwen2_5_omni``: only its thinker's config and weights are read; the talker
+and the vocoder are never loaded).
 A checkpoint directory looks like Qwen/Qwen2-Audio-7B-Instruct on the hub:
 config.json, model.safetensors (or model.safetensors.index.json + shards), tokenizer files,
 preprocessor_config.json, chat_template.jinja, generation_config.json.
@@ -217,16 +220,20 @@ FAMILIES = {
 }
 
 
+# the whole Qwen2.5-Omni (thinker + talker + vocoder): its thinker is loaded
+OMNI_WHOLE = "qwen2_5_omni"
+
+
 def model_type(path) -> str:
-    """config.json's model_type, checked to be a family this project trains (a CheckpointError
-    naming the file otherwise)."""
+    """The family of config.json's model_type (the whole Qwen2.5-Omni counts as its thinker's),
+    checked to be one this project trains (a CheckpointError naming the file otherwise)."""
     config_file = Path(path) / "config.json"
     kind = read_json_file(config_file, "model config").get("model_type")
+    if kind == OMNI_WHOLE:
+        return omni.MODEL_TYPE
     if kind not in FAMILIES:
-        hint = (": the whole Qwen2.5-Omni (thinker + talker); export its thinker, the part that writes text"
-                if kind == "qwen2_5_omni" else "")
         raise CheckpointError(f"{config_file}: model_type {kind!r} is not one this project trains "
-                              f"(one of {sorted(FAMILIES)}){hint}")
+                              f"(one of {sorted(FAMILIES) + [OMNI_WHOLE]})")
     return kind
 
 
@@ -242,8 +249,12 @@ def load_model(path, *, dtype=torch.float32, device="cpu", attn_implementation="
     _require(path, "checkpoint directory")
     cls = FAMILIES[model_type(path)]
     check_weights(path)
-    model = _loading(path, "model", lambda: cls.from_pretrained(
-        path, local_files_only=True, use_safetensors=True, dtype=dtype, attn_implementation=attn_implementation))
+    kw = dict(local_files_only=True, use_safetensors=True, dtype=dtype, attn_implementation=attn_implementation)
+    if read_json_file(path / "config.json", "model config").get("model_type") == OMNI_WHOLE:
+        # the thinker's own config; transformers drops the weights' "thinker." prefix and skips the talker's
+        whole = _loading(path, "model config", lambda: AutoConfig.from_pretrained(path, local_files_only=True))
+        kw["config"] = whole.thinker_config
+    model = _loading(path, "model", lambda: cls.from_pretrained(path, **kw))
     return model.to(device)
 
 

@@ -32,8 +32,6 @@ Where the thinker differs from Qwen2-Audio, and what this module does about it:
 
 from __future__ import annotations
 
-import torch
-
 MODEL_TYPE = "qwen2_5_omni_thinker"
 
 # The system prompt Qwen2.5-Omni was trained with (its model card asks for it verbatim).

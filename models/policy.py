@@ -13,6 +13,8 @@ else of the model is called from here):
     model.get_input_embeddings()        = model.model.language_model.embed_tokens
     model.model.language_model          the Qwen2 decoder, called with inputs_embeds
     model.lm_head                       hidden -> vocabulary logits (once per row chunk)
+(Qwen2.5-Omni's thinker: its encoder, which ends with its own projection, and its decoder,
+found by `audio_tower` and `text_decoder` wherever the transformers release puts them.)
 
 Two exact savings over the stock forward (same outputs, up to float summation order):
     - the audio encoder runs over each batch's real frames (plus the convolutions' margin),
@@ -25,7 +27,7 @@ Two exact savings over the stock forward (same outputs, up to float summation or
 Both families (Qwen2-Audio and Qwen2.5-Omni's thinker) run through the same functions; what
 the thinker does differently (its windowed audio encoder without a separate projector, its
 three-row rotary positions, its module paths) sits in models.omni behind three hooks:
-`text_decoder`, `decoder_positions` and the audio branch of `prompt_embeddings`.
+`text_decoder` / `audio_tower`, `decoder_positions` and the audio branch of `prompt_embeddings`.
 
 Shapes: B prompts, G completions per prompt, N = B * G rows, P prompt length (left padded),
 T completion length, H hidden size, V vocabulary size.

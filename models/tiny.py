@@ -184,20 +184,18 @@ def build_tiny_checkpoint(out_dir, *, family="qwen2_audio", seed=0, corpus=None,
     sizes = dict(text_hidden=text_hidden, text_layers=text_layers, audio_hidden=audio_hidden,
                  audio_layers=audio_layers, audio_frames=audio_frames)
 
-    if family == "qwen2_5_omni":
+    if family == "qwen2_5_omni":  # its control tokens, template and system prompt (models.omni)
         tokenizer = train_tokenizer(corpus + [omni.SYSTEM_PROMPT], vocab_size, control_tokens=omni.CONTROL_TOKENS,
                                     chat_template=omni.CHAT_TEMPLATE, extra_special_tokens=omni.TOKEN_ATTRIBUTES)
-    else:
-        tokenizer = train_tokenizer(corpus, vocab_size)
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={vocab_size}")
-    if family == "qwen2_5_omni":
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in omni.CONTROL_TOKENS}
         config = omni.tiny_config(vocab_size=vocab_size, ids=ids, **sizes)
     else:
+        tokenizer = train_tokenizer(corpus, vocab_size)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CONTROL_TOKENS}
         config = tiny_config(vocab_size=vocab_size, audio_token_id=ids["<|AUDIO|>"], bos_id=ids["<|endoftext|>"],
                              eos_id=ids["<|im_end|>"], **sizes)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={vocab_size}")
     return _write_random_checkpoint(out_dir, config, tokenizer, audio_seconds, seed=seed)
 
 

@@ -211,7 +211,7 @@ def test_broken_or_pickled_lora_adapters_are_one_error_naming_the_file(tiny_chec
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("kind, says", [("qwen2_5_omni", "thinker"), ("llama", "llama"), (None, "None")])
+@pytest.mark.parametrize("kind, says", [("qwen2_5_omni_talker", "talker"), ("llama", "llama"), (None, "None")])
 def test_a_model_type_of_another_family_is_one_error_naming_config_json(ckpt_copy, kind, says):
     config = json.loads((ckpt_copy / "config.json").read_text())
     config["model_type"] = kind
@@ -234,3 +234,28 @@ def test_the_family_is_chosen_from_config_json(tiny_checkpoint, tiny_processor):
     else:
         assert type(model).__name__ == "Qwen2AudioForConditionalGeneration"
         assert tiny_processor.system_prompt is None
+
+
+def test_the_whole_qwen2_5_omni_checkpoint_loads_as_its_thinker(tmp_path):
+    """The published layout: config.json of the whole model (model_type qwen2_5_omni, with
+    thinker_config) and weights prefixed "thinker." next to the talker's: the thinker alone
+    loads, with the same weights as the thinker-only directory, and the Omni system prompt."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2_5OmniConfig
+
+    from models.tiny import build_tiny_checkpoint
+
+    thinker_only = build_tiny_checkpoint(tmp_path / "thinker", family="qwen2_5_omni", seed=3)
+    whole = shutil.copytree(thinker_only, tmp_path / "whole")
+    (whole / "config.json").unlink()
+    Qwen2_5OmniConfig(thinker_config=json.loads((thinker_only / "config.json").read_text()),
+                      enable_audio_output=False).save_pretrained(whole)
+    state = {"thinker." + k: v for k, v in load_file(thinker_only / "model.safetensors").items()}
+    save_file({**state, "talker.codec_head.weight": torch.zeros(2, 2)}, whole / "model.safetensors",
+              metadata={"format": "pt"})
+
+    model, reference = load_model(whole), load_model(thinker_only)
+    assert type(model).__name__ == "Qwen2_5OmniThinkerForConditionalGeneration"
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert load_processor(whole).system_prompt == omni.SYSTEM_PROMPT

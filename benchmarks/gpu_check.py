@@ -207,6 +207,7 @@ def layers_that_fit(recipe, shape, work, data, device, budget_bytes) -> tuple[in
 def run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: torch.device) -> dict:
     """One warm-up and one measured GRPO step of the recipe through the trainer, per phase."""
     from benchmarks.plan_check import tensor_bytes
+    import grpo.step as grpo
     from grpo.memory_plan import plan_memory
     from grpo.trainer import Trainer
     from models.distributed import DistInfo
@@ -219,10 +220,10 @@ def run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: tor
     trainer.sampling.suppress_token_ids = sorted(set(trainer.sampling.suppress_token_ids) | set(ends))
     meter = PhaseMeter(device, held=lambda: tensor_bytes(trainer))
     shapes = []
-    original_round = trainer._sample_round
+    originals = {name: getattr(grpo, name) for name in ("sample_round", "reference_logprobs", "policy_update")}
 
-    def sample_round(step, round_):
-        r = original_round(step, round_)
+    def sample_round(ctx, step, round_):
+        r = originals["sample_round"](ctx, step, round_)
         shapes.append((r.prompts["input_ids"].shape[1], r.ids.shape[1],
                        int(r.prompts["feature_attention_mask"].sum(-1).max()) / 100))
         return r
@@ -230,10 +231,15 @@ def run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: tor
     try:
         trainer.grpo_step()  # warm-up: lazy initialisations, AdamW's state
         trainer.step += 1
-        trainer._sample_round = meter.wrap("rollout", sample_round)
-        trainer._reference_logprobs = meter.wrap("reference", trainer._reference_logprobs)
-        trainer.policy_update = meter.wrap("update", trainer.policy_update)
-        metrics = trainer.grpo_step()
+        # the step's own stages, timed where the step calls them
+        grpo.sample_round = meter.wrap("rollout", sample_round)
+        grpo.reference_logprobs = meter.wrap("reference", originals["reference_logprobs"])
+        grpo.policy_update = meter.wrap("update", originals["policy_update"])
+        try:
+            metrics = trainer.grpo_step()
+        finally:
+            for name, fn in originals.items():
+                setattr(grpo, name, fn)
         trainer.step += 1
         eval_gap = decode = None
         if recipe == "lora":

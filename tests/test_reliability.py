@@ -374,17 +374,19 @@ def test_a_failure_inside_a_step_saves_the_last_completed_step(small_world, tmp_
     resumed.close()
 
 
-def test_a_failure_after_the_weights_changed_saves_nothing_half_done(small_world, tmp_path):
-    trainer = make_trainer(small_world, tmp_path / "run", "run.steps=4", "checkpointing.every=1")
-    real_update = trainer.policy_update
+def test_a_failure_after_the_weights_changed_saves_nothing_half_done(small_world, tmp_path, monkeypatch):
+    import grpo.step
 
-    def update_then_fail(traj):
-        metrics = real_update(traj)
+    trainer = make_trainer(small_world, tmp_path / "run", "run.steps=4", "checkpointing.every=1")
+    real_update = grpo.step.policy_update
+
+    def update_then_fail(ctx, counters, traj):
+        seen = real_update(ctx, counters, traj)
         if trainer.step == 2:
             raise RuntimeError("failed after the optimizer step")
-        return metrics
+        return seen
 
-    trainer.policy_update = update_then_fail
+    monkeypatch.setattr(grpo.step, "policy_update", update_then_fail)
     with pytest.raises(RuntimeError, match="after the optimizer step"):
         trainer.train()
     assert _complete_checkpoints(tmp_path / "run") == [1, 2]  # every=1: steps 1 and 2, and no 'step 3'
@@ -906,7 +908,7 @@ def test_each_steps_curves_and_history_line_are_on_disk_when_the_step_is_logged(
     monkeypatch.setattr(RecordWriter, "write", lambda self, data: (time.sleep(0.02), write(self, data))[1])
     trainer = make_trainer(small_world, tmp_path / "run", "run.steps=3", "logging.tensorboard=true")
     seen = []  # per step: (steps with curves on disk, history lines on disk)
-    log_step, write_history = trainer._log, trainer._write_history
+    log_step, write_history = trainer.log_metrics, trainer.write_history
 
     def logged(metrics):
         log_step(metrics)
@@ -916,8 +918,8 @@ def test_each_steps_curves_and_history_line_are_on_disk_when_the_step_is_logged(
         write_history(metrics)
         seen[-1] = (seen[-1], len((tmp_path / "run" / "history.jsonl").read_text().splitlines()))
 
-    monkeypatch.setattr(trainer, "_log", logged)
-    monkeypatch.setattr(trainer, "_write_history", written)
+    monkeypatch.setattr(trainer, "log_metrics", logged)
+    monkeypatch.setattr(trainer, "write_history", written)
     trainer.train()
     trainer.close()
     assert seen == [([1], 1), ([1, 2], 2), ([1, 2, 3], 3)]

@@ -203,19 +203,23 @@ def test_non_finite_updates_are_skipped_counted_and_finally_stop_the_run(world, 
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
 
+    from grpo.step import optimizer_step
+
+    counters = trainer.counters
+
     def poisoned_step():
         for p in params:
             p.grad = torch.ones_like(p)
         params[0].grad[0] = float("nan")
-        return trainer._optimizer_step(1.0)
+        return optimizer_step(trainer.context(), counters, 1.0)
 
     assert math.isnan(poisoned_step())
     assert all(torch.equal(p, b) for p, b in zip(params, before)), "a non-finite update must not touch the weights"
-    assert (trainer.nonfinite_in_a_row, trainer.nonfinite_total, trainer.update) == (1, 1, 0)
+    assert (counters.nonfinite_in_a_row, counters.nonfinite_total, counters.update) == (1, 1, 0)
     for p in params:  # a finite update resets the run of failures
         p.grad = torch.ones_like(p)
-    trainer._optimizer_step(1.0)
-    assert (trainer.nonfinite_in_a_row, trainer.nonfinite_total, trainer.update) == (0, 1, 1)
+    optimizer_step(trainer.context(), counters, 1.0)
+    assert (counters.nonfinite_in_a_row, counters.nonfinite_total, counters.update) == (0, 1, 1)
     assert not all(torch.equal(p, b) for p, b in zip(params, before))
     poisoned_step()
     with pytest.raises(FloatingPointError, match="max_nonfinite_steps=2"):
@@ -263,23 +267,22 @@ def test_the_logged_loss_and_gradient_norm_are_means_over_the_mu_passes(world, t
 
     cfg = load_config(TINY, short_run(world, tmp_path / "mu")[2:] + [
         "checkpointing.save_on_signal=false", "logging.tensorboard=false", "algorithm.mu=3", "optimizer.lr=0.05"])
+    from grpo.metrics import update_metrics
+    from grpo.step import policy_update, rollout
+
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    traj, _, _ = trainer.rollout(step=0)
+    traj, _ = rollout(trainer.context(), step=0)
     traj = traj._replace(advantages=torch.randn(traj.advantages.shape, generator=torch.Generator().manual_seed(0)))
-    losses, norms = [], []
-    step = trainer._optimizer_step
-
-    def recording(loss_value, lr=None):
-        losses.append(loss_value)
-        norms.append(step(loss_value, lr=lr))
-        return norms[-1]
-
-    trainer._optimizer_step = recording
-    metrics = trainer.policy_update(traj)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    seen = policy_update(trainer.context(), trainer.counters, traj)
+    metrics = update_metrics(seen, 0.05, trainer.device)
+    moved = any(not torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before))
     trainer.close()
-    assert len(losses) == 3 and len(set(losses)) == 3, "each pass sees the updated policy"
-    assert metrics["train/loss"] == pytest.approx(sum(losses) / 3, rel=1e-12)
-    assert metrics["train/grad_norm"] == pytest.approx(sum(norms) / 3, rel=1e-12)
+    assert moved and trainer.counters.update == 3, "three optimizer steps"
+    assert len(seen.losses) == 3 and len(set(seen.losses)) == 3, "each pass sees the updated policy"
+    assert len(set(seen.norms)) == 3
+    assert metrics["train/loss"] == pytest.approx(sum(seen.losses) / 3, rel=1e-12)
+    assert metrics["train/grad_norm"] == pytest.approx(sum(seen.norms) / 3, rel=1e-12)
 
 
 VARIANT_OVERRIDES = {  # the GRPO family through the trainer (grpo/algorithm.py, "Variants")
@@ -295,9 +298,12 @@ VARIANT_OVERRIDES = {  # the GRPO family through the trainer (grpo/algorithm.py,
                          + list(VARIANT_OVERRIDES.values()),
                          ids=["grpo", "token_mean", "dr_grpo", *VARIANT_OVERRIDES])
 def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, tmp_path, overrides):
-    """The invariance of the GRPO core, through Trainer.policy_update: 4 prompts in 1, 2 or 4
+    """The invariance of the GRPO core, through the step's policy_update: 4 prompts in 1, 2 or 4
     micro-batches accumulate the same gradient (completions of unequal lengths)."""
+    from dataclasses import replace
+
     from grpo.config import load_config
+    from grpo.step import policy_update, rollout
     from grpo.trainer import Trainer
     from models.distributed import DistInfo
 
@@ -305,7 +311,7 @@ def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, t
         "checkpointing.save_on_signal=false", "logging.tensorboard=false", "optimizer.max_grad_norm=0",
         "algorithm.mu=1", "rollout.max_new_tokens=6", *overrides])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    traj, _, _ = trainer.rollout(step=0)
+    traj, _ = rollout(trainer.context(), step=0)
     # an untrained model rarely ends early and gets no reward: give the completions unequal
     # lengths and non-zero advantages by hand
     g = torch.Generator().manual_seed(0)
@@ -314,17 +320,17 @@ def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, t
     mask = torch.arange(T)[None, :] < lengths[:, None]
     traj = traj._replace(mask=mask, total_tokens=int(mask.sum()), advantages=torch.randn(n, generator=g))
 
+    class Capture(torch.optim.SGD):  # an optimizer that keeps the gradient it is given and moves nothing
+        def step(self, closure=None):
+            self.captured = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
     grads = {}
     for micro in (4, 2, 1):
-        captured = {}
-
-        def capture(*args, **kwargs):
-            captured.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-
-        trainer.optimizer.step = capture
-        trainer.cfg.algorithm.micro_batch_prompts = micro
-        trainer.policy_update(traj)
-        grads[micro] = captured
+        optimizer = Capture(trainer.model.parameters(), lr=0.0)
+        ctx = replace(trainer.context(), optimizer=optimizer,
+                      cfg=replace(cfg, algorithm=replace(cfg.algorithm, micro_batch_prompts=micro)))
+        policy_update(ctx, trainer.counters, traj)
+        grads[micro] = optimizer.captured
     assert grads[4] and any(g.abs().max() > 0 for g in grads[4].values())
     if cfg.algorithm.top_entropy_fraction < 1:  # a real selection: some loss tokens out, some in
         kept = traj.token_weights.sum() / (traj.token_weights.numel())
@@ -347,16 +353,13 @@ def test_rollout_adds_the_overlong_punishment_and_normalises_each_reward(world, 
         "checkpointing.save_on_signal=false", "logging.tensorboard=false", "algorithm.mu=1",
         "rollout.max_new_tokens=6", "algorithm.overlong_buffer=4", "algorithm.overlong_penalty=0.5",
         "algorithm.reward_normalization=normalize_each", "algorithm.advantage_baseline=leave_one_out"])
+    from grpo.metrics import rollout_metrics
+    from grpo.step import rollout
+
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    seen = {}
-    sample_round = trainer._sample_round
-
-    def keep(step, round_):
-        seen["round"] = sample_round(step, round_)
-        return seen["round"]
-
-    trainer._sample_round = keep
-    traj, metrics, _ = trainer.rollout(step=0)
+    traj, record = rollout(trainer.context(), step=0)
+    metrics = rollout_metrics(record, trainer.tasks, 4, trainer.device)
+    seen = {"round": record.rounds[0]}  # no dynamic sampling: the one round is the batch
     lengths = traj.mask.sum(dim=1).tolist()
     expected = [soft_overlong_punishment(n, 6, 4) for n in lengths]
     assert seen["round"].per_reward["overlong"] == expected
@@ -372,7 +375,7 @@ def test_rollout_adds_the_overlong_punishment_and_normalises_each_reward(world, 
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lora):
+def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lora, monkeypatch):
     """ref_sync_every: after GRPO steps 2 and 4 (not 1, 3) the reference moves. Without LoRA it
     becomes alpha pi_theta + (1 - alpha) pi_ref; with LoRA the adapters are merged, so the
     reference ("adapters off") computes what the policy computed."""
@@ -387,7 +390,12 @@ def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lo
         "algorithm.format_warmup_steps=0", "run.steps=4", "algorithm.ref_sync_every=2",
         "rollout.max_new_tokens=4", "checkpointing.every=0", *extra])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    synced, sync = [], trainer.sync_reference
+    import grpo.step
+
+    synced, sync_reference = [], grpo.step.sync_reference
+
+    def sync():
+        sync_reference(trainer.context())
     ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
 
     def logits(adapters: bool) -> torch.Tensor:
@@ -425,7 +433,7 @@ def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lo
             list(trainer.ref_model.parameters())
         for p in moved:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    trainer.sync_reference = record
+    monkeypatch.setattr(grpo.step, "sync_reference", lambda ctx: record())
     trainer.train()
     trainer.close()
     assert synced == [2, 4]

@@ -128,28 +128,34 @@ class PhaseMeter:
         self.device, self.held, self.phases = device, held, {}
 
     def wrap(self, name: str, fn):
+        """``fn`` measured as phase ``name`` at each call."""
         def measured(*args, **kwargs):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-                t0 = time.perf_counter()
-                out = fn(*args, **kwargs)
-                torch.cuda.synchronize(self.device)
-                seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated(self.device)
-            else:
-                from benchmarks.plan_check import LiveTensors
-
-                tracker, held = LiveTensors(), self.held()
-                t0 = time.perf_counter()
-                with tracker.mode:
-                    out = fn(*args, **kwargs)
-                seconds, peak = time.perf_counter() - t0, held + tracker.peak
-            entry = self.phases.setdefault(name, {"seconds": 0.0, "peak_bytes": 0, "calls": 0})
-            entry["seconds"] += seconds
-            entry["peak_bytes"] = max(entry["peak_bytes"], peak)
-            entry["calls"] += 1
-            return out
+            with self.span(name):
+                return fn(*args, **kwargs)
         return measured
+
+    @contextmanager
+    def span(self, name: str):
+        """The block measured as phase ``name``."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            t0 = time.perf_counter()
+            yield
+            torch.cuda.synchronize(self.device)
+            seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated(self.device)
+        else:
+            from benchmarks.plan_check import LiveTensors
+
+            tracker, held = LiveTensors(), self.held()
+            t0 = time.perf_counter()
+            with tracker.mode:
+                yield
+            seconds, peak = time.perf_counter() - t0, held + tracker.peak
+        entry = self.phases.setdefault(name, {"seconds": 0.0, "peak_bytes": 0, "calls": 0})
+        entry["seconds"] += seconds
+        entry["peak_bytes"] = max(entry["peak_bytes"], peak)
+        entry["calls"] += 1
 
 
 def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
@@ -220,7 +226,7 @@ def run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: tor
     trainer.sampling.suppress_token_ids = sorted(set(trainer.sampling.suppress_token_ids) | set(ends))
     meter = PhaseMeter(device, held=lambda: tensor_bytes(trainer))
     shapes = []
-    originals = {name: getattr(grpo, name) for name in ("sample_round", "reference_logprobs", "policy_update")}
+    originals = {name: getattr(grpo, name) for name in ("sample_round", "reference_policy", "policy_update")}
 
     def sample_round(ctx, step, round_):
         r = originals["sample_round"](ctx, step, round_)
@@ -228,12 +234,17 @@ def run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: tor
                        int(r.prompts["feature_attention_mask"].sum(-1).max()) / 100))
         return r
 
+    @contextmanager
+    def timed_reference(ctx):  # the block of the step that runs the reference pass
+        with meter.span("reference"), originals["reference_policy"](ctx) as reference:
+            yield reference
+
     try:
         trainer.grpo_step()  # warm-up: lazy initialisations, AdamW's state
         trainer.step += 1
         # the step's own stages, timed where the step calls them
         grpo.sample_round = meter.wrap("rollout", sample_round)
-        grpo.reference_logprobs = meter.wrap("reference", originals["reference_logprobs"])
+        grpo.reference_policy = lambda ctx: timed_reference(ctx)
         grpo.policy_update = meter.wrap("update", originals["policy_update"])
         try:
             metrics = trainer.grpo_step()

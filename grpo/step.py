@@ -26,9 +26,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -183,15 +183,17 @@ def rollout(ctx: StepContext, step: int) -> tuple[Trajectory, RolloutRecord]:
 
     # 5. log pi_old (mu > 1: the ratio's denominator; with top-entropy tokens, their entropies) and log pi_ref
     t1 = time.perf_counter()
+    passes = dict(micro_batch_prompts=a.micro_batch_prompts, **ctx.pass_options())
     token_weights = old_logp = None
     if a.top_entropy_fraction < 1.0:  # one pass gives pi_old's log-probs and the entropies the selection needs
-        logp, entropy = batch_logprobs(ctx, ctx.model, batch.prompts, ids, with_entropy=True)  # [N, T] each
+        logp, entropy = ctx.logprobs(ctx.model, batch.prompts, ids, with_entropy=True, **passes)  # [N, T] each
         old_logp = logp if a.mu > 1 else None
         token_weights = high_entropy_weights(entropy, mask, a.top_entropy_fraction)  # [N, T]
     elif a.mu > 1:
-        old_logp = batch_logprobs(ctx, ctx.model, batch.prompts, ids)  # [N, T]
+        old_logp = ctx.logprobs(ctx.model, batch.prompts, ids, **passes)  # [N, T]
     t_old = time.perf_counter() - t1
-    ref_logp = reference_logprobs(ctx, batch.prompts, ids)  # [N, T], or None when beta = 0
+    with reference_policy(ctx) as reference:  # None when beta = 0: no KL term
+        ref_logp = None if reference is None else ctx.logprobs(reference, batch.prompts, ids, **passes)  # [N, T]
     t_ref = time.perf_counter() - t1 - t_old
     ctx.model.train()
 
@@ -369,31 +371,18 @@ def micro_batches(n_prompts: int, per_micro_batch: int) -> list[tuple[int, int]]
     return [(i, min(i + per_micro_batch, n_prompts)) for i in range(0, n_prompts, per_micro_batch)]
 
 
-@torch.no_grad()
-def batch_logprobs(ctx: StepContext, model, prompts: dict, ids: torch.Tensor, *, with_entropy: bool = False,
-                   temperature: float | None = None):
-    """``ctx.logprobs`` over the whole batch, micro-batch by micro-batch, without gradients:
-    ids [N, T] -> log pi [N, T] (and entropy [N, T])."""
-    G = ids.shape[0] // prompts["input_ids"].shape[0]
-    parts = [ctx.logprobs(model, slice_prompts(prompts, lo, hi), ids[lo * G : hi * G], with_entropy=with_entropy,
-                          **ctx.pass_options(temperature))
-             for lo, hi in micro_batches(prompts["input_ids"].shape[0], ctx.cfg.algorithm.micro_batch_prompts)]
-    if with_entropy:
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return torch.cat(parts)
-
-
-@torch.no_grad()
-def reference_logprobs(ctx: StepContext, prompts: dict, ids: torch.Tensor) -> torch.Tensor | None:
-    """log pi_ref [N, T] of the completions ids [N, T], or None when beta = 0 (no KL term): under
-    the frozen copy loaded at start (refreshed after the format warm-up), or, with LoRA, under
-    the policy itself with its adapters switched off."""
+@contextmanager
+def reference_policy(ctx: StepContext) -> Iterator[torch.nn.Module | None]:
+    """pi_ref as a model, inside the block: the frozen copy loaded at start (refreshed after the
+    format warm-up), or with LoRA the policy itself with its adapters switched off; None when
+    beta = 0 (no KL term, no reference pass)."""
     if ctx.reference is not None:
-        return batch_logprobs(ctx, ctx.reference, prompts, ids)
-    if ctx.cfg.lora.enabled and ctx.cfg.algorithm.beta > 0:
+        yield ctx.reference
+    elif ctx.cfg.lora.enabled and ctx.cfg.algorithm.beta > 0:
         with adapters_disabled(ctx.model):
-            return batch_logprobs(ctx, ctx.model, prompts, ids)
-    return None
+            yield ctx.model
+    else:
+        yield None
 
 
 def high_entropy_weights(entropy: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -98,23 +98,23 @@ def write_model_dir(shape: str, out: Path, text_layers: int | None = None) -> Pa
 def random_weights():
     """The trainer's model loader replaced by one that builds random weights on the device
     (the same weights for the policy and a reference copy: one seed)."""
-    import grpo.trainer as trainer_module
+    import grpo.setup as setup_module
     from transformers import AutoConfig
 
     from models.tiny import random_model
 
-    original = trainer_module.load_model
+    original = setup_module.load_model
 
     def load(path, *, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         config._attn_implementation = attn_implementation
         return random_model(config, seed=0, dtype=dtype, device=device)
 
-    trainer_module.load_model = load
+    setup_module.load_model = load
     try:
         yield
     finally:
-        trainer_module.load_model = original
+        setup_module.load_model = original
 
 
 # --------------------------------------------------------------------------- measuring a phase

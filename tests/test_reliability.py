@@ -234,7 +234,7 @@ class _RunsCode:
 def test_a_rank_file_with_a_pickled_callable_is_refused(tmp_path):
     import torch
 
-    from grpo.checkpoint import COMPLETE, ResumeError, load_checkpoint
+    from grpo.checkpoint import COMPLETE, ResumeError, load_training_state
 
     ckpt = tmp_path / "checkpoints" / "step_3"
     (ckpt / "state").mkdir(parents=True)
@@ -243,7 +243,7 @@ def test_a_rank_file_with_a_pickled_callable_is_refused(tmp_path):
     torch.save({"rng": _RunsCode(marker), "stream": {}}, ckpt / "rank0.pt")
     with pytest.raises(ResumeError, match=r"rank0.pt: refused to load: it holds Python objects"):
         # refused before the model is touched (verify=False: the rank file is what is tested)
-        load_checkpoint(ckpt, model=None, optimizer=None, rank=0, verify=False)
+        load_training_state(ckpt, model=None, optimizer=None, rank=0, verify=False)
     assert not marker.exists(), "the pickled call ran"
 
 

@@ -67,6 +67,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from grpo import manifest
+from models.collectives import gather_objects
 from models.distributed import barrier
 
 log = logging.getLogger(__name__)
@@ -413,11 +414,7 @@ def _describe(err: BaseException) -> tuple[str, int | None]:
 def _agree(failure: tuple[str, int | None] | None) -> tuple[str, int | None] | None:
     """Every rank's failure of a save phase, agreed on: the first with an errno (the cause, not
     a rank told of it), else the first; None when every rank succeeded. A collective."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return failure
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, failure)
-    failed = [f for f in every if f is not None]
+    failed = [f for f in gather_objects(failure) if f is not None]
     return (sorted(failed, key=lambda f: f[1] is None)[0]) if failed else None
 
 

@@ -17,7 +17,7 @@ grpo/algorithm.py; the metrics are computed from what the step returns in grpo/m
 Shapes: B questions on this rank, G completions each, N = B*G rows, T completion tokens,
 W ranks. Every log-prob goes through one function, ``models.policy.policy_logprobs``
 (each clip through the encoder once, each prompt through the decoder once per group);
-the benchmark gives the step other pieces (``StepContext.sample``, ``StepContext.logprobs``)
+the benchmark gives the step other pieces (``StepContext.rounds_from``, ``StepContext.logprobs``)
 to time the naive way of calling the model through this same code.
 """
 
@@ -50,8 +50,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class StepContext:
     """What one step reads and acts on. The trainer builds one per step; tests and the
-    benchmark build their own. ``sample`` and ``logprobs`` are the two ways the step calls
-    the model (the benchmark swaps in naive ones); everything else is the run's state."""
+    benchmark build their own. ``logprobs`` and ``rounds_from`` are the pieces the benchmark
+    swaps (a naive log-prob pass; its fixed prompts sampled the naive way); everything else is
+    the run's state."""
 
     cfg: object  # grpo.config.Config
     model: torch.nn.Module  # the policy pi_theta
@@ -65,8 +66,8 @@ class StepContext:
     rank: int = 0
     world: int = 1
     fsdp: bool = False  # the model is sharded: generation gathers it, ranks decode in lockstep
-    sample: Callable = sample_completions  # (model, prompts, settings, **kw) -> ids [N, T], sampler log-probs [N, T]
     logprobs: Callable = policy_logprobs  # (model, prompts, ids, **kw) -> log pi [N, T] (, entropy [N, T])
+    rounds_from: Callable | None = None  # (ctx, step, round) -> Round; None: ``sample_round``, the stream's questions
 
     @property
     def local_prompts(self) -> int:
@@ -162,10 +163,11 @@ def rollout(ctx: StepContext, step: int) -> tuple[Trajectory, RolloutRecord]:
     t0 = time.perf_counter()
 
     # 1-2. sample G completions per question and score them
-    rounds = [sample_round(ctx, step, 0)]
+    draw = ctx.rounds_from or sample_round
+    rounds = [draw(ctx, step, 0)]
     # 3. dynamic sampling (DAPO): the condition is a collective, so every rank runs the same rounds
     while a.dynamic_sampling and len(rounds) <= a.max_sampling_rounds and short_of_signal(ctx, rounds):
-        rounds.append(sample_round(ctx, step, len(rounds)))
+        rounds.append(draw(ctx, step, len(rounds)))
     batch = select_groups(rounds, ctx.local_prompts, G, ctx.processor.tokenizer.pad_token_id,
                           ctx.sampling.pad_token_id) if a.dynamic_sampling else rounds[0]
     width = int(all_reduce(torch.tensor([batch.ids.shape[1]]), ctx.device, "max"))  # one T on every rank
@@ -288,7 +290,7 @@ def sample_round(ctx: StepContext, step: int, round_: int) -> Round:
     samples, waves = ctx.stream.take(ctx.local_prompts)
     prompts = prompt_batch(samples, waves, ctx.processor, cfg.data.prompt_template, ctx.device)
     with gathered_params(ctx.model) if ctx.fsdp else nullcontext():
-        ids, sampler_logp = ctx.sample(
+        ids, sampler_logp = sample_completions(
             ctx.model, prompts, ctx.sampling, group_size=G, chunk_prompts=cfg.rollout.generation_batch_prompts,
             row_seeds=completion_seeds(cfg.run.seed, step, round_, ctx.stream.positions, G),
             sync_ranks=ctx.fsdp, real_frames=cfg.model.audio_real_frames, return_logprobs=True,

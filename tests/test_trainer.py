@@ -256,7 +256,9 @@ def test_the_label_free_warm_up_never_sees_the_answers(world, tmp_path):
     assert all(s.answer != a for s, a in zip(trainer.train_samples, right)), "every answer is moved"
     changed = [n for n in weights[0] if not torch.equal(weights[0][n], weights[1][n])]
     assert not changed, changed
-    start = {n: p for n, p in trainer._load_model(trainable=False).named_parameters()}
+    from grpo.setup import load_policy_model
+
+    start = {n: p for n, p in load_policy_model(cfg, trainer.device, fsdp=False, trainable=False).named_parameters()}
     assert any(not torch.equal(weights[0][n], start[n]) for n in start), "the warm-up steps must train"
 
 

@@ -92,6 +92,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -508,12 +509,14 @@ def grpo_step(bench, mode, step):
     entry_point, peaks, no_grad_peaks = as_entry_point(logprobs_fn), {}, []
 
     def fixed_round(ctx, step_, round_):  # the step's stages 1-2: the benchmark's prompts, random rewards
-        out, _, peaks["rollout"] = timed(device, lambda: generate_fn(
-            model, prompts, s, G, step, chunk_prompts=cfg.rollout.generation_batch_prompts))
+        draw = step * 1000 + round_  # a dynamic-sampling round samples the same prompts again, other draws
+        out, _, peak = timed(device, lambda: generate_fn(
+            model, prompts, s, G, draw, chunk_prompts=cfg.rollout.generation_batch_prompts))
+        peaks["rollout"] = max(peaks.get("rollout", 0.0), peak)
         ids, sampler_logp = out if isinstance(out, tuple) else (out, None)  # naive: generate keeps none
         if ids.shape != (bench.N, bench.T):
             raise RuntimeError(f"{mode}: completions {tuple(ids.shape)}, expected {(bench.N, bench.T)}")
-        rewards = torch.randint(0, 2, (bench.N,), generator=torch.Generator().manual_seed(step)).float()
+        rewards = torch.randint(0, 2, (bench.N,), generator=torch.Generator().manual_seed(draw)).float()
         return Round(samples=[None] * bench.B, waves=[None] * bench.B, prompts=prompts, ids=ids, texts=[""] * bench.N,
                      rewards=rewards.view(bench.B, G), per_reward={"accuracy": rewards.tolist()},  # a random 0/1 accuracy
                      sampler_logp=sampler_logp)
@@ -527,7 +530,8 @@ def grpo_step(bench, mode, step):
 
     optimizer = TimedOptimizer(bench.optimizer, device)
     ctx = StepContext(cfg=cfg, model=model, reference=model if cfg.algorithm.beta > 0 else None,
-                      optimizer=optimizer, processor=None, sampling=s, stream=None, device=device,
+                      optimizer=optimizer, sampling=s, stream=None, device=device,
+                      processor=SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=s.pad_token_id)),
                       total_updates=10**9, rounds_from=fixed_round, logprobs=logprobs)
     traj, seen = rollout(ctx, step)  # the reference pass reuses the policy's weights: the same compute
     reset_peak(device)

@@ -172,7 +172,7 @@ def rollout(ctx: StepContext, step: int) -> tuple[Trajectory, RolloutRecord]:
                           ctx.sampling.pad_token_id) if a.dynamic_sampling else rounds[0]
     width = int(all_reduce(torch.tensor([batch.ids.shape[1]]), ctx.device, "max"))  # one T on every rank
     ids = pad_right([batch.ids], ctx.sampling.pad_token_id, width)  # [N, T]
-    sampler_logp = pad_right([batch.sampler_logp], 0.0, width)  # [N, T]
+    sampler_logp = None if batch.sampler_logp is None else pad_right([batch.sampler_logp], 0.0, width)  # [N, T]
     t_rollout = time.perf_counter() - t0
 
     # 4. the loss mask and the advantages of the global batch (every rank normalises all W*N rewards)
@@ -217,6 +217,7 @@ def policy_update(ctx: StepContext, counters: Counters, traj: Trajectory) -> Upd
     losses, norms, trained_tokens = [], [], 0  # [mu] loss share, [mu] global gradient norm
     for k in range(a.mu):
         pass_loss = 0.0
+        # 6. micro-batch by micro-batch: log pi_theta, the loss share, backward (gradients accumulate)
         for lo, hi in micro_batches(B, a.micro_batch_prompts):
             rows = slice(lo * G, hi * G)  # the n = (hi - lo) * G completions of prompts lo..hi
             mask = traj.mask[rows]  # [n, T]
@@ -244,7 +245,8 @@ def policy_update(ctx: StepContext, counters: Counters, traj: Trajectory) -> Upd
             pass_loss += loss.item()
             trained_tokens += int(traj.prompts["attention_mask"][lo:hi].sum()) * G + int(mask.sum())
             add_statistics(sums, stats, entropy, mask)
-        norms.append(optimizer_step(ctx, counters, pass_loss))  # clip, skip if not finite, AdamW
+        # 7. clip the gradient norm, skip the update if not finite, the AdamW step (just below)
+        norms.append(optimizer_step(ctx, counters, pass_loss))
         losses.append(pass_loss)
     return UpdateRecord(sums, losses, norms, trained_tokens, gap, time.perf_counter() - t0)
 
@@ -331,7 +333,8 @@ def select_groups(rounds: list[Round], B: int, G: int, prompt_pad_id: int, pad_i
         rewards=torch.stack([r.rewards[i] for r, i in chosen]),
         per_reward={k: [v for r, i in chosen for v in r.per_reward[k][i * G : (i + 1) * G]]
                     for k in rounds[0].per_reward},
-        sampler_logp=pad_right([r.sampler_logp[i * G : (i + 1) * G] for r, i in chosen], 0.0, width),
+        sampler_logp=None if rounds[0].sampler_logp is None else
+        pad_right([r.sampler_logp[i * G : (i + 1) * G] for r, i in chosen], 0.0, width),
     )
 
 

@@ -36,6 +36,7 @@ from grpo.heldout import greedy_accuracy
 from grpo.metrics import grpo_metrics, peak_memory_gb, sft_metrics
 from grpo.rewards import check_reward_names
 from grpo.rollout import sampling_settings
+from grpo.runlog import RunLog
 from grpo.rundir import prepare_run_dir, record_config, truncate_history
 from grpo.setup import (PromptLimit, check_inputs, load_policy_model, prepare_data, prepare_model,  # noqa: F401
                         rank_0_first, usable_eval_samples, use_fsdp)
@@ -110,11 +111,7 @@ class Trainer:
         self.stop_requested, self.signal_received, self.stopped_by_signal = False, 0, 0  # a signal's number
         self.saved_step = None  # the step of the newest checkpoint this run wrote or resumed from
         self.last_samples: tuple[list[Sample], list[str]] | None = None  # the last GRPO batch, for the samples log
-        self.writer = None
-        if self.is_main and cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.log = RunLog(self.run_dir, cfg, self.is_main)
         if cfg.checkpointing.save_on_signal:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
@@ -234,9 +231,7 @@ class Trainer:
         the reference and the optimizer: they hold the process group, which
         ``models.distributed.cleanup`` must tear down before the interpreter exits. The trainer
         is not used afterwards."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self.log.close()
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
@@ -302,7 +297,7 @@ class Trainer:
         is on disk before the final evaluation runs), and a single-process run that fails
         saves the last completed step on the way out (``_save_after_failure``).
         """
-        bar = self._progress_bar()
+        bar = self.log.progress_bar(self.step, self.warmup_steps, self.total_steps)
         last: dict = {}
         before = pending = None  # the state before the running step; a completed step's unwritten metrics
         redirect = nullcontext()
@@ -320,11 +315,11 @@ class Trainer:
                 self._between_steps()
                 before, pending = None, metrics  # the step is complete: its state is consistent from here on
                 signum = self._checkpoint_and_evaluate(metrics, time.perf_counter() - t0)
-                self.log_metrics(metrics)
+                self.log.metrics(self.step, metrics, self.last_samples)
                 last = metrics
-                self.write_history(metrics)
+                self.log.history(self.step, metrics)
                 pending = None
-                bar = self._advance(bar, metrics)
+                bar = self.log.advance(bar, self.step, self.warmup_steps, self.total_steps, metrics)
                 if signum:
                     self.stopped_by_signal = signum
                     logger.warning("stopped by signal %d at step %d; continue with --resume", signum, self.step)
@@ -337,8 +332,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             redirect.__exit__(None, None, None)
-            if self.writer is not None:
-                self.writer.flush()
+            self.log.flush()
         return last
 
     def _checkpoint_and_evaluate(self, metrics: dict, seconds: float) -> int:
@@ -360,35 +354,6 @@ class Trainer:
                 metrics["eval/greedy_accuracy" + (f"/{task}" if task else "")] = acc
             metrics["eval/skipped_samples"] = float(self.eval_skipped)
         return signum
-
-    def _advance(self, bar, metrics: dict):
-        """The progress bar one step on, showing the main metrics; a new one when GRPO starts."""
-        if bar is None:
-            return None
-        bar.update(1)
-        if self.step == self.warmup_steps < self.total_steps:  # GRPO's steps take longer: its own ETA
-            bar.close()
-            bar = self._progress_bar()
-        shown = ("train/reward", "train/kl", "train/loss", "eval/greedy_accuracy")
-        bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in shown if k in metrics})
-        return bar
-
-    def _progress_bar(self):
-        """rank 0's bar for the current phase (the format warm-up, then GRPO or SFT), or None."""
-        if not (self.is_main and self.cfg.logging.progress_bar):
-            return None
-        from tqdm import tqdm
-
-        if self.step < self.warmup_steps:
-            return tqdm(total=self.warmup_steps, initial=self.step, desc="format warm-up", dynamic_ncols=True)
-        name = "SFT" if self.cfg.algorithm.name == "sft" else "GRPO"
-        return tqdm(total=self.total_steps - self.warmup_steps, initial=self.step - self.warmup_steps, desc=name,
-                    dynamic_ncols=True)
-
-    def write_history(self, metrics: dict) -> None:
-        if self.is_main:  # one JSON line per step, written as it happens (survives a crash)
-            with (self.run_dir / "history.jsonl").open("a") as f:
-                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
 
     def _state_between_steps(self) -> dict:
         """What a step changes besides the weights: restored when the step fails before any update."""
@@ -422,7 +387,7 @@ class Trainer:
             set_rng_state(before["rng"])
             self.optimizer.zero_grad(set_to_none=True)
         if unlogged is not None:
-            self.write_history(unlogged)
+            self.log.history(self.step, unlogged)
         if not save or self.step == 0 or self.saved_step == self.step:
             return
         logger.error("the run failed after step %d: saving that step before stopping", self.step)
@@ -431,22 +396,3 @@ class Trainer:
         except Exception as err:  # the original error is the one to report
             logger.error("could not save after the failure (%s: %s); the last checkpoint is step %s",
                          type(err).__name__, err, self.saved_step)
-
-    def log_metrics(self, metrics: dict) -> None:
-        if not self.is_main:
-            return
-        lg = self.cfg.logging
-        if self.writer is not None and self.step % lg.log_every == 0:
-            for key, value in metrics.items():
-                self.writer.add_scalar(key, value, self.step)
-        if lg.sample_every and self.step % lg.sample_every == 0 and self.last_samples is not None:
-            samples, texts = self.last_samples
-            G = self.cfg.rollout.group_size
-            shown = "\n\n".join(f"**{samples[i // G].question}** (answer: {samples[i // G].answer})\n\n    {texts[i]!r}"
-                                for i in range(0, min(len(texts), lg.num_samples * G), G))
-            if self.writer is not None:
-                self.writer.add_text("samples", shown, self.step)
-            logger.info("step %d samples:\n%s", self.step, shown)
-        if self.writer is not None:  # on disk now: a run that ends abruptly keeps every curve logged so far
-            self.writer.flush()
-

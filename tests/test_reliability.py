@@ -908,18 +908,18 @@ def test_each_steps_curves_and_history_line_are_on_disk_when_the_step_is_logged(
     monkeypatch.setattr(RecordWriter, "write", lambda self, data: (time.sleep(0.02), write(self, data))[1])
     trainer = make_trainer(small_world, tmp_path / "run", "run.steps=3", "logging.tensorboard=true")
     seen = []  # per step: (steps with curves on disk, history lines on disk)
-    log_step, write_history = trainer.log_metrics, trainer.write_history
+    log_step, write_history = trainer.log.metrics, trainer.log.history
 
-    def logged(metrics):
-        log_step(metrics)
+    def logged(*args):
+        log_step(*args)
         seen.append(_scalar_steps(tmp_path / "run" / "tb", "train/phase"))  # the step's last scalar
 
-    def written(metrics):
-        write_history(metrics)
+    def written(*args):
+        write_history(*args)
         seen[-1] = (seen[-1], len((tmp_path / "run" / "history.jsonl").read_text().splitlines()))
 
-    monkeypatch.setattr(trainer, "log_metrics", logged)
-    monkeypatch.setattr(trainer, "write_history", written)
+    monkeypatch.setattr(trainer.log, "metrics", logged)
+    monkeypatch.setattr(trainer.log, "history", written)
     trainer.train()
     trainer.close()
     assert seen == [([1], 1), ([1, 2], 2), ([1, 2, 3], 3)]

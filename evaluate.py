@@ -18,7 +18,6 @@ import argparse
 import logging
 import os
 import sys
-import traceback
 
 from grpo.cli import run_reporting_errors, split_overrides
 
@@ -72,18 +71,10 @@ def _evaluate(args, overrides: list[str]) -> int:
 
     with alike_on_every_rank():
         config = load_eval_config(args.config, overrides)
-    ended = False
-    try:
-        run_evaluation(config, args.checkpoint, force=args.force)
-        ended = True
-    except BaseException as err:
-        # the failed sweep's frames hold its model: let them go before the process group does
-        traceback.clear_frames(err.__traceback__)
-        raise
-    finally:
-        from models.distributed import cleanup
+    from models.distributed import torn_down_on_exit
 
-        cleanup(synchronise=ended)  # the group goes now, not during interpreter exit
+    with torn_down_on_exit():  # the process group goes now, not during interpreter exit
+        run_evaluation(config, args.checkpoint, force=args.force)
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
 
 from grpo.cli import run_reporting_errors, split_overrides
 from grpo.config import load_config
@@ -67,7 +66,7 @@ def _not_a_training_config(path: str) -> str | None:
     if not isinstance(mapping, dict):
         return None
     if "text_config" in mapping:
-        return (f"{path} describes the 7B architecture (benchmarks/bench_step.py and the plan's default model), "
+        return (f"{path} describes a model architecture (for benchmarks/bench_step.py and model.architecture), "
                 "not a training run: plan a training config, e.g. configs/r1_aqa.yaml")
     if "generation" in mapping or ("output" in mapping and "run" not in mapping):
         return (f"{path} is an evaluate.py config: evaluation holds the model once in its dtype plus the KV cache of "
@@ -101,7 +100,7 @@ def _train(args, overrides: list[str]) -> int:
         cfg = load_config(args.config, overrides, require_paths=True)
         check_inputs(cfg, args.resume)
 
-    from models.distributed import cleanup, init_distributed
+    from models.distributed import init_distributed, torn_down_on_exit
     from models.loading import quiet_transformers
 
     quiet_transformers()
@@ -110,18 +109,8 @@ def _train(args, overrides: list[str]) -> int:
     # rank 0 tells the story; the other ranks speak only when something is wrong
     logging.basicConfig(level=logging.INFO if info.rank == 0 else logging.ERROR,
                         format=f"%(asctime)s [rank{info.rank}] %(levelname)s %(name)s: %(message)s")
-    ended = False
-    try:
-        status = _run(cfg, info, args)
-        ended = True
-        return status
-    except BaseException as err:
-        # the failed run's frames hold the model, and the model holds the process group:
-        # let them go, so that cleanup() tears the group down now and not at interpreter exit
-        traceback.clear_frames(err.__traceback__)
-        raise
-    finally:
-        cleanup(synchronise=ended)
+    with torn_down_on_exit():  # the process group goes now, not during interpreter exit
+        return _run(cfg, info, args)
 
 
 def _run(cfg, info, args) -> int:

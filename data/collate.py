@@ -1,4 +1,7 @@
-"""Samples + waveforms -> model inputs, through the Qwen2-Audio processor passed in.
+"""Samples + waveforms -> model inputs, through the processor passed in.
+
+A processor with a ``system_prompt`` (models.loading sets Qwen2.5-Omni's) puts that system
+turn before every prompt; without one the chat template's default system line stays.
 
 The processor expands each <|AUDIO|> into one token per encoder frame of *real* audio
 (about 25 per second), so prompt lengths depend on the clip lengths; prompts are never cut
@@ -15,7 +18,8 @@ from data.prompts import build_messages, format_prompt
 def _chat_prompt(processor, text):
     # Rendering the chat template is a few hundred microseconds; a training run asks for the
     # same questions over and over (every epoch, every rollout round), so remember them.
-    return processor.apply_chat_template(build_messages(text), add_generation_prompt=True, tokenize=False)
+    messages = build_messages(text, system=getattr(processor, "system_prompt", None))
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 @functools.lru_cache(maxsize=16384)

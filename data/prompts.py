@@ -30,13 +30,18 @@ def format_prompt(question, choices, template):
     return _BASE.format(question=question, choices=str(list(choices))) + _SUFFIX[t]
 
 
-def build_messages(text, audio_url=AUDIO_PLACEHOLDER):
-    """One user turn: the audio, then the text. The Qwen2-Audio chat template renders the audio
-    part as "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\\n" and adds the default system line."""
-    return [{"role": "user", "content": [
+def build_messages(text, audio_url=AUDIO_PLACEHOLDER, *, system=None):
+    """One user turn: the audio, then the text; after a system turn of `system` when given.
+
+    The Qwen2-Audio chat template renders the audio part as
+    "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\\n" and adds its default system line when there
+    is no system turn; Qwen2.5-Omni's renders "<|audio_bos|><|AUDIO|><|audio_eos|>" and is
+    given the system prompt that model expects (the processor carries it: data.collate)."""
+    user = {"role": "user", "content": [
         {"type": "audio", "audio_url": audio_url},
         {"type": "text", "text": text},
-    ]}]
+    ]}
+    return [user] if system is None else [{"role": "system", "content": system}, user]
 
 
 def answer_target(answer, template):

@@ -2,8 +2,8 @@
 
 Sources: GRPO, DeepSeekMath arXiv:2402.03300; clip-higher and token_mean, DAPO
 arXiv:2503.14476; scale "none" and dr_grpo, Dr. GRPO arXiv:2503.20783; sequence-level
-ratio, GSPO arXiv:2507.18071; k1/k2/k3, Schulman, "Approximating KL Divergence"
-(joschu.net/blog/kl-approx.html). The family (policy_loss_type, dual clip, leave-one-out
+ratio, GSPO arXiv:2507.18071; the "luspo" aggregation, LUSPO arXiv:2602.05261; k1/k2/k3,
+Schulman, "Approximating KL Divergence" (joschu.net/blog/kl-approx.html). The family (policy_loss_type, dual clip, leave-one-out
 baseline, per-reward normalisation, entropy token selection, rollout correction) is listed
 under "Variants" below, each with its paper. Summary with context: docs/FACTS.md.
 
@@ -32,6 +32,8 @@ l_it     the bracket above, per token                                  policy_lo
 AGG      grpo:       1/N         sum_i 1/|o_i| sum_t l_it              aggregate_loss
          token_mean: 1/sum_i|o_i| sum_i sum_t l_it
          dr_grpo:    1/(N L)     sum_i sum_t l_it   (L = max completion length)
+         luspo:      1/N         sum_i sum_t l_it   (LUSPO: with the sequence-level
+                                                     ratio, 1/N sum_i |o_i| l_i)
 
 N counts the completions of the whole optimizer batch (all micro-batches, all ranks).
 For one micro-batch `policy_loss` returns only its *share* of J (its own terms over the
@@ -61,14 +63,27 @@ policy_loss_type (the per-token policy term p_it; l_it = p_it + beta k_it):
   sapo   p = -(4 / tau) sigmoid(tau (rho - 1)) A,  tau = tau_pos if A > 0  SAPO arXiv:2511.20347
          else tau_neg: a soft gate; its slope is 1 at rho = 1 (the plain
          policy gradient on-policy) and decays smoothly away from it
+  vespo  p = -sg(phi(w_i)) A_i log pi_theta,  w_i = prod_t rho_it            VESPO arXiv:2602.10693
+         phi(w) = w^k e^(lambda (1 - w)): k, lambda = (k_pos, lambda_pos)
+         if A_i >= 0, else (k_neg, lambda_neg). w_i is the whole
+         sequence's ratio (a product, no length normalisation); the
+         gamma-shaped phi (phi(1) = 1, largest at w = k / lambda, -> 0 as w -> 0 or
+         infinity) damps the gradient of a completion that has gone off-policy, softly
+         and per completion; it ignores importance_level
+LUSPO (loss_type "luspo", Liu et al. 2026, arXiv:2602.05261): GSPO's objective weighs every
+  completion equally (1/N sum_i l_i), so a long completion's tokens each count less than a
+  short one's; LUSPO multiplies completion i's term by |o_i|: 1/N sum_i |o_i| l_i. With
+  importance_level "sequence" (the paper's setting; l_it is the same on every token of o_i)
+  that is 1/N sum_i sum_t l_it, the "luspo" aggregation above, whatever policy term it carries.
 dual clip (clip_ratio_c = c > 1, clip only): for A < 0, p = min(p_clip, -c A): the loss of a
   token whose ratio has run far above 1 with a negative advantage stops growing
   (Dual-clip PPO, arXiv:1912.09729).
 token_weights w_it (constant): p_it -> w_it p_it. Rollout correction (a truncated importance
-  weight pi_old / pi_sampler, or a 0/1 mask of tokens whose weight left a band:
-  `rollout_importance_weights`, `rollout_rejection_mask`) and the entropy selection
-  (`high_entropy_mask`: only the top fraction of highest-entropy tokens, arXiv:2506.01939)
-  enter here. The normaliser (|o_i|, sum|o_i|) is unchanged: dropped tokens add 0.
+  weight min(pi_old / pi_sampler, C), and/or a 0/1 mask of tokens whose weight left a band:
+  `rollout_correction`, from `rollout_importance_weights` and `rollout_rejection_mask`; Yao et
+  al. 2025, "Your efficient RL framework secretly brings you off-policy RL training") and the
+  entropy selection (`high_entropy_mask`: only the top fraction of highest-entropy tokens,
+  arXiv:2506.01939) enter here. The normaliser (|o_i|, sum|o_i|) is unchanged: dropped tokens add 0.
 kl_importance_weighted: k_it -> rho_it k_it (token ratio, with its gradient): the samples come
   from pi_old, and E_old[rho k] = E_theta[k]. With k3 the gradient of rho k3 is
   rho (log pi_theta - log pi_ref) grad log pi_theta, an unbiased estimate of grad KL.
@@ -90,11 +105,13 @@ import torch
 ADVANTAGE_SCALES = ("group", "batch", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_LEVELS = ("token", "sequence")
-LOSS_TYPES = ("grpo", "token_mean", "dr_grpo")
-POLICY_LOSS_TYPES = ("clip", "cispo", "gmpo", "sapo")
+LOSS_TYPES = ("grpo", "token_mean", "dr_grpo", "luspo")
+POLICY_LOSS_TYPES = ("clip", "cispo", "gmpo", "sapo", "vespo")
 ADVANTAGE_BASELINES = ("mean", "leave_one_out")
 REWARD_NORMALIZATIONS = ("sum_then_normalize", "normalize_each")
 ROLLOUT_CORRECTION_LEVELS = ("token", "sequence", "geometric")
+ROLLOUT_CORRECTION_MODES = ("none", *ROLLOUT_CORRECTION_LEVELS)  # a config key's choices: off, or a level
+VESPO_SHAPE = (2.0, 3.0, 3.0, 2.0)  # (k_pos, lambda_pos, k_neg, lambda_neg): the VESPO authors' and TRL's defaults
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -273,6 +290,42 @@ def rollout_rejection_mask(logp: torch.Tensor, sampler_logp: torch.Tensor, mask:
     return keep, stats
 
 
+def rollout_correction(logp: torch.Tensor, sampler_logp: torch.Tensor | None, mask: torch.Tensor,
+                       token_weights: torch.Tensor | None = None, *, is_level: str = "none", is_cap: float = 2.0,
+                       rs_level: str = "none", rs_low: float = 0.5, rs_high: float = 2.0,
+                       ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The token weights `policy_loss` gets once the sampler/trainer gap is corrected:
+
+        w_it = token_weights_it * min(pi_old / pi_sampler, is_cap)      (is_level != "none")
+                                * 1[rs_low <= pi_old / pi_sampler <= rs_high]  (rs_level != "none")
+
+    each ratio at its own level ("token", "sequence", "geometric": `rollout_importance_weights`,
+    `rollout_rejection_mask`); a factor that is off is 1. Returns (weights [B, T] or None when
+    nothing is on and token_weights is None, stats): means over this call's loss tokens, to be
+    weighted by their count across calls: "rollout_is/mean" (the untruncated weight) and
+    "rollout_is/truncated_frac" with is_level on, "rollout_rs/rejected_frac" with rs_level on.
+    logp: the trainer's log pi_old [B, T]; sampler_logp: the sampler's log-probs [B, T].
+    """
+    _check_choice("rollout importance-sampling level", is_level, ROLLOUT_CORRECTION_MODES)
+    _check_choice("rollout rejection level", rs_level, ROLLOUT_CORRECTION_MODES)
+    stats: dict[str, torch.Tensor] = {}
+    if is_level == "none" and rs_level == "none":
+        return token_weights, stats
+    if sampler_logp is None:
+        raise ValueError("rollout correction needs the sampler's log-probs (sampler_logp), got None")
+    weights = mask.to(logp.dtype) if token_weights is None else token_weights.detach().to(logp.dtype)  # [B, T]
+    if is_level != "none":
+        truncated, is_stats = rollout_importance_weights(logp, sampler_logp, mask, cap=is_cap, level=is_level)
+        weights = weights * truncated
+        stats["rollout_is/mean"] = is_stats["rollout_is/mean"]
+        stats["rollout_is/truncated_frac"] = is_stats["rollout_is/truncated_frac"]
+    if rs_level != "none":
+        keep, rs_stats = rollout_rejection_mask(logp, sampler_logp, mask, low=rs_low, high=rs_high, level=rs_level)
+        weights = weights * keep.to(weights.dtype)
+        stats["rollout_rs/rejected_frac"] = rs_stats["rollout_is/rejected_frac"]
+    return weights, stats
+
+
 def _weight_stats(raw: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     big = torch.finfo(raw.dtype).max
     any_token = mask.any()
@@ -393,6 +446,7 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, 
         "grpo":       sum_i (1/|o_i|) sum_t l_it / total_sequences
         "token_mean": sum_i sum_t l_it / total_tokens
         "dr_grpo":    sum_i sum_t l_it / (total_sequences * max_completion_length)
+        "luspo":      sum_i sum_t l_it / total_sequences   (LUSPO: each completion weighs |o_i|)
 
     total_sequences and total_tokens count the whole optimizer batch (all micro-batches,
     all ranks); then the shares sum to J. |o_i| is clamped to >= 1 so an empty completion
@@ -407,18 +461,49 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, 
         return per_sequence.sum() / total_sequences
     if loss_type == "token_mean":
         return per_token.sum() / total_tokens
+    if loss_type == "luspo":
+        return per_token.sum() / total_sequences
     if max_completion_length is None or max_completion_length < 1:
         raise ValueError("loss_type 'dr_grpo' needs max_completion_length (the configured "
                          f"max new tokens) >= 1, got {max_completion_length!r}")
     return per_token.sum() / (total_sequences * max_completion_length)
 
 
+def _masked(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """logp with 0 off the mask, so whatever padding holds never reaches a sum (or a gradient)."""
+    return torch.where(mask, logp, torch.zeros_like(logp))
+
+
+def vespo_weights(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                  shape: tuple[float, float, float, float] = VESPO_SHAPE) -> torch.Tensor:
+    """VESPO's gamma weight phi(w_i) [B, 1], a constant (no gradient).
+
+        w_i = prod_t pi_theta(o_it) / pi_old(o_it)        (the sequence's own ratio)
+        phi(w) = w^k exp(lambda (1 - w)),  (k, lambda) = (k_pos, lambda_pos) if A_i >= 0
+                                                         else (k_neg, lambda_neg)
+
+    computed in log space: log phi = k log w + lambda (1 - w). phi(1) = 1, so on-policy the
+    loss -phi A log pi has GRPO's gradient. shape: (k_pos, lambda_pos, k_neg, lambda_neg).
+    """
+    k_pos, lambda_pos, k_neg, lambda_neg = shape
+    mask = mask.bool()
+    log_w = torch.where(mask, logp.detach() - old_logp, torch.zeros_like(logp)).sum(dim=1, keepdim=True)  # [B, 1]
+    positive = advantages.detach().unsqueeze(1) >= 0  # [B, 1]
+    k = torch.where(positive, log_w.new_tensor(k_pos), log_w.new_tensor(k_neg))  # [B, 1]
+    lam = torch.where(positive, log_w.new_tensor(lambda_pos), log_w.new_tensor(lambda_neg))  # [B, 1]
+    # w = e^80 already gives phi = exp(-lambda e^80) = 0; the clamp only keeps exp finite.
+    w = torch.exp(log_w.clamp(max=80.0))
+    return torch.exp(k * log_w + lam * (1.0 - w))  # [B, 1]
+
+
 def policy_term(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 policy_loss_type: str = "clip", eps_low: float = 0.2, eps_high: float = 0.2,
                 importance_level: str = "token", clip_ratio_c: float | None = None,
-                sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05) -> tuple[torch.Tensor, torch.Tensor]:
+                sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
+                vespo_shape: tuple[float, float, float, float] = VESPO_SHAPE) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-token policy term p_it [B, T] of the chosen policy_loss_type (module docstring,
     "Variants"), and the importance weight rho [B, T] it was built from (for statistics).
+    vespo_shape: VESPO's (k_pos, lambda_pos, k_neg, lambda_neg).
     logp (with gradient), old_logp, mask: [B, T]; advantages: [B]."""
     _check_choice("policy loss type", policy_loss_type, POLICY_LOSS_TYPES)
     mask = mask.bool()
@@ -435,8 +520,9 @@ def policy_term(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         return per_token, rho
     if policy_loss_type == "cispo":
         weight = rho.detach().clamp(1.0 - eps_low, 1.0 + eps_high)  # [B, T] constant
-        safe_logp = torch.where(mask, logp, torch.zeros_like(logp))  # padding never reaches the sum
-        return -weight * adv * safe_logp, rho
+        return -weight * adv * _masked(logp, mask), rho
+    if policy_loss_type == "vespo":
+        return -vespo_weights(logp, old_logp, advantages, mask, vespo_shape) * adv * _masked(logp, mask), rho
     if policy_loss_type == "sapo":
         tau = torch.where(adv > 0, torch.full_like(adv, sapo_tau_pos), torch.full_like(adv, sapo_tau_neg))  # [B, 1]
         return -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * adv, rho
@@ -470,6 +556,7 @@ def policy_loss(
     clip_ratio_c: float | None = None,
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
+    vespo_shape: tuple[float, float, float, float] = VESPO_SHAPE,
     token_weights: torch.Tensor | None = None,
     kl_importance_weighted: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -477,7 +564,7 @@ def policy_loss(
 
         l_it = w_it p_it + beta * k_it,   p_it = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i)
 
-    for policy_loss_type "clip"; the other types (cispo, gmpo, sapo), the dual clip
+    for policy_loss_type "clip"; the other types (cispo, gmpo, sapo, vespo), the dual clip
     (clip_ratio_c, > 1), token_weights w (constant, [B, T]; 1 when None) and
     kl_importance_weighted (k -> rho k) are in the module docstring, "Variants".
     rho from `importance_ratio` (token level, or GSPO's sequence level), k from
@@ -512,6 +599,9 @@ def policy_loss(
                          f"got {clip_ratio_c!r} with {policy_loss_type!r}")
     if sapo_tau_pos <= 0 or sapo_tau_neg <= 0:
         raise ValueError(f"sapo temperatures must be > 0, got {sapo_tau_pos}, {sapo_tau_neg}")
+    if len(vespo_shape) != 4 or vespo_shape[0] < 0 or vespo_shape[2] < 0 or vespo_shape[1] <= 0 or vespo_shape[3] <= 0:
+        raise ValueError(f"vespo_shape (k_pos, lambda_pos, k_neg, lambda_neg) needs k >= 0 and lambda > 0, "
+                         f"got {vespo_shape!r}")
     _check_choice("kl estimator", kl_estimator, KL_ESTIMATORS)
     _check_choice("loss type", loss_type, LOSS_TYPES)
     mask = mask.bool()
@@ -519,7 +609,7 @@ def policy_loss(
     per_token, rho = policy_term(logp, old_logp, advantages, mask, policy_loss_type=policy_loss_type,
                                  eps_low=eps_low, eps_high=eps_high, importance_level=importance_level,
                                  clip_ratio_c=clip_ratio_c, sapo_tau_pos=sapo_tau_pos,
-                                 sapo_tau_neg=sapo_tau_neg)  # [B, T], [B, T]
+                                 sapo_tau_neg=sapo_tau_neg, vespo_shape=vespo_shape)  # [B, T], [B, T]
     adv = advantages.to(rho.dtype).unsqueeze(1)  # [B, 1]
     if token_weights is not None:
         per_token = per_token * token_weights.detach().to(per_token.dtype)

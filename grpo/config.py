@@ -29,7 +29,7 @@ from data.datasets import FORMATS, ON_ERROR
 from data.prompts import TEMPLATES
 from data.synthetic import DIFFICULTY_CHOICES
 from grpo.algorithm import (ADVANTAGE_BASELINES, ADVANTAGE_SCALES, IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES,
-                            POLICY_LOSS_TYPES, REWARD_NORMALIZATIONS)
+                            POLICY_LOSS_TYPES, REWARD_NORMALIZATIONS, ROLLOUT_CORRECTION_MODES)
 
 
 class ConfigError(ValueError):
@@ -50,7 +50,9 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     path: str = ""  # local checkpoint directory (never downloaded)
-    build_tiny: bool = False  # build the tiny Qwen2-Audio at `path` when it is absent
+    build_tiny: bool = False  # build the tiny model (of tiny_family) at `path` when it is absent
+    tiny_family: str = "qwen2_audio"  # the tiny model's family: qwen2_audio or qwen2_5_omni (the thinker)
+    architecture: str = ""  # --plan without a checkpoint at `path`: an architecture file (default Qwen2-Audio-7B's)
     tiny_seed: int = 0  # seed of the tiny model's random weights
     tiny_text_hidden: int = 64  # tiny model: decoder width
     tiny_text_layers: int = 2  # tiny model: decoder layers
@@ -106,15 +108,24 @@ class AlgorithmConfig:
     eps_low: float = 0.2  # clip range below 1
     eps_high: float = 0.2  # clip range above 1 (DAPO clip-higher: 0.28)
     importance_level: str = "token"  # token (GRPO) or sequence (GSPO)
-    loss_type: str = "grpo"  # grpo, token_mean (DAPO) or dr_grpo
+    loss_type: str = "grpo"  # grpo, token_mean (DAPO), dr_grpo or luspo (LUSPO, with importance_level sequence)
     advantage_scale: str = "group"  # group, batch or none (Dr. GRPO)
     advantage_eps: float = 1e-4  # added to the std of the advantage denominator
     advantage_baseline: str = "mean"  # mean (GRPO) or leave_one_out (RLOO: the mean of the other G - 1)
     reward_normalization: str = "sum_then_normalize"  # or normalize_each: each reward in its group, then the sum
-    policy_loss_type: str = "clip"  # clip (GRPO), cispo, gmpo or sapo; equations in grpo/algorithm.py
+    policy_loss_type: str = "clip"  # clip (GRPO), cispo, gmpo, sapo or vespo; equations in grpo/algorithm.py
     clip_ratio_c: float = 0.0  # dual clip: with A < 0 the loss stops growing past rho = c (> 1; 0 off; clip only)
     sapo_tau_pos: float = 1.0  # SAPO gate temperature for A > 0
     sapo_tau_neg: float = 1.05  # SAPO gate temperature for A < 0
+    vespo_k_pos: float = 2.0  # VESPO weight phi(w) = w^k e^(lambda (1 - w)) of the sequence ratio w, for A >= 0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0  # ... and for A < 0
+    vespo_lambda_neg: float = 2.0
+    rollout_is_level: str = "none"  # weight min(pi_old / pi_sampler, cap) on the loss: token, sequence or geometric
+    rollout_is_cap: float = 2.0  # its cap C
+    rollout_rs_level: str = "none"  # drop tokens (or whole completions) whose pi_old / pi_sampler leaves the band
+    rollout_rs_low: float = 0.5  # the band's lower end
+    rollout_rs_high: float = 2.0  # the band's upper end
     kl_importance_weighted: bool = False  # KL term weighted by pi_theta / pi_old (unbiased with mu > 1)
     top_entropy_fraction: float = 1.0  # train only on this fraction of highest-entropy loss tokens (1: all)
     overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N of max_new_tokens (0 off)
@@ -200,6 +211,7 @@ DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: bfloat16 on GPU, fl
 # Each set is defined once, by the code that acts on the value.
 CHOICES = {
     "model.dtype": DTYPES,
+    "model.tiny_family": ("qwen2_audio", "qwen2_5_omni"),
     "data.format": FORMATS,
     "data.on_error": ON_ERROR,
     "data.audio_channel": CHANNELS,
@@ -213,6 +225,8 @@ CHOICES = {
     "algorithm.advantage_baseline": ADVANTAGE_BASELINES,
     "algorithm.reward_normalization": REWARD_NORMALIZATIONS,
     "algorithm.policy_loss_type": POLICY_LOSS_TYPES,
+    "algorithm.rollout_is_level": ROLLOUT_CORRECTION_MODES,
+    "algorithm.rollout_rs_level": ROLLOUT_CORRECTION_MODES,
     "optimizer.schedule": ("constant", "linear", "cosine"),
     "distribution.fsdp": ("auto", "always", "never"),
 }
@@ -280,6 +294,13 @@ RANGES = {
     "algorithm.clip_ratio_c": at_least(0),  # 0 off; otherwise > 1 (checked in validate)
     "algorithm.sapo_tau_pos": above(0),
     "algorithm.sapo_tau_neg": above(0),
+    "algorithm.vespo_k_pos": at_least(0),
+    "algorithm.vespo_lambda_pos": above(0),
+    "algorithm.vespo_k_neg": at_least(0),
+    "algorithm.vespo_lambda_neg": above(0),
+    "algorithm.rollout_is_cap": above(0),
+    "algorithm.rollout_rs_low": at_least(0),
+    "algorithm.rollout_rs_high": above(0),
     "algorithm.top_entropy_fraction": Range(0, 1, low_open=True),
     "algorithm.overlong_buffer": at_least(0),
     "algorithm.overlong_penalty": at_least(0),
@@ -430,6 +451,9 @@ def validate(config: Config, source: str, *, require_paths: bool = False) -> Non
     if a.clip_ratio_c != 0 and (a.clip_ratio_c <= 1 or a.policy_loss_type != "clip"):
         raise ConfigError(f"'algorithm.clip_ratio_c' in {source} is {a.clip_ratio_c!r}; allowed: 0 (off), or > 1 "
                           f"with algorithm.policy_loss_type clip (it is {a.policy_loss_type!r})")
+    if a.rollout_rs_low > a.rollout_rs_high:
+        raise ConfigError(f"'algorithm.rollout_rs_low' in {source} is {a.rollout_rs_low}, above "
+                          f"algorithm.rollout_rs_high ({a.rollout_rs_high}): the band is empty")
     if a.ref_sync_every and a.beta == 0:
         raise ConfigError(f"'algorithm.ref_sync_every' in {source} is {a.ref_sync_every} with algorithm.beta 0: "
                           "there is no reference to sync; set beta > 0 or ref_sync_every 0")

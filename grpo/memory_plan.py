@@ -4,8 +4,10 @@
     python train.py --config configs/r1_aqa.yaml --plan --gpus 8 --gpu-memory-gb 80
 
 The model is built on the meta device (shapes, no weights: seconds for the 7B) from
-model.path's config.json, the tiny model's keys, or, when model.path is not there,
-Qwen2-Audio-7B-Instruct's architecture (configs/qwen2_audio_7b_random.yaml). LoRA is applied
+model.path's config.json, the tiny model's keys, or, when model.path is not there, the
+architecture file model.architecture names (Qwen2.5-Omni-3B/7B's thinker:
+configs/qwen2_5_omni_{3b,7b}_random.yaml), by default Qwen2-Audio-7B-Instruct's
+(configs/qwen2_audio_7b_random.yaml). LoRA is applied
 to the meta model as the trainer would, so the trainable count is exact.
 
 What is counted (bytes per GPU), as the trainer does it:
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from grpo.config import Config
+from grpo.config import Config, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH_7B = ROOT / "configs" / "qwen2_audio_7b_random.yaml"
@@ -115,9 +117,20 @@ class Plan:
 # --------------------------------------------------------------------------- the model on the meta device
 
 
+def architecture_config(arch: dict):
+    """The transformers config of an architecture file's dict: Qwen2-Audio's (text_config,
+    audio_config, audio_token_id) or, with model_type qwen2_5_omni_thinker, the thinker's."""
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2AudioConfig
+
+    if arch.get("model_type") == "qwen2_5_omni_thinker":
+        return Qwen2_5OmniThinkerConfig(**{k: v for k, v in arch.items() if k != "model_type"})
+    return Qwen2AudioConfig(audio_config=arch["audio_config"], text_config=arch["text_config"],
+                            audio_token_index=arch["audio_token_id"])
+
+
 def model_config(cfg: Config):
-    """(Qwen2AudioConfig, description, audio window in seconds) without loading weights."""
-    from transformers import AutoConfig, Qwen2AudioConfig
+    """(model config, description, audio window in seconds) without loading weights."""
+    from transformers import AutoConfig
 
     path = Path(cfg.model.path)
     if (path / "config.json").is_file():
@@ -127,29 +140,37 @@ def model_config(cfg: Config):
         if pre.is_file():
             window = float(json.loads(pre.read_text()).get("chunk_length", 30))
         return config, str(path), window
-    if cfg.model.build_tiny:
+    m = cfg.model
+    if m.build_tiny:
+        from models import omni
         from models.tiny import tiny_config
 
-        m = cfg.model
-        config = tiny_config(vocab_size=512, audio_token_id=511, bos_id=506, eos_id=508, audio_frames=300,
-                             text_hidden=m.tiny_text_hidden, text_layers=m.tiny_text_layers,
-                             audio_hidden=m.tiny_audio_hidden, audio_layers=m.tiny_audio_layers)
-        return config, "the tiny model (built at start)", 3.0
-    arch = yaml.safe_load(ARCH_7B.read_text())
-    config = Qwen2AudioConfig(audio_config=arch["audio_config"], text_config=arch["text_config"],
-                              audio_token_index=arch["audio_token_id"])
-    return config, f"{path} not found: Qwen2-Audio-7B-Instruct's architecture", 30.0
+        sizes = dict(text_hidden=m.tiny_text_hidden, text_layers=m.tiny_text_layers,
+                     audio_hidden=m.tiny_audio_hidden, audio_layers=m.tiny_audio_layers, audio_frames=300)
+        if m.tiny_family == "qwen2_5_omni":
+            ids = {t: 498 + i for i, t in enumerate(omni.CONTROL_TOKENS)}
+            config = omni.tiny_config(vocab_size=512, ids=ids, **sizes)
+        else:
+            config = tiny_config(vocab_size=512, audio_token_id=511, bos_id=506, eos_id=508, **sizes)
+        return config, f"the tiny {m.tiny_family} model (built at start)", 3.0
+    arch_file = Path(m.architecture) if m.architecture else ARCH_7B
+    if not arch_file.is_absolute() and not arch_file.is_file():
+        arch_file = ROOT / arch_file
+    if not arch_file.is_file():
+        raise ConfigError(f"model.architecture {m.architecture}: file not found")
+    arch = yaml.safe_load(arch_file.read_text())
+    what = "Qwen2-Audio-7B-Instruct's architecture" if not m.architecture else f"the architecture of {m.architecture}"
+    return architecture_config(arch), f"{path} not found: {what}", 30.0
 
 
 def count_parameters(cfg: Config, config) -> dict:
     """Parameter counts of the model the trainer would build, on the meta device."""
-    from transformers import Qwen2AudioForConditionalGeneration
-
+    from models.loading import model_class
     from models.lora import apply_lora
-    from models.policy import set_trainable
+    from models.policy import audio_tower, set_trainable, text_decoder
 
     with torch.device("meta"):
-        model = Qwen2AudioForConditionalGeneration(config)
+        model = model_class(config)(config)
     if cfg.lora.enabled:
         lo = cfg.lora
         apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets)
@@ -158,8 +179,8 @@ def count_parameters(cfg: Config, config) -> dict:
                       decoder=cfg.model.train_decoder)
     params = list(model.named_parameters())
     trainable = [(n, p) for n, p in params if p.requires_grad]
-    layer = model.model.language_model.layers[0]
-    encoder_trains = any(p.requires_grad for p in model.model.audio_tower.parameters())
+    layer = text_decoder(model).layers[0]
+    encoder_trains = any(p.requires_grad for p in audio_tower(model).parameters())
     return {
         "total": sum(p.numel() for _, p in params),
         "trainable": sum(p.numel() for _, p in trainable),

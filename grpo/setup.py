@@ -45,15 +45,15 @@ def prepare_data(cfg: Config) -> None:
 
 
 def prepare_model(cfg: Config) -> None:
-    """Build the tiny Qwen2-Audio at model.path when asked to and absent (rank 0 only)."""
+    """Build the tiny model (model.tiny_family) at model.path when asked to and absent (rank 0 only)."""
     m = cfg.model
     if not m.build_tiny or (Path(m.path) / "config.json").is_file():
         return
     from data.synthetic import synthetic_corpus
     from models.tiny import build_tiny_checkpoint
 
-    logger.info("building the tiny Qwen2-Audio at %s", m.path)
-    build_tiny_checkpoint(m.path, seed=m.tiny_seed, corpus=synthetic_corpus(),
+    logger.info("building the tiny %s at %s", m.tiny_family, m.path)
+    build_tiny_checkpoint(m.path, family=m.tiny_family, seed=m.tiny_seed, corpus=synthetic_corpus(),
                           text_hidden=m.tiny_text_hidden, text_layers=m.tiny_text_layers,
                           audio_hidden=m.tiny_audio_hidden, audio_layers=m.tiny_audio_layers)
 

@@ -35,7 +35,7 @@ import torch
 
 from data.datasets import Sample
 from grpo.algorithm import (completion_mask, entropy_threshold, follow_policy_, high_entropy_mask,
-                            multi_reward_advantages, policy_loss)
+                            multi_reward_advantages, policy_loss, rollout_correction)
 from grpo.rewards import compute_rewards, soft_overlong_punishment
 from grpo.rollout import (completion_seeds, decode_completions, pad_right, prompt_batch, sample_completions,
                           select_prompts, slice_prompts)
@@ -228,8 +228,12 @@ def policy_update(ctx: StepContext, counters: Counters, traj: Trajectory) -> Upd
             old = traj.old_logp[rows, :width] if traj.old_logp is not None else logp.detach()  # mu = 1: ratio 1
             ref = traj.ref_logp[rows, :width] if traj.ref_logp is not None else None
             weights = traj.token_weights[rows, :width] if traj.token_weights is not None else None
-            if k == 0 and traj.sampler_logp is not None and mask.any():
-                add_sampler_gap(gap, traj.sampler_logp[rows, :width], old, mask)
+            sampler = traj.sampler_logp[rows, :width] if traj.sampler_logp is not None else None
+            if k == 0 and sampler is not None and mask.any():
+                add_sampler_gap(gap, sampler, old, mask)
+            weights, correction = rollout_correction(  # the sampler/trainer gap, off unless configured
+                old, sampler, mask, weights, is_level=a.rollout_is_level, is_cap=a.rollout_is_cap,
+                rs_level=a.rollout_rs_level, rs_low=a.rollout_rs_low, rs_high=a.rollout_rs_high)
             loss, stats = policy_loss(
                 logp, old, traj.advantages[rows], mask, ref_logp=ref, beta=a.beta if ref is not None else 0.0,
                 kl_estimator=a.kl_estimator, eps_low=a.eps_low, eps_high=a.eps_high,
@@ -238,8 +242,10 @@ def policy_update(ctx: StepContext, counters: Counters, traj: Trajectory) -> Upd
                 total_sequences=B * G * ctx.world, total_tokens=traj.total_tokens,
                 policy_loss_type=a.policy_loss_type, clip_ratio_c=a.clip_ratio_c or None,
                 sapo_tau_pos=a.sapo_tau_pos, sapo_tau_neg=a.sapo_tau_neg, token_weights=weights,
+                vespo_shape=(a.vespo_k_pos, a.vespo_lambda_pos, a.vespo_k_neg, a.vespo_lambda_neg),
                 kl_importance_weighted=a.kl_importance_weighted,
             )
+            stats.update(correction)  # logged as train/rollout_is/..., train/rollout_rs/...
             # FSDP averages gradients over ranks; the share times world_size makes it a sum
             (loss * ctx.world).backward()
             pass_loss += loss.item()

@@ -29,6 +29,7 @@ import datetime
 import gc
 import os
 import shutil
+import traceback
 import uuid
 import weakref
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from torch.distributed.fsdp import (
 
 from models.collectives import broadcast_object
 from models.loading import save_checkpoint
+from models.policy import audio_tower, text_decoder
 
 __all__ = [
     "DistInfo",
@@ -158,6 +160,26 @@ def init_distributed(
     )
 
 
+@contextlib.contextmanager
+def torn_down_on_exit():
+    """Run a script's body, then tear the process group down with ``cleanup``, whatever happens.
+
+    A body that ends normally synchronises every rank first; one that raises (or is stopped)
+    does not, since a peer may never arrive. On an error the traceback's frames are cleared
+    before ``cleanup``: the failed run's frames hold its model, and the model holds the process
+    group, which must go now and not during interpreter exit.
+    """
+    ended = False
+    try:
+        yield
+        ended = True
+    except BaseException as err:
+        traceback.clear_frames(err.__traceback__)
+        raise
+    finally:
+        cleanup(synchronise=ended)
+
+
 def cleanup(*, synchronise: bool = True) -> None:
     """Tear the process group down now, while the interpreter is fully alive.
 
@@ -226,8 +248,8 @@ def _default_device_type() -> str:
 
 
 def _layer_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """The two repeated-block lists of Qwen2-Audio: encoder layers, then decoder layers."""
-    return [model.model.audio_tower.layers, model.model.language_model.layers]
+    """The two repeated-block lists of either family: encoder layers, then decoder layers."""
+    return [audio_tower(model).layers, text_decoder(model).layers]
 
 
 def _entry_modules(model: nn.Module) -> list[nn.Module]:
@@ -236,13 +258,16 @@ def _entry_modules(model: nn.Module) -> list[nn.Module]:
     FSDP2 unshards a unit's parameters in that unit's forward pre-hook. The policy calls
     these modules themselves rather than ``model.forward``; a module whose parameters were
     owned by an outer unit that never runs forward would compute with sharded parameters.
-    Children come before parents (``fully_shard`` must be applied bottom-up).
+    Children come before parents (``fully_shard`` must be applied bottom-up). Qwen2.5-Omni's
+    thinker has no separate projector (its encoder ends with one); its vision encoder is never
+    called and stays with the root unit.
     """
+    projector = getattr(model.model, "multi_modal_projector", None)
     return [
-        model.model.audio_tower,
-        model.model.multi_modal_projector,
-        model.get_input_embeddings(),  # language_model.embed_tokens, called to embed prompts
-        model.model.language_model,  # keeps its final norm
+        audio_tower(model),
+        *([projector] if projector is not None else []),
+        model.get_input_embeddings(),  # the decoder's embed_tokens, called to embed prompts
+        text_decoder(model),  # keeps its final norm
         model.lm_head,
     ]
 
@@ -295,7 +320,7 @@ def shard_model(
     frozen: bool = False,
     grad_reduce: str = "mean",
 ) -> nn.Module:
-    """Shard a Qwen2-Audio model over all ranks with FSDP2, in place, and return it.
+    """Shard a model of either family (Qwen2-Audio, Qwen2.5-Omni's thinker) over all ranks with FSDP2, in place, and return it.
 
     Load the model in float32 first: the sharded parameters are the fp32 master weights the
     optimizer updates (and so the optimizer state is sharded and, with ``cpu_offload``,

@@ -1,5 +1,8 @@
-"""Load and save Qwen2-Audio checkpoints from local directories, never from the network.
+"""Load and save checkpoints from local directories, never from the network.
 
+Two model families, told apart by config.json's ``model_type``: ``qwen2_audio``
+(Qwen2AudioForConditionalGeneration) and ``qwen2_5_omni_thinker`` (Qwen2.5-Omni's thinker,
+Qwen2_5OmniThinkerForConditionalGeneration: text out; the talker is never loaded).
 A checkpoint directory looks like Qwen/Qwen2-Audio-7B-Instruct on the hub:
 config.json, model.safetensors (or model.safetensors.index.json + shards), tokenizer files,
 preprocessor_config.json, chat_template.jinja, generation_config.json.
@@ -22,10 +25,13 @@ from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
     GenerationConfig,
+    Qwen2_5OmniThinkerForConditionalGeneration,
     Qwen2AudioForConditionalGeneration,
     Qwen2AudioProcessor,
     WhisperFeatureExtractor,
 )
+
+from models import omni
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -203,22 +209,54 @@ def _loading(path, what, load):
                               f"{text.splitlines()[0] if text else ''})") from None
 
 
+# config.json's model_type -> model class (both families' prompts go through Qwen2AudioProcessor:
+# see models.omni.processor)
+FAMILIES = {
+    "qwen2_audio": Qwen2AudioForConditionalGeneration,
+    omni.MODEL_TYPE: Qwen2_5OmniThinkerForConditionalGeneration,
+}
+
+
+def model_type(path) -> str:
+    """config.json's model_type, checked to be a family this project trains (a CheckpointError
+    naming the file otherwise)."""
+    config_file = Path(path) / "config.json"
+    kind = read_json_file(config_file, "model config").get("model_type")
+    if kind not in FAMILIES:
+        hint = (": the whole Qwen2.5-Omni (thinker + talker); export its thinker, the part that writes text"
+                if kind == "qwen2_5_omni" else "")
+        raise CheckpointError(f"{config_file}: model_type {kind!r} is not one this project trains "
+                              f"(one of {sorted(FAMILIES)}){hint}")
+    return kind
+
+
+def model_class(config):
+    """The model class of a config object (Qwen2AudioConfig or Qwen2_5OmniThinkerConfig)."""
+    return FAMILIES[config.model_type]
+
+
 def load_model(path, *, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
-    """Qwen2AudioForConditionalGeneration from a local directory, in `dtype`, on `device`."""
+    """The model of a local checkpoint directory (the family from config.json's model_type),
+    in `dtype`, on `device`."""
     path = Path(path)
     _require(path, "checkpoint directory")
-    read_json_file(path / "config.json", "model config")
+    cls = FAMILIES[model_type(path)]
     check_weights(path)
-    model = _loading(path, "model", lambda: Qwen2AudioForConditionalGeneration.from_pretrained(
+    model = _loading(path, "model", lambda: cls.from_pretrained(
         path, local_files_only=True, use_safetensors=True, dtype=dtype, attn_implementation=attn_implementation))
     return model.to(device)
 
 
 def load_processor(path):
-    """Qwen2AudioProcessor (feature extractor + tokenizer + chat template); tokenizer pads on the left."""
+    """Qwen2AudioProcessor (feature extractor + tokenizer + chat template) for either family
+    (models.omni.processor says why it serves the thinker too); the tokenizer pads on the left. A Qwen2.5-Omni processor carries ``system_prompt`` (the system turn the model
+    expects, which data.collate puts before each prompt); Qwen2-Audio's is None (its chat
+    template's default system line)."""
     path = Path(path)
     check_processor_files(path)
+    kind = model_type(path) if (path / "config.json").is_file() else "qwen2_audio"
     processor = _loading(path, "processor", lambda: Qwen2AudioProcessor.from_pretrained(path, local_files_only=True))
+    processor.system_prompt = omni.SYSTEM_PROMPT if kind == omni.MODEL_TYPE else None
     # prompts are left padded so that every row's completion starts at the same column
     processor.tokenizer.padding_side = "left"
     # tokenizer.apply_chat_template must render the same as processor.apply_chat_template
@@ -275,7 +313,10 @@ _HUB_PREFIXES = (
 )
 
 
-def to_hub_key(name):
+def to_hub_key(name, *, family="qwen2_audio"):
+    """The hub's name of a parameter (`family`: config.json's model_type)."""
+    if family == omni.MODEL_TYPE:
+        return omni.to_hub_key(name)
     for ours, hub in _HUB_PREFIXES:
         if name.startswith(ours):
             return hub + name[len(ours):]
@@ -296,7 +337,7 @@ def save_checkpoint(model_or_state_dict, config, processor, generation_config, o
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     # safetensors refuses aliased or strided tensors: own, contiguous CPU copies
-    state = {to_hub_key(k): v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    state = {to_hub_key(k, family=config.model_type): v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
     shards, size = [{}], 0
     for k, v in state.items():

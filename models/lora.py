@@ -47,13 +47,16 @@ import torch.nn.functional as F
 from torch import nn
 
 # Named sets of target modules; an entry of `targets` that is not a key here is a regex.
+# Module names of both families: Qwen2-Audio's (model.language_model..., model.audio_tower...,
+# model.multi_modal_projector) and Qwen2.5-Omni's thinker (the same in transformers 5.24;
+# model.layers... and audio_tower... in 5.17; its projector is the encoder's last layer, proj).
 TARGET_GROUPS = {
     # the Qwen2 decoder's attention and MLP projections (the usual LoRA targets)
-    "decoder": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+    "decoder": r"model\.(language_model\.)?layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
     # the Whisper-style audio encoder's attention and MLP projections
-    "audio_encoder": r"model\.audio_tower\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
+    "audio_encoder": r"(model\.)?audio_tower\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
     # the audio-to-text projector (one linear layer)
-    "projector": r"model\.multi_modal_projector\.linear",
+    "projector": r"model\.multi_modal_projector\.linear|(model\.)?audio_tower\.proj",
     # the output head: a rank-r change of the logits. A trained model does not need it; a
     # random tiny one does (its frozen head and norms cap how peaked any output can be)
     "lm_head": r"lm_head",

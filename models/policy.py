@@ -25,6 +25,11 @@ Two exact savings over the stock forward (same outputs, up to float summation or
       one packed sequence [q, o_1, ..., o_G] whose block mask lets each completion see the
       prompt and its own past only (`group_logprobs`).
 
+Both families (Qwen2-Audio and Qwen2.5-Omni's thinker) run through the same functions; what
+the thinker does differently (its windowed audio encoder without a separate projector, its
+three-row rotary positions, its module paths) sits in models.omni behind three hooks:
+`text_decoder`, `decoder_positions` and the audio branch of `prompt_embeddings`.
+
 Shapes: B prompts, G completions per prompt, N = B * G rows, P prompt length (left padded),
 T completion length, H hidden size, V vocabulary size.
 """
@@ -37,11 +42,30 @@ from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 
+from models import omni
 from models.sampling import gumbel_sample
 
 # Structural tokens that must never be sampled: a sampled <|AUDIO|> breaks the next forward
 # ("Audio features and audio tokens do not match"), the others open turns or audio spans.
-SUPPRESSED_TOKENS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|im_start|>")
+# Qwen2.5-Omni's vision placeholders likewise (absent from Qwen2-Audio's vocabulary).
+SUPPRESSED_TOKENS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|im_start|>") + omni.VISION_TOKENS
+
+
+def text_decoder(model):
+    """The text decoder, called with inputs_embeds (its module path differs between families
+    and, for Qwen2.5-Omni, between transformers releases)."""
+    return omni.text_decoder(model) if omni.is_omni(model) else model.model.language_model
+
+
+def audio_tower(model):
+    """The audio encoder (Qwen2-Audio's, or the thinker's windowed one)."""
+    return omni.audio_tower(model) if omni.is_omni(model) else model.model.audio_tower
+
+
+def decoder_positions(model, positions):
+    """1-D positions [B, L] -> what the decoder takes: the same for Qwen2-Audio, three equal
+    rows [3, B, L] for Qwen2.5-Omni's M-RoPE (models.omni.rope_positions says why equal)."""
+    return omni.rope_positions(positions) if omni.is_omni(model) else positions
 
 
 def audio_output_lengths(feature_lengths):
@@ -124,13 +148,16 @@ def prompt_embeddings(model, input_ids, attention_mask, input_features, feature_
     embeds = model.get_input_embeddings()(input_ids)  # [B, P, H]
     if input_features is None:
         return embeds
-    audio, out_lengths = audio_features(model, input_features, feature_attention_mask, embeds.dtype,
-                                         real_frames=real_frames)
-
-    # keep only positions of real audio, in clip order, then fill the <|AUDIO|> slots in order
-    keep = torch.arange(audio.shape[1], device=audio.device)[None, :] < out_lengths.to(audio.device)[:, None]
-    audio = audio[keep]  # [sum(out_lengths), H]
-    slots = input_ids == model.model.config.audio_token_id  # [B, P]
+    if omni.is_omni(model):  # windowed encoder over the real frames, features already packed
+        audio = omni.audio_features(model, input_features, feature_attention_mask)  # [sum(out_lengths), H]
+    else:
+        audio, out_lengths = audio_features(model, input_features, feature_attention_mask, embeds.dtype,
+                                             real_frames=real_frames)
+        # keep only positions of real audio, in clip order
+        keep = torch.arange(audio.shape[1], device=audio.device)[None, :] < out_lengths.to(audio.device)[:, None]
+        audio = audio[keep]  # [sum(out_lengths), H]
+    # fill the <|AUDIO|> slots in order
+    slots = input_ids == model.config.audio_token_id  # [B, P]
     n_slots, n_audio = int(slots.sum()), audio.shape[0]
     if n_slots != n_audio:
         raise ValueError(f"prompt has {n_slots} <|AUDIO|> tokens but the clips give {n_audio} audio features "
@@ -193,8 +220,8 @@ def completion_logprobs(model, prompt_embeds, prompt_mask, completion_ids, *, te
     completion_embeds = model.get_input_embeddings()(completion_ids)  # [N, T, H]
     embeds = torch.cat([prompt_embeds, completion_embeds.to(prompt_embeds.dtype)], dim=1)  # [N, P+T, H]
     mask = torch.cat([prompt_mask.long(), prompt_mask.new_ones(N, T, dtype=torch.long)], dim=1)  # [N, P+T]
-    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                     position_ids=position_ids_from_mask(mask), use_cache=False)
+    out = text_decoder(model)(inputs_embeds=embeds, attention_mask=mask,
+                              position_ids=decoder_positions(model, position_ids_from_mask(mask)), use_cache=False)
     # position P-1+t predicts completion token t
     hidden = out.last_hidden_state[:, P - 1:P + T - 1].reshape(N * T, -1)  # [N*T, H]
     scores = token_logprobs(model.lm_head, hidden, completion_ids.reshape(N * T), temperature=temperature,
@@ -246,7 +273,7 @@ def group_logprobs(model, prompt_embeds, prompt_mask, completion_ids, *, tempera
     B, P, H = prompt_embeds.shape
     N, T = completion_ids.shape
     G = N // B
-    lm = model.model.language_model
+    lm = text_decoder(model)
     if getattr(lm.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):  # e.g. flash_attention_2
         return completion_logprobs(model, prompt_embeds.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0),
                                    completion_ids, temperature=temperature, chunk_size=chunk_size,
@@ -257,7 +284,7 @@ def group_logprobs(model, prompt_embeds, prompt_mask, completion_ids, *, tempera
     offsets = torch.arange(T, device=prompt_mask.device).repeat(G)[None, :]  # [1, G*T]
     position_ids = torch.cat([position_ids_from_mask(prompt_mask), prompt_length + offsets], dim=1)  # [B, L]
     out = lm(inputs_embeds=embeds, attention_mask=group_attention(prompt_mask, G, T, embeds.dtype),
-             position_ids=position_ids, use_cache=False)
+             position_ids=decoder_positions(model, position_ids), use_cache=False)
     # o_g's token t is predicted by the state before it: the prompt's last for t = 0, else o_g's token t-1
     before = P + torch.arange(G, device=embeds.device)[:, None] * T + torch.arange(T, device=embeds.device) - 1  # [G, T]
     before[:, 0] = P - 1
@@ -344,7 +371,7 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
     that it can be compared with the trainer's log-probs of the same tokens (the
     sampler/trainer gap). One logsumexp over the step's [N, V] logits, already computed.
     """
-    lm, embed = model.model.language_model, model.get_input_embeddings()
+    lm, embed = text_decoder(model), model.get_input_embeddings()
     device = prompt_embeds.device
     mask = prompt_mask.long()  # [B, P]
     ends = torch.as_tensor(list(end_token_ids), device=device, dtype=torch.long)
@@ -352,7 +379,7 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
 
     # prefill each prompt once; the hidden state of the last prompt position predicts the first token
     cache, hidden = decoder_step(lm, None, inputs_embeds=prompt_embeds, attention_mask=mask,
-                                 position_ids=position_ids_from_mask(mask))  # hidden [B, H]
+                                 position_ids=decoder_positions(model, position_ids_from_mask(mask)))  # hidden [B, H]
     if group_size > 1:  # the G completions of a prompt share its prefill
         cache.batch_repeat_interleave(group_size)
         hidden = hidden.repeat_interleave(group_size, dim=0)  # [N, H]
@@ -385,7 +412,7 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
             break
         mask = torch.cat([mask, mask.new_ones(N, 1)], dim=1)
         cache, hidden = decoder_step(lm, cache, inputs_embeds=embed(token[:, None]), attention_mask=mask,
-                                     position_ids=position)
+                                     position_ids=decoder_positions(model, position))
         position = position + 1
     if not tokens:  # max_new_tokens == 0
         ids = torch.empty(N, 0, dtype=torch.long, device=device)
@@ -409,7 +436,8 @@ def decoder_step(lm, cache, **inputs):
 
 
 def suppressed_token_ids(tokenizer, *, vocab_size=None):
-    """Ids of <|AUDIO|>, <|audio_bos|>, <|audio_eos|>, <|im_start|> (those in the vocabulary).
+    """Ids of <|AUDIO|>, <|audio_bos|>, <|audio_eos|>, <|im_start|> and Qwen2.5-Omni's vision
+    placeholders (those in the vocabulary).
 
     With `vocab_size` (the model's, often padded beyond the tokenizer), also every id the
     tokenizer does not have, which it could not decode.
@@ -425,6 +453,9 @@ def suppressed_token_ids(tokenizer, *, vocab_size=None):
 
 def set_trainable(model, *, audio_encoder=True, projector=True, decoder=True):
     """Choose what trains; decoder = language model + input embeddings + lm_head. Returns #trainable params."""
+    if omni.is_omni(model):
+        omni.set_trainable(model, audio_encoder=audio_encoder, projector=projector, decoder=decoder)
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
     inner = model.model
     inner.audio_tower.requires_grad_(audio_encoder)
     # the encoder's sinusoidal position table is fixed in Qwen2-Audio (frozen on load), keep it so

@@ -1,10 +1,12 @@
-"""A tiny random Qwen2-Audio checkpoint, built in code, for tests and CPU runs.
+"""Tiny random checkpoints of both model families, built in code, for tests and CPU runs.
 
-It is the real architecture (Qwen2AudioForConditionalGeneration) with small sizes, a byte-level
-BPE tokenizer trained on a few sentences with the real model's special tokens, the real chat
-template, a shorter audio window, and a generation config that ends on <|im_end|> or
-<|endoftext|>. It is written as an ordinary checkpoint directory and loaded by models.loading
-exactly like Qwen2-Audio-7B-Instruct.
+``build_tiny_checkpoint(out_dir, family=...)`` writes the real architecture
+(Qwen2AudioForConditionalGeneration for ``qwen2_audio``, Qwen2.5-Omni's thinker
+Qwen2_5OmniThinkerForConditionalGeneration for ``qwen2_5_omni``) with small sizes, a
+byte-level BPE tokenizer trained on a few sentences with the real model's special tokens, the
+real chat template, a shorter audio window, and a generation config that ends on <|im_end|>
+or <|endoftext|>. It is written as an ordinary checkpoint directory and loaded by
+models.loading exactly like Qwen2-Audio-7B-Instruct or Qwen2.5-Omni-7B's thinker.
 
 ``build_slice_checkpoint`` builds a slice of Qwen2-Audio-7B-Instruct the same way: every width,
 head count, vocabulary size, mel-bin count and special-token id of the real model (its
@@ -22,13 +24,15 @@ from tokenizers.models import BPE
 from transformers import (
     GenerationConfig,
     Qwen2AudioConfig,
-    Qwen2AudioForConditionalGeneration,
     Qwen2AudioProcessor,
     Qwen2Tokenizer,
     WhisperFeatureExtractor,
 )
 
-from models.loading import save_checkpoint, save_processor
+from models import omni
+from models.loading import model_class, save_checkpoint, save_processor
+
+FAMILIES = ("qwen2_audio", "qwen2_5_omni")
 
 # Same order as the real vocabulary (151643.. in Qwen2-Audio): appended after the BPE tokens.
 CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
@@ -99,12 +103,16 @@ DEFAULT_CORPUS = [
 ]
 
 
-def train_tokenizer(corpus, vocab_size, *, first_control_id=None):
+def train_tokenizer(corpus, vocab_size, *, first_control_id=None, control_tokens=CONTROL_TOKENS,
+                    chat_template=CHAT_TEMPLATE, extra_special_tokens=None):
     """Byte-level BPE (like Qwen2's) trained on `corpus`, special tokens appended after the merges.
 
     With `first_control_id`, the BPE vocabulary is filled up to that id with reserved entries
     (``<|reserved_i|>``: never produced by encoding, decoded as their text), so the control
-    tokens get the real model's ids (151643.. for Qwen2) whatever the corpus."""
+    tokens get the real model's ids (151643.. for Qwen2) whatever the corpus.
+    `control_tokens` and `chat_template`: the family's (Qwen2-Audio's by default);
+    `extra_special_tokens`: tokenizer attributes naming special tokens (Omni's processor reads
+    ``tokenizer.audio_token`` and the like)."""
     tok = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                         fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -114,7 +122,7 @@ def train_tokenizer(corpus, vocab_size, *, first_control_id=None):
     ])
     tok.decoder = decoders.ByteLevel()
     # the 256-byte initial alphabet makes every string encodable, whatever the corpus
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(CONTROL_TOKENS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(control_tokens), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train_from_iterator(corpus, trainer)
     if first_control_id is not None:
@@ -124,10 +132,11 @@ def train_tokenizer(corpus, vocab_size, *, first_control_id=None):
             raise ValueError(f"the BPE vocabulary ({len(vocab)}) is past first_control_id={first_control_id}")
         vocab.update({f"<|reserved_{i}|>": i for i in range(len(vocab), first_control_id)})
         tok = Tokenizer.from_str(json.dumps(spec))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CONTROL_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control_tokens])
+    extra = {"extra_special_tokens": dict(extra_special_tokens)} if extra_special_tokens else {}
     return Qwen2Tokenizer(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",
                           pad_token="<|endoftext|>", padding_side="left", model_max_length=32768,
-                          chat_template=CHAT_TEMPLATE)
+                          chat_template=chat_template, **extra)
 
 
 def tiny_config(*, vocab_size, audio_token_id, bos_id, eos_id, audio_frames, text_hidden, text_layers,
@@ -157,25 +166,38 @@ def slice_config(arch: dict, *, text_layers, audio_layers):
                             audio_token_index=arch["audio_token_id"])
 
 
-def build_tiny_checkpoint(out_dir, *, seed=0, corpus=None, audio_seconds=3.0, text_hidden=64, text_layers=2,
-                          audio_hidden=64, audio_layers=2, vocab_size=512):
-    """Write a tiny random Qwen2-Audio checkpoint to `out_dir` and return its Path.
+def build_tiny_checkpoint(out_dir, *, family="qwen2_audio", seed=0, corpus=None, audio_seconds=3.0, text_hidden=64,
+                          text_layers=2, audio_hidden=64, audio_layers=2, vocab_size=512):
+    """Write a tiny random checkpoint of `family` (``qwen2_audio`` or ``qwen2_5_omni``, the
+    thinker) to `out_dir` and return its Path.
 
     Deterministic from `seed` (weights) and `corpus` (tokenizer). `audio_seconds` is the audio
-    window (the real model's is 30 s): clips are padded or cut to it.
+    window (the real models' is 30 s): clips are padded or cut to it.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if audio_seconds != int(audio_seconds) or audio_seconds <= 0:
         raise ValueError(f"audio_seconds must be a whole number of seconds, got {audio_seconds}")
     audio_seconds = int(audio_seconds)
     audio_frames = audio_seconds * 100  # 100 mel frames per second (16 kHz, hop 160)
+    corpus = DEFAULT_CORPUS if corpus is None else list(corpus)
+    sizes = dict(text_hidden=text_hidden, text_layers=text_layers, audio_hidden=audio_hidden,
+                 audio_layers=audio_layers, audio_frames=audio_frames)
 
-    tokenizer = train_tokenizer(DEFAULT_CORPUS if corpus is None else list(corpus), vocab_size)
+    if family == "qwen2_5_omni":
+        tokenizer = train_tokenizer(corpus + [omni.SYSTEM_PROMPT], vocab_size, control_tokens=omni.CONTROL_TOKENS,
+                                    chat_template=omni.CHAT_TEMPLATE, extra_special_tokens=omni.TOKEN_ATTRIBUTES)
+    else:
+        tokenizer = train_tokenizer(corpus, vocab_size)
     if len(tokenizer) > vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={vocab_size}")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CONTROL_TOKENS}
-    config = tiny_config(vocab_size=vocab_size, audio_token_id=ids["<|AUDIO|>"], bos_id=ids["<|endoftext|>"],
-                         eos_id=ids["<|im_end|>"], audio_frames=audio_frames, text_hidden=text_hidden,
-                         text_layers=text_layers, audio_hidden=audio_hidden, audio_layers=audio_layers)
+    if family == "qwen2_5_omni":
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in omni.CONTROL_TOKENS}
+        config = omni.tiny_config(vocab_size=vocab_size, ids=ids, **sizes)
+    else:
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CONTROL_TOKENS}
+        config = tiny_config(vocab_size=vocab_size, audio_token_id=ids["<|AUDIO|>"], bos_id=ids["<|endoftext|>"],
+                             eos_id=ids["<|im_end|>"], **sizes)
     return _write_random_checkpoint(out_dir, config, tokenizer, audio_seconds, seed=seed)
 
 
@@ -233,7 +255,7 @@ def _fast_random_model(config) -> torch.nn.Module:
         from transformers.modeling_utils import no_init_weights
 
     with no_init_weights():
-        model = Qwen2AudioForConditionalGeneration(config)
+        model = model_class(config)(config)
     std = getattr(config, "initializer_range", None) or 0.02
     done = set()
     with torch.no_grad():
@@ -257,12 +279,15 @@ def _write_random_checkpoint(out_dir, config, tokenizer, audio_seconds: int, *, 
     """A checkpoint directory of `config` with random weights (from `seed`, in `dtype`), the
     processor (`tokenizer` + a Whisper feature extractor of an `audio_seconds` window, the chat
     template) and a generation config that ends on <|im_end|> or <|endoftext|>."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CONTROL_TOKENS}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     feature_extractor = WhisperFeatureExtractor(
         feature_size=config.audio_config.num_mel_bins, sampling_rate=16000, hop_length=160,
         chunk_length=audio_seconds, n_fft=400, padding_value=0.0, return_attention_mask=True)
-    processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer,
-                                    chat_template=CHAT_TEMPLATE)
+    if omni.is_omni(config):
+        processor = omni.processor(tokenizer, feature_extractor)
+    else:
+        processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer,
+                                        chat_template=CHAT_TEMPLATE)
     generation_config = GenerationConfig(
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
         bos_token_id=ids["<|endoftext|>"], do_sample=True, temperature=1.0, top_k=50, top_p=1.0,
@@ -279,5 +304,5 @@ def _write_random_checkpoint(out_dir, config, tokenizer, audio_seconds: int, *, 
     else:  # random init from the seed, without disturbing the caller's RNG state
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = Qwen2AudioForConditionalGeneration(config)
+            model = model_class(config)(config)
     return save_checkpoint(model, config, processor, generation_config, Path(out_dir))

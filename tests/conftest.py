@@ -1,15 +1,27 @@
-"""Shared fixtures: one tiny Qwen2-Audio checkpoint per test session (built in well under a second)."""
+"""Shared fixtures: tiny checkpoints built in code (well under a second each), one per family.
+
+``tiny_checkpoint`` is the tiny Qwen2-Audio unless a test asks for a family: tests marked
+``@both_families`` (or a module's ``pytestmark = both_families``) run once per family, the
+tiny Qwen2.5-Omni thinker included, through the same fixtures (tiny_processor, tiny_model).
+"""
 
 import pytest
 import torch
 
+FAMILIES = ("qwen2_audio", "qwen2_5_omni")
+
+# run a test (or a module) once on each family's tiny checkpoint
+both_families = pytest.mark.parametrize("tiny_checkpoint", FAMILIES, indirect=True)
+
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """Path of a tiny random Qwen2-Audio checkpoint directory (3 s audio window), built once."""
+def tiny_checkpoint(request, tmp_path_factory):
+    """Path of a tiny random checkpoint directory (3 s audio window), built once per family:
+    Qwen2-Audio unless parametrised (``both_families``)."""
     from models.tiny import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+    family = getattr(request, "param", "qwen2_audio")
+    return build_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{family}") / "ckpt", family=family, seed=0)
 
 
 @pytest.fixture(scope="session")

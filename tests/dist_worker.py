@@ -278,9 +278,11 @@ def scenario_optimizer(env: Env) -> dict:
 def scenario_export(env: Env) -> dict:
     """(c) Export from the 2-rank sharded model; from_pretrained + AutoProcessor read back the
     same parameters and a processor that renders and tokenizes the same."""
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor
 
     model = env.load()
+    plain = getattr(transformers, type(model).__name__)  # the family's own class, before FSDP renames it
     # move the weights away from the checkpoint's, identically on every rank
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
@@ -296,7 +298,7 @@ def scenario_export(env: Env) -> dict:
     if env.rank != 0:
         return {}
 
-    reloaded = Qwen2AudioForConditionalGeneration.from_pretrained(out_dir, local_files_only=True)
+    reloaded = plain.from_pretrained(out_dir, local_files_only=True)
     got = {n: p.detach() for n, p in reloaded.named_parameters()}
     processor = AutoProcessor.from_pretrained(out_dir, local_files_only=True)
     messages = [{"role": "user", "content": [{"type": "audio", "audio_url": "a.wav"},

@@ -104,7 +104,7 @@ def naive_policy_loss(logp, old_logp, ref_logp, advantages, mask, *, beta, kl_es
                 loss = loss + completion_sum / len(tokens)
         else:
             loss = loss + completion_sum
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "luspo"):  # luspo: |o_i| times completion i's mean term, over N
         loss = loss / N
     elif loss_type == "token_mean":
         loss = loss / total_tokens
@@ -150,7 +150,7 @@ def random_batch(seed: int):
 SCALES = ("group", "batch", "none")
 ESTIMATORS = ("k1", "k2", "k3")
 LEVELS = ("token", "sequence")
-LOSS_TYPES = ("grpo", "token_mean", "dr_grpo")
+LOSS_TYPES = ("grpo", "token_mean", "dr_grpo", "luspo")
 BETAS = (0.0, 0.04)
 EPS_PAIRS = ((0.2, 0.2), (0.2, 0.28))
 ALL_OPTIONS = list(product(SCALES, ESTIMATORS, LEVELS, LOSS_TYPES, BETAS, EPS_PAIRS))
@@ -310,6 +310,7 @@ def test_on_policy_gradient_is_the_closed_form(level, loss_type):
         grpo:       grad J = -(1/N)        sum_i A_i (1/|o_i|) sum_t grad log pi(o_it)
         token_mean: grad J = -(1/sum|o_i|) sum_i A_i           sum_t grad log pi(o_it)
         dr_grpo:    grad J = -(1/(N L))    sum_i A_i           sum_t grad log pi(o_it)
+        luspo:      grad J = -(1/N)        sum_i A_i           sum_t grad log pi(o_it)
 
     For pi = softmax(W x), grad_W log pi(o | x) = (onehot(o) - pi(. | x)) x^T.
     """
@@ -335,6 +336,8 @@ def test_on_policy_gradient_is_the_closed_form(level, loss_type):
         weights = advantages / lengths / B
     elif loss_type == "token_mean":
         weights = advantages / lengths.sum()
+    elif loss_type == "luspo":
+        weights = advantages / B
     else:
         weights = advantages / (B * MAX_LEN)
     expected = -(weights[:, None, None] * per_completion).sum(dim=0)  # [V, D]

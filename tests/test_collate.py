@@ -104,3 +104,38 @@ def test_selected_rows_of_two_batches_equal_collating_those_questions_again(proc
         assert picked[key].dtype == again[key].dtype, key
         assert torch.equal(picked[key], again[key]), key
     assert picked["input_ids"].shape[1] < first["input_ids"].shape[1]
+
+
+@pytest.fixture(scope="module")
+def omni_processor(tmp_path_factory):
+    from models.loading import load_processor
+    from models.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-omni"), family="qwen2_5_omni", seed=0,
+                                 corpus=synthetic_corpus(), audio_seconds=WINDOW_S)
+    return load_processor(path)
+
+
+@pytest.mark.parametrize("template", [1, 2, 3])
+def test_qwen2_5_omni_prompts_carry_its_system_prompt_and_one_audio(omni_processor, template):
+    """Qwen2.5-Omni's prompt: its own system turn, the audio as <|audio_bos|><|AUDIO|>...<|audio_eos|>
+    (no "Audio 1:" label, no image or video), then R1-AQA's question text; prompt_length agrees."""
+    from data.collate import prompt_length
+    from models.omni import SYSTEM_PROMPT
+
+    seconds = [0.5, 2.9]
+    waves = [np.random.default_rng(i).standard_normal(int(s * SR)).astype(np.float32) * 0.1
+             for i, s in enumerate(seconds)]
+    samples = _samples(2)
+    b = collate_prompts(samples, waves, omni_processor, template=template)
+    tok = omni_processor.tokenizer
+    audio_id = tok.convert_tokens_to_ids("<|AUDIO|>")
+    for i, (sample, wave) in enumerate(zip(samples, waves)):
+        n = _expected_audio_tokens(len(wave))
+        assert (b["input_ids"][i] == audio_id).sum() == n
+        real = b["input_ids"][i, b["attention_mask"][i].bool()]
+        assert len(real) == prompt_length(sample, len(wave), omni_processor, template=template)
+        assert tok.decode(real) == (
+            f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n<|audio_bos|>" + "<|AUDIO|>" * n
+            + "<|audio_eos|>" + format_prompt(sample.question, sample.choices, template)
+            + "<|im_end|>\n<|im_start|>assistant\n")

@@ -94,6 +94,12 @@ def test_the_24gb_lora_config_is_r1_aqas_recipe_with_adapters():
     (["algorithm.top_entropy_fraction=0"], "top_entropy_fraction"),
     (["algorithm.overlong_buffer=300", "rollout.max_new_tokens=256"], "overlong_buffer"),
     (["algorithm.sapo_tau_neg=0"], "sapo_tau_neg"),
+    (["algorithm.vespo_lambda_neg=0"], "vespo_lambda_neg"),
+    (["algorithm.vespo_k_pos=-1"], "vespo_k_pos"),
+    (["algorithm.loss_type=luspo2"], "loss_type"),
+    (["algorithm.rollout_is_level=tokens"], "rollout_is_level"),
+    (["algorithm.rollout_is_cap=0"], "rollout_is_cap"),
+    (["algorithm.rollout_rs_low=3", "algorithm.rollout_rs_high=2"], "rollout_rs_low"),
     (["algorithm.ref_sync_every=10", "algorithm.beta=0"], "ref_sync_every"),
     (["algorithm.ref_sync_every=10", "lora.enabled=true", "algorithm.ref_sync_alpha=0.5"], "ref_sync_alpha"),
     (["algorithm.ref_sync_alpha=0"], "ref_sync_alpha"),
@@ -101,6 +107,13 @@ def test_the_24gb_lora_config_is_r1_aqas_recipe_with_adapters():
 def test_family_keys_are_checked(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+def test_luspo_and_vespo_recipes_turn_them_on():
+    luspo = load_config(CONFIGS / "luspo_avqa.yaml").algorithm
+    assert (luspo.loss_type, luspo.importance_level) == ("luspo", "sequence") and luspo.mu > 1
+    vespo = load_config(CONFIGS / "vespo_avqa.yaml").algorithm
+    assert (vespo.policy_loss_type, vespo.loss_type) == ("vespo", "token_mean") and vespo.mu > 1
 
 
 def test_cispo_recipe_turns_cispo_on():

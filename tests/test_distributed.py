@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import both_families
 from models import distributed as D
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +66,7 @@ def result(two_ranks, name: str) -> dict:
 
 
 @pytest.mark.slow
+@both_families
 def test_sharded_gradient_equals_single_process(two_ranks):
     """(a) Each rank gets half of the batch; the FSDP-reduced full gradient equals the
     single-process whole-batch gradient, for mean (loss x world size) and sum reduction,
@@ -82,6 +84,7 @@ def test_sharded_gradient_equals_single_process(two_ranks):
 
 
 @pytest.mark.slow
+@both_families
 def test_generation_with_different_lengths_does_not_hang(two_ranks):
     """(b) Rank 0 decodes to max_new_tokens while rank 1 stops after one token: inside
     gathered_params this needs no lockstep and no all-gather per token; outside it, with
@@ -98,6 +101,7 @@ def test_generation_with_different_lengths_does_not_hang(two_ranks):
 
 
 @pytest.mark.slow
+@both_families
 def test_export_from_sharded_model_reloads_unchanged(two_ranks):
     """(c) export_checkpoint from the 2-rank sharded (and checkpoint-wrapped) model:
     from_pretrained gives the same parameters, AutoProcessor the same prompts and inputs."""
@@ -110,6 +114,7 @@ def test_export_from_sharded_model_reloads_unchanged(two_ranks):
 
 
 @pytest.mark.slow
+@both_families
 def test_sharded_reference_matches_policy_and_has_no_grads(two_ranks):
     """(d) shard_model(frozen=True): same log-probs as the sharded policy at init, no grads,
     eval mode."""
@@ -120,6 +125,7 @@ def test_sharded_reference_matches_policy_and_has_no_grads(two_ranks):
 
 
 @pytest.mark.slow
+@both_families
 def test_sharded_optimizer_steps_equal_single_process(two_ranks):
     """(e) Two clipped AdamW steps on the sharded model (and with CPU offload) end at the
     single-process parameters; clip_grad_norm_ sees the same global norm."""
@@ -146,6 +152,7 @@ def single_process_group(monkeypatch):
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+@both_families
 def test_cleanup_tears_the_process_group_down_before_exit(two_ranks):
     """After sharded models were used and dropped, cleanup() leaves no gloo worker thread alive
     on any rank: the process group is destroyed then, not during interpreter exit (where a
@@ -157,6 +164,31 @@ def test_cleanup_tears_the_process_group_down_before_exit(two_ranks):
         threads = json.loads(path.read_text())
         assert threads["before"] > 0, "no gloo worker thread found by name: the check would see nothing"
         assert threads["after"] == 0, (rank, threads)
+
+
+def test_torn_down_on_exit_synchronises_only_a_body_that_ended(monkeypatch):
+    """A body that ends waits for every rank; one that raises does not (a peer may never come),
+    and its frames are cleared first, so the model a failed run held is freed before cleanup."""
+    import weakref
+
+    calls = []
+    monkeypatch.setattr(D, "cleanup", lambda *, synchronise: calls.append((synchronise, held())))
+    held = lambda: None  # noqa: E731 - replaced below by a weak reference to the failed run's "model"
+
+    with D.torn_down_on_exit():
+        pass
+
+    def failing_run():
+        nonlocal held
+        model = torch.nn.Linear(2, 2)
+        held = weakref.ref(model)
+        raise RuntimeError("a rank failed")
+
+    with pytest.raises(RuntimeError, match="a rank failed"):
+        with D.torn_down_on_exit():
+            failing_run()
+    assert calls[0] == (True, None)
+    assert calls[1] == (False, None), "cleanup ran while the failed run's frames still held its model"
 
 
 def test_init_distributed_unlaunched(single_process_group):
@@ -195,6 +227,7 @@ def test_helpers_are_noops_on_a_plain_model(tiny_model, tiny_checkpoint, tmp_pat
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+@both_families
 def test_single_process_sharding(single_process_group, tiny_checkpoint, tmp_path):
     """World size 1 runs the same FSDP2 code: same log-probs and gradients as the plain model,
     with activation checkpointing; gathered_params and export work."""

@@ -536,3 +536,34 @@ def test_a_broken_export_is_one_line_before_any_checkpoint_is_evaluated(tmp_path
     [line] = [line for line in err.splitlines() if line.startswith("error:")]
     assert re.search(says, line), line
     assert "Traceback" not in err and not (tmp_path / "out" / "run-step_1").exists()
+
+
+def test_a_qwen2_5_omni_thinker_is_evaluated_with_the_mmau_scorer(tmp_path, mmau_subset, monkeypatch):
+    """evaluate.py on the tiny Qwen2.5-Omni thinker: the family comes from its config.json, the
+    prompts carry its system prompt, and MMAU's scorer gives per-task scores of every question."""
+    from models.omni import SYSTEM_PROMPT
+
+    omni_ckpt = build_tiny_checkpoint(tmp_path / "omni", family="qwen2_5_omni", seed=0, corpus=synthetic_corpus())
+    path, subset = mmau_subset
+    prompts = []
+    real_generate = rollout.generate
+
+    def spy(model, embeds, mask, **kwargs):
+        prompts.append(type(model).__name__)
+        return real_generate(model, embeds, mask, **kwargs)
+
+    monkeypatch.setattr(rollout, "generate", spy)
+    seen = []
+    real_collate = rollout.collate_prompts
+    monkeypatch.setattr(rollout, "collate_prompts", lambda samples, waves, processor, **kw: (
+        seen.append(processor.tokenizer.decode(real_collate(samples, waves, processor, **kw)["input_ids"][0])),
+        real_collate(samples, waves, processor, **kw))[1])
+    config = make_config(path, tmp_path / "out", fmt="mmau")
+    [result] = ev.run_evaluation(config, [omni_ckpt])
+    assert prompts and set(prompts) == {"Qwen2_5OmniThinkerForConditionalGeneration"}
+    assert seen and all(SYSTEM_PROMPT in text for text in seen)
+    scores = read(result.out_dir / "scores.json")
+    assert scores["total"]["count"] == len(subset)
+    assert set(scores["task"]) == {"sound", "music", "speech"}
+    preds = read(result.out_dir / "predictions.json")
+    assert all(p["model_output"] == p["model_prediction"] for p in preds)

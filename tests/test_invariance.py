@@ -29,17 +29,19 @@ V, D, T = 11, 6, 7  # vocabulary, feature size, completion width
 PROMPTS, G = 4, 4
 N = PROMPTS * G  # completions in the optimizer batch
 MAX_LEN = 10  # configured max new tokens (dr_grpo's constant)
-CASES = list(product(("grpo", "token_mean", "dr_grpo"), ("token", "sequence")))
+LOSS_TYPES = ("grpo", "token_mean", "dr_grpo", "luspo")
+CASES = list(product(LOSS_TYPES, ("token", "sequence")))
 # The family's variants (grpo/algorithm.py, "Variants"), each checked under every loss_type.
 VARIANTS = {
     "cispo": dict(policy_loss_type="cispo"),
     "gmpo": dict(policy_loss_type="gmpo", eps_low=0.4, eps_high=0.4),
     "sapo": dict(policy_loss_type="sapo"),
+    "vespo": dict(policy_loss_type="vespo"),
     "dual_clip": dict(clip_ratio_c=1.5),
     "kl_importance_weighted": dict(kl_importance_weighted=True),
     "token_weights": dict(token_weights=True),  # the rollout-correction / entropy weights, per row
 }
-VARIANT_CASES = list(product(("grpo", "token_mean", "dr_grpo"), VARIANTS))
+VARIANT_CASES = list(product(LOSS_TYPES, VARIANTS))
 
 
 def make_batch(seed: int = 0) -> dict:
@@ -134,7 +136,7 @@ def test_variants_micro_batches_sum_to_the_whole_batch(loss_type, variant, n_mic
     assert not torch.allclose(expected, whole_batch_grad(batch, loss_type, "token"))  # the variant acts
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "token_mean", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_local_counts_would_be_wrong(loss_type):
     """The negative control: shares over each micro-batch's *own* counts (the classic bug)
     do not add up to the whole batch, so the test above can see the difference."""

@@ -6,8 +6,16 @@ import torch
 from safetensors import safe_open
 from transformers import GenerationConfig
 
+from conftest import both_families
+from models import omni
 from models.loading import (CheckpointError, end_token_ids, load_generation_config, load_model, load_processor,
                             save_checkpoint)
+
+# the keys each family's hub checkpoints use (transformers 5.24 renames them on load)
+HUB_KEYS = {"qwen2_audio": ("language_model.lm_head.weight", "audio_tower.conv1.weight",
+                            "language_model.model.layers.0.self_attn.q_proj.weight"),
+            omni.MODEL_TYPE: ("lm_head.weight", "audio_tower.conv1.weight", "model.layers.0.self_attn.q_proj.weight",
+                              "visual.merger.mlp.0.weight")}
 
 
 @pytest.fixture
@@ -15,6 +23,7 @@ def ckpt_copy(tiny_checkpoint, tmp_path):
     return shutil.copytree(tiny_checkpoint, tmp_path / "copy")
 
 
+@both_families
 @pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                                      "preprocessor_config.json"])
 def test_missing_file_is_named(ckpt_copy, missing):
@@ -31,14 +40,16 @@ def test_missing_directory_is_named(tmp_path):
     assert issubclass(CheckpointError, FileNotFoundError)
 
 
+@both_families
 def test_roundtrip_hub_layout_and_sharding(tiny_checkpoint, tiny_processor, tmp_path):
     model = load_model(tiny_checkpoint)
     gen = load_generation_config(tiny_checkpoint)
-    # the hub layout (as Qwen/Qwen2-Audio-7B-Instruct stores it), not transformers 5's module tree
+    # the hub layout (as Qwen/Qwen2-Audio-7B-Instruct and Qwen2.5-Omni's thinker store it), not
+    # transformers 5.24's module tree
     with safe_open(tiny_checkpoint / "model.safetensors", "pt") as f:
         keys = set(f.keys())
-    assert "language_model.lm_head.weight" in keys and "audio_tower.conv1.weight" in keys
-    assert not any(k.startswith("model.") for k in keys)
+    assert set(HUB_KEYS[model.config.model_type]) <= keys
+    assert not any(k.startswith(("model.language_model.", "model.audio_tower.")) for k in keys)
 
     # a full state dict (what the FSDP export passes), split over several files
     out = save_checkpoint(model.state_dict(), model.config, tiny_processor, gen, tmp_path / "sharded",
@@ -60,11 +71,13 @@ def test_roundtrip_hub_layout_and_sharding(tiny_checkpoint, tiny_processor, tmp_
         load_model(out)
 
 
+@both_families
 def test_dtype_is_honored(tiny_checkpoint):
     model = load_model(tiny_checkpoint, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+@both_families
 def test_processor_pads_left_and_has_template(tiny_processor):
     assert tiny_processor.tokenizer.padding_side == "left"
     assert tiny_processor.chat_template and tiny_processor.tokenizer.chat_template == tiny_processor.chat_template
@@ -196,3 +209,28 @@ def test_broken_or_pickled_lora_adapters_are_one_error_naming_the_file(tiny_chec
         load_adapters(model, adapters)
     assert not marker.exists()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("kind, says", [("qwen2_5_omni", "thinker"), ("llama", "llama"), (None, "None")])
+def test_a_model_type_of_another_family_is_one_error_naming_config_json(ckpt_copy, kind, says):
+    config = json.loads((ckpt_copy / "config.json").read_text())
+    config["model_type"] = kind
+    (ckpt_copy / "config.json").write_text(json.dumps(config))
+    for load in (load_model, load_processor):
+        with pytest.raises(CheckpointError, match=rf"config\.json.*{says}"):
+            load(ckpt_copy)
+
+
+@both_families
+def test_the_family_is_chosen_from_config_json(tiny_checkpoint, tiny_processor):
+    """The tiny Qwen2.5-Omni loads as the thinker (never the talker), with the system prompt
+    it expects; the tiny Qwen2-Audio keeps its chat template's default system line."""
+    model = load_model(tiny_checkpoint)
+    kind = json.loads((tiny_checkpoint / "config.json").read_text())["model_type"]
+    assert model.config.model_type == kind
+    if kind == omni.MODEL_TYPE:
+        assert type(model).__name__ == "Qwen2_5OmniThinkerForConditionalGeneration"
+        assert tiny_processor.system_prompt == omni.SYSTEM_PROMPT
+    else:
+        assert type(model).__name__ == "Qwen2AudioForConditionalGeneration"
+        assert tiny_processor.system_prompt is None

@@ -17,7 +17,8 @@ from grpo.memory_plan import GB, plan_memory
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(REPO.glob("configs/*.yaml"))
-TRAINING = [c for c in CONFIGS if not c.name.startswith("eval_") and c.name != "qwen2_audio_7b_random.yaml"]
+# eval_*: evaluate.py's; *_random.yaml: model architectures (Qwen2-Audio-7B, Qwen2.5-Omni-3B/7B)
+TRAINING = [c for c in CONFIGS if not c.name.startswith("eval_") and not c.name.endswith("_random.yaml")]
 
 
 @pytest.mark.parametrize("path", TRAINING, ids=lambda p: p.name)
@@ -40,6 +41,19 @@ def test_the_lora_recipe_fits_one_24gb_gpu_and_the_full_recipe_8_x_80gb():
     assert plan_memory(full, world_size=8, gpu_memory_gb=80).fits
     one = plan_memory(full, world_size=1, gpu_memory_gb=80)
     assert not one.fits and "lora.enabled=true" in one.render()
+
+
+def test_the_qwen2_5_omni_recipes_plan_on_the_thinkers_architectures():
+    """Without a checkpoint the plan builds the thinker of model.architecture: Qwen2.5-Omni-7B's
+    (8.9B with its never-called vision encoder, which never trains) and 3B's (4.7B)."""
+    seven = plan_memory(load_config(REPO / "configs" / "r1_aqa_omni7b.yaml"), world_size=8, gpu_memory_gb=80)
+    three = plan_memory(load_config(REPO / "configs" / "r1_aqa_omni3b.yaml"), world_size=8, gpu_memory_gb=80)
+    assert seven.fits and three.fits
+    assert 8.8e9 < seven.setting["params"] < 9.1e9 and 4.6e9 < three.setting["params"] < 4.8e9
+    assert 0.6e9 < seven.setting["params"] - seven.setting["trainable"] < 0.7e9  # the vision encoder
+    lora = plan_memory(load_config(REPO / "configs" / "r1_aqa_omni7b_lora_24gb.yaml"), world_size=1,
+                       gpu_memory_gb=24)
+    assert lora.fits and lora.persistent["reference copy"] == 0 and lora.setting["trainable"] < 100e6
 
 
 def test_sharding_divides_the_persistent_state():

@@ -3,8 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.policy import (completion_logprobs, generate, prompt_embeddings, set_trainable, suppressed_token_ids)
+from conftest import both_families
+from models import omni
+from models.policy import (completion_logprobs, generate, group_logprobs, prompt_embeddings, set_trainable,
+                           suppressed_token_ids, text_decoder)
 from models.sampling import row_seed
+
+pytestmark = both_families  # every test here runs on the tiny Qwen2-Audio and the tiny Qwen2.5-Omni thinker
 
 SR = 16000
 G = 3
@@ -53,23 +58,29 @@ def reference_logprobs(model, batch, completion_ids, temperature):
     return F.log_softmax(logits / temperature, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
 
 
-def policy_logprobs(model, batch, completion_ids, temperature, **kw):
+def policy_logprobs(model, batch, completion_ids, temperature, shared=False, **kw):
     embeds = prompt_embeddings(model, batch["input_ids"], batch["attention_mask"], batch["input_features"],
                                batch["feature_attention_mask"])
+    if shared:  # each prompt once, its G completions packed after it
+        return group_logprobs(model, embeds, batch["attention_mask"], completion_ids, temperature=temperature, **kw)
     return completion_logprobs(model, embeds.repeat_interleave(G, 0), batch["attention_mask"].repeat_interleave(G, 0),
                                completion_ids, temperature=temperature, **kw)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per-row", "packed"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_and_grads_match_plain_forward(tiny_model, tiny_processor, batch, temperature):
+def test_logprobs_and_grads_match_plain_forward(tiny_model, tiny_processor, batch, temperature, shared):
+    """Against the stock forward of each unpacked sequence [q, o] (which computes its own
+    positions: Qwen2.5-Omni's three-row M-RoPE ones via its get_rope_index)."""
     model = tiny_model
     completion_ids = completions(tiny_processor, 2 * G)
     weights = torch.randn(completion_ids.shape, generator=torch.Generator().manual_seed(1))
+    set_trainable(model)  # everything the forward uses (not the thinker's vision encoder)
     params = [p for p in model.parameters() if p.requires_grad]
 
     ref = reference_logprobs(model, batch, completion_ids, temperature)
     ref_grads = torch.autograd.grad((ref * weights).sum(), params)
-    ours = policy_logprobs(model, batch, completion_ids, temperature, chunk_size=5)
+    ours = policy_logprobs(model, batch, completion_ids, temperature, shared=shared, chunk_size=5)
     grads = torch.autograd.grad((ours * weights).sum(), params)
 
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
@@ -79,10 +90,17 @@ def test_logprobs_and_grads_match_plain_forward(tiny_model, tiny_processor, batc
 
 
 def test_encoder_runs_once_per_clip(tiny_model, batch):
-    clips = []
-    tiny_model.model.audio_tower.register_forward_hook(lambda m, args, out: clips.append(args[0].shape[0]))
+    calls = []
+    tower = omni.audio_tower(tiny_model) if omni.is_omni(tiny_model) else tiny_model.model.audio_tower
+    tower.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs)), with_kwargs=True)
     prompt_embeddings(tiny_model, **batch)
-    assert clips == [2]  # B clips, not B * G
+    assert len(calls) == 1
+    (args, kwargs), = calls
+    if omni.is_omni(tiny_model):  # the clips' real frames, packed: B clips, not B * G
+        assert kwargs["feature_lens"].tolist() == batch["feature_attention_mask"].sum(-1).tolist()
+        assert args[0].shape[1] == batch["feature_attention_mask"].sum()
+    else:
+        assert args[0].shape[0] == 2  # B clips, not B * G
 
 
 def test_audio_token_mismatch_is_a_clear_error(tiny_model, batch):
@@ -114,16 +132,27 @@ def test_chunking_gives_identical_results_and_bounded_memory(tiny_model, tiny_pr
 
 def test_set_trainable(tiny_model):
     total = sum(p.numel() for p in tiny_model.parameters())
-    frozen_positions = tiny_model.model.audio_tower.embed_positions.weight.numel()
-    assert set_trainable(tiny_model) == total - frozen_positions
+    if omni.is_omni(tiny_model):  # the vision encoder and the talker's audio bos/eos embedding are never used
+        tower, inner = omni.audio_tower(tiny_model), tiny_model.model
+        visual = inner.visual if hasattr(inner, "visual") else tiny_model.visual
+        never = sum(p.numel() for p in visual.parameters()) + tower.audio_bos_eos_token.weight.numel()
+    else:
+        tower = tiny_model.model.audio_tower
+        never = tower.embed_positions.weight.numel()  # a fixed sinusoidal table
+    assert set_trainable(tiny_model) == total - never
     n = set_trainable(tiny_model, audio_encoder=False, projector=False)
-    assert not any(p.requires_grad for p in tiny_model.model.audio_tower.parameters())
-    assert n == sum(p.numel() for p in tiny_model.model.language_model.parameters()) + tiny_model.lm_head.weight.numel()
+    assert not any(p.requires_grad for p in tower.parameters())
+    assert n == sum(p.numel() for p in text_decoder(tiny_model).parameters()) + tiny_model.lm_head.weight.numel()
     assert set_trainable(tiny_model, audio_encoder=False, projector=False, decoder=False) == 0
+    if omni.is_omni(tiny_model):  # the thinker's projector is the encoder's last layer
+        assert set_trainable(tiny_model, audio_encoder=False, decoder=False) == \
+            sum(p.numel() for p in tower.proj.parameters())
 
 
 def test_suppressed_token_ids(tiny_processor):
     expected = ids_of(tiny_processor, "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|im_start|>")
+    vocab = tiny_processor.tokenizer.get_vocab()
+    expected += [vocab[t] for t in omni.VISION_TOKENS if t in vocab]  # the thinker's only
     assert suppressed_token_ids(tiny_processor.tokenizer) == sorted(expected)
     assert suppressed_token_ids(tiny_processor, vocab_size=len(tiny_processor.tokenizer) + 2)[-2:] == \
         [len(tiny_processor.tokenizer), len(tiny_processor.tokenizer) + 1]

@@ -4,9 +4,13 @@ directories, tampered files. Each test names the behaviour it pins down.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import signal
 import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -479,24 +483,27 @@ time.sleep(600)
 """
 
 
-def test_a_second_run_is_refused_and_a_dead_runs_lock_is_reported_and_taken_over(tmp_path, caplog):
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from grpo.rundir import RunDirError, acquire_lock
-
-    run = tmp_path / "run"
+@contextlib.contextmanager
+def _lock_held_elsewhere(run):
+    """Another process holds ``run``'s lock while the block runs; it is then killed (SIGKILL),
+    so it dies without removing its lock file, as a crashed run would."""
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], cwd=REPO, stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def test_a_second_run_is_refused_and_a_dead_runs_lock_is_reported_and_taken_over(tmp_path, caplog):
+    from grpo.rundir import RunDirError, acquire_lock
+
+    run = tmp_path / "run"
+    with _lock_held_elsewhere(run) as holder:  # killed at the end: dies without removing its lock file
         with pytest.raises(RunDirError, match=rf"in use by another run: pid {holder.pid} on .*run.lock"):
             acquire_lock(run)
-    finally:
-        holder.send_signal(signal.SIGKILL)  # dies without removing its lock file
-        holder.wait()
     assert (run / "run.lock").is_file()
     with caplog.at_level("WARNING"):
         lock = acquire_lock(run)
@@ -976,19 +983,9 @@ def test_under_torchrun_a_missing_data_file_is_one_line_and_every_rank_exits_1(s
 @pytest.mark.slow
 def test_under_torchrun_rank_0s_run_directory_error_is_one_line_from_one_rank(small_world, tmp_path):
     """The lock is rank 0's to take: its refusal reaches the other rank, which exits alike, silently."""
-    import os
-    import signal
-    import sys
-
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with _lock_held_elsewhere(run) as holder:
         proc = _torchrun_train(quick_overrides(small_world, run))
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     ours, codes = _ours_and_exit_codes(proc)
     assert proc.returncode == 1 and "Traceback" not in "\n".join(ours), proc.stderr[-4000:]
     assert len(ours) == 1 and ours[0].startswith(f"error: {run} is in use by another run: pid {holder.pid}")

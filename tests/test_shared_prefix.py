@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FAMILIES, both_families
+from models import omni
 from models.loading import enable_activation_checkpointing, load_model, load_processor
-from models.policy import audio_features, completion_logprobs, group_logprobs, kept_frames, prompt_embeddings
+from models.policy import (audio_features, completion_logprobs, group_logprobs, kept_frames, prompt_embeddings,
+                           text_decoder)
 from models.tiny import build_tiny_checkpoint
 
 SR = 16000
@@ -22,6 +25,14 @@ def tone(seconds, freq, seed=0):
 def window30(tmp_path_factory):
     """A tiny Qwen2-Audio with the real model's 30 s window (3000 mel frames)."""
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("w30") / "ckpt", seed=1, audio_seconds=30)
+    return path, load_processor(path)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def window30_both(request, tmp_path_factory):
+    """A tiny checkpoint of each family with the real models' 30 s window."""
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("w30") / "ckpt", family=request.param, seed=1,
+                                 audio_seconds=30)
     return path, load_processor(path)
 
 
@@ -58,6 +69,15 @@ def shared_logprobs(model, batch, ids, **kw):
 
 def parameter_groups(model):
     inner = model.model
+    if omni.is_omni(model):
+        tower, decoder = omni.audio_tower(model), text_decoder(model)
+        return {
+            "audio encoder": [p for n, p in tower.named_parameters() if not n.startswith(("proj.", "audio_bos"))],
+            "projector": list(tower.proj.parameters()),  # the thinker's projector ends its encoder
+            "decoder layers": list(decoder.layers.parameters()),
+            "embeddings": [decoder.embed_tokens.weight],
+            "lm_head": [model.lm_head.weight],
+        }
     return {
         "audio encoder": list(inner.audio_tower.parameters()),
         "projector": list(inner.multi_modal_projector.parameters()),
@@ -92,9 +112,9 @@ def test_encoder_over_real_frames_equals_the_full_window(window30, seconds):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_shared_prefix_logprobs_and_gradients_equal_the_per_row_path(window30, attn):
+def test_shared_prefix_logprobs_and_gradients_equal_the_per_row_path(window30_both, attn):
     """Left padding, clips of 0.5 s to 30 s in one batch, ragged completions with end tokens."""
-    path, processor = window30
+    path, processor = window30_both
     G, T = 3, 6
     batch = make_batch(processor, [0.5, 30.0, 10.0])
     assert batch["attention_mask"][:, 0].min() == 0  # some prompt is left padded
@@ -120,6 +140,7 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_per_row_path(window30, a
         assert (g - r).norm() / r.norm() < 1e-4, name
 
 
+@both_families
 def test_shared_prefix_with_activation_checkpointing_and_training_mode(tiny_checkpoint, tiny_processor):
     G = 4
     batch = make_batch(tiny_processor, [1.0, 2.5])
@@ -135,6 +156,7 @@ def test_shared_prefix_with_activation_checkpointing_and_training_mode(tiny_chec
     assert (grads[1] - grads[0]).norm() / grads[0].norm() < 1e-4
 
 
+@both_families
 def test_shared_prefix_in_bfloat16_stays_close(tiny_checkpoint, tiny_processor):
     G = 2
     batch = make_batch(tiny_processor, [1.0, 2.0])
@@ -146,6 +168,7 @@ def test_shared_prefix_in_bfloat16_stays_close(tiny_checkpoint, tiny_processor):
     torch.testing.assert_close(ours, ref, atol=0.1, rtol=0.05)  # bf16 rounding of different summations
 
 
+@both_families
 def test_an_attention_without_4d_masks_falls_back_to_the_per_row_path(tiny_model, tiny_processor, monkeypatch):
     """flash_attention_2 takes no 4-D mask: it must get G rows per prompt, not the block mask."""
     import models.policy as policy
@@ -156,7 +179,7 @@ def test_an_attention_without_4d_masks_falls_back_to_the_per_row_path(tiny_model
     calls = []
     monkeypatch.setattr(policy, "completion_logprobs", lambda model, embeds, mask, ids, **kw: calls.append(
         (embeds.shape[0], mask.shape[0], ids.shape[0])) or "per-row")
-    monkeypatch.setattr(tiny_model.model.language_model.config, "_attn_implementation", "flash_attention_2")
+    monkeypatch.setattr(text_decoder(tiny_model).config, "_attn_implementation", "flash_attention_2")
     with torch.no_grad():
         embeds = prompt_embeddings(tiny_model, **batch)
         assert policy.group_logprobs(tiny_model, embeds, batch["attention_mask"], ids) == "per-row"

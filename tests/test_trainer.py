@@ -293,6 +293,8 @@ VARIANT_OVERRIDES = {  # the GRPO family through the trainer (grpo/algorithm.py,
     "sapo+kl_iw": ["algorithm.policy_loss_type=sapo", "algorithm.kl_importance_weighted=true"],
     "dual_clip+entropy": ["algorithm.clip_ratio_c=3", "algorithm.top_entropy_fraction=0.3",
                           "algorithm.loss_type=dr_grpo"],
+    "luspo": ["algorithm.loss_type=luspo", "algorithm.importance_level=sequence"],
+    "vespo": ["algorithm.policy_loss_type=vespo", "algorithm.loss_type=token_mean", "algorithm.vespo_k_pos=1.5"],
 }
 
 
@@ -374,6 +376,66 @@ def test_rollout_adds_the_overlong_punishment_and_normalises_each_reward(world, 
     totals = seen["round"].rewards.reshape(-1)
     assert totals.tolist() == pytest.approx([sum(weights[k].item() * per_reward[i, k].item() for k in range(len(names)))
                                              for i in range(len(totals))])
+
+
+@pytest.mark.parametrize("mode", ["is_token", "is_sequence", "rs_geometric"])
+def test_rollout_correction_scales_the_gradient_by_the_sampler_weight(world, tmp_path, mode):
+    """With the sampler's log-probs off the trainer's (log pi_sampler = log pi_old - delta),
+    algorithm.rollout_is_level gives the gradient of the loss whose tokens carry the weight
+    min(pi_old / pi_sampler, cap) (at its level), and rollout_rs_level that of the loss whose
+    tokens outside the band are dropped: the same gradient as the trajectory with those
+    weights given as token weights, and not the uncorrected one. The weights' statistics are logged."""
+    from dataclasses import replace
+
+    from grpo.config import load_config
+    from grpo.metrics import update_metrics
+    from grpo.step import policy_update, rollout
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+
+    cfg = load_config(TINY, short_run(world, tmp_path / "rc")[2:] + [
+        "checkpointing.save_on_signal=false", "logging.tensorboard=false", "optimizer.max_grad_norm=0",
+        "algorithm.mu=2", "rollout.max_new_tokens=6", "algorithm.micro_batch_prompts=2"])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    traj, _ = rollout(trainer.context(), step=0)
+    g = torch.Generator().manual_seed(0)
+    n, T = traj.mask.shape
+    lengths = torch.randint(1, T + 1, (n,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    delta = 0.4 * torch.randn(n, T, generator=g)  # log pi_old - log pi_sampler
+    traj = traj._replace(mask=mask, total_tokens=int(mask.sum()), advantages=torch.randn(n, generator=g),
+                         sampler_logp=traj.old_logp - delta)
+    class Capture(torch.optim.SGD):  # an optimizer that keeps the gradient it is given and moves nothing
+        def step(self, closure=None):
+            self.captured = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    def gradient(trajectory, **keys):
+        algorithm = replace(cfg.algorithm, **{"rollout_is_level": "none", "rollout_rs_level": "none", **keys})
+        optimizer = Capture(trainer.model.parameters(), lr=0.0)
+        ctx = replace(trainer.context(), optimizer=optimizer, cfg=replace(cfg, algorithm=algorithm))
+        seen = policy_update(ctx, trainer.counters, trajectory)
+        return optimizer.captured, update_metrics(seen, 0.0, trainer.device)
+
+    if mode == "rs_geometric":
+        ratio = torch.exp((delta * mask).sum(1, keepdim=True) / lengths[:, None]).expand(n, T)
+        expected_weights = ((ratio >= 0.8) & (ratio <= 1.2) & mask).float()
+        corrected, metrics = gradient(traj, rollout_rs_level="geometric", rollout_rs_low=0.8, rollout_rs_high=1.2)
+        assert metrics["train/rollout_rs/rejected_frac"] == pytest.approx(
+            1 - expected_weights.sum().item() / mask.sum().item(), rel=1e-5)
+    else:
+        level = mode.split("_")[1]
+        log_w = delta * mask if level == "token" else (delta * mask).sum(1, keepdim=True).expand(n, T)
+        expected_weights = torch.exp(log_w).clamp(max=1.5) * mask
+        corrected, metrics = gradient(traj, rollout_is_level=level, rollout_is_cap=1.5)
+        assert metrics["train/rollout_is/mean"] == pytest.approx(torch.exp(log_w)[mask].mean().item(), rel=1e-5)
+        assert 0 < metrics["train/rollout_is/truncated_frac"] < 1
+    assert 0 < expected_weights[mask].ne(1).float().mean()  # the weights are not all 1: the test can see them
+    by_hand, _ = gradient(traj._replace(token_weights=expected_weights))
+    plain, _ = gradient(traj)
+    assert corrected and any(v.abs().max() > 0 for v in corrected.values())
+    for name, value in corrected.items():
+        torch.testing.assert_close(value, by_hand[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert any(not torch.allclose(value, plain[name], atol=1e-6, rtol=1e-4) for name, value in corrected.items())
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -593,6 +655,30 @@ def test_resume_from_an_older_checkpoint_of_the_same_run_rewrites_its_tail(world
     assert max_weight_difference(final_export(out), final) < 1e-6
 
 
+@pytest.mark.slow
+def test_resume_across_a_reference_sync_equals_the_uninterrupted_run(world, tmp_path):
+    """ref_sync_every=2, alpha 0.5: the checkpoint of GRPO step 2 (step SAVE_AT) is written after
+    that step's sync, so the run resumed from it starts GRPO steps 3-4 with the moved reference
+    (the KL says which reference it used) and ends at the uninterrupted run's weights. (With
+    LoRA the sync is the merge whose resume tests/test_lora.py checks after the warm-up; the
+    short LoRA run earns no reward, so its KL stays 0 and could not tell the references apart.)"""
+    extra = ["algorithm.ref_sync_alpha=0.5"]
+    whole, out = tmp_path / "whole", tmp_path / "resumed"
+    args = [*short_run(world, whole), "algorithm.ref_sync_every=2", f"checkpointing.every={SAVE_AT}",
+            "checkpointing.keep_last=2", *extra]
+    train(args)
+    checkpoint = whole / "checkpoints" / f"step_{SAVE_AT}"
+    assert (checkpoint / "trainer_state.json").is_file()
+    train([*[a.replace(str(whole), str(out)) for a in args], "--resume", str(checkpoint)])
+    resumed, reference = history(out), history(whole)
+    assert [r["step"] for r in resumed] == list(range(SAVE_AT + 1, WARMUP + GRPO_STEPS + 1))
+    for a, b in zip(resumed, reference[SAVE_AT:]):
+        for key in ("train/kl", "train/loss", "train/reward"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    assert reference[SAVE_AT]["train/kl"] > 0  # the policy and the reference differ: the KL tells which reference
+    assert max_weight_difference(final_export(out), final_export(whole)) < 1e-6
+
+
 def test_resume_with_another_number_of_processes_is_refused(world, one_process_run, tmp_path):
     checkpoint = one_process_run / "checkpoints" / f"step_{SAVE_AT}"
     proc = train([*short_run(world, tmp_path / "r"), "--resume", str(checkpoint)], nproc=2, check=False)
@@ -674,3 +760,27 @@ def test_control_silent_audio_stays_at_chance(learning):
     assert _final_accuracy(rows) <= 0.65
     late, _ = _train_accuracy(rows, 25)
     assert late <= 0.65
+
+
+def test_a_qwen2_5_omni_thinker_trains_and_exports_a_plain_checkpoint(world, tmp_path):
+    """The trainer on the tiny Qwen2.5-Omni thinker (chosen from its config.json): a short
+    warm-up and GRPO steps with the reference, KL and mu = 2, then an export that plain
+    transformers loads as the thinker, in the hub's key layout, with the weights moved."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from data.synthetic import synthetic_corpus
+    from models.tiny import build_tiny_checkpoint
+
+    omni = build_tiny_checkpoint(tmp_path / "omni", family="qwen2_5_omni", seed=0, corpus=synthetic_corpus())
+    out = tmp_path / "run"
+    train(short_run({**world, "model": omni}, out, "logging.tensorboard=false"))
+    rows = history(out)
+    grpo = [r for r in rows if r["train/phase"] == 1.0]
+    assert len(grpo) == GRPO_STEPS and all(math.isfinite(r["train/kl"]) and math.isfinite(r["train/loss"]) for r in grpo)
+    assert any(abs(r["train/ratio_mean"] - 1.0) > 1e-6 for r in grpo)  # mu = 2: the policy moved
+    export = final_export(out)
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(export)
+    trained = weights(export)
+    assert torch.equal(model.lm_head.weight.detach(), trained["lm_head.weight"])
+    assert "model.layers.0.self_attn.q_proj.weight" in trained  # the thinker's hub layout
+    assert max_weight_difference(export, omni) > 1e-3

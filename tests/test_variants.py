@@ -21,6 +21,7 @@ from grpo.algorithm import (
     high_entropy_mask,
     multi_reward_advantages,
     policy_loss,
+    rollout_correction,
     rollout_importance_weights,
     rollout_rejection_mask,
 )
@@ -71,9 +72,17 @@ def naive_term(kind, logp_it, old_it, A, *, eps_low, eps_high, c, tau_pos, tau_n
     raise AssertionError(kind)
 
 
+def naive_vespo_weight(log_w: float, A: float, shape) -> float:
+    """phi(w) = w^k e^(lambda (1 - w)) of the sequence ratio w = e^log_w, a number."""
+    k_pos, lambda_pos, k_neg, lambda_neg = shape
+    k, lam = (k_pos, lambda_pos) if A >= 0 else (k_neg, lambda_neg)
+    w = math.exp(log_w)
+    return w ** k * math.exp(lam * (1 - w))
+
+
 def naive_loss(logp, old_logp, ref_logp, advantages, mask, *, kind, level, loss_type, beta=0.0,
                eps_low=0.2, eps_high=0.28, c=None, tau_pos=1.0, tau_neg=1.05, weights=None,
-               kl_iw=False):
+               kl_iw=False, vespo_shape=(2.0, 3.0, 3.0, 2.0)):
     Bn, Tn = logp.shape
     total_tokens = sum(bool(mask[i][t]) for i in range(Bn) for t in range(Tn))
     loss = torch.zeros((), dtype=DTYPE)
@@ -91,6 +100,8 @@ def naive_loss(logp, old_logp, ref_logp, advantages, mask, *, kind, level, loss_
                 clipped = torch.clamp(x, -eps_low, eps_high)
                 logs.append(torch.minimum(x, clipped) if A >= 0 else torch.maximum(x, clipped))
             seq = torch.exp(sum(logs) / len(tokens))
+        if kind == "vespo":  # the product of the token ratios, then the gamma weight (a number)
+            phi = naive_vespo_weight(sum(logp[i, t].item() - old_logp[i][t] for t in tokens), A, vespo_shape)
         total = torch.zeros((), dtype=DTYPE)
         for t in tokens:
             if level == "token":
@@ -99,6 +110,8 @@ def naive_loss(logp, old_logp, ref_logp, advantages, mask, *, kind, level, loss_
                 rho = s_i * torch.exp(logp[i, t] - logp[i, t].item())
             if kind == "gmpo":
                 p = -A * seq
+            elif kind == "vespo":
+                p = -phi * A * logp[i, t]
             else:
                 p = naive_term(kind, logp[i, t], old_logp[i][t], A, eps_low=eps_low, eps_high=eps_high, c=c,
                                tau_pos=tau_pos, tau_neg=tau_neg, rho=rho)
@@ -112,7 +125,7 @@ def naive_loss(logp, old_logp, ref_logp, advantages, mask, *, kind, level, loss_
                 p = p + beta * k
             total = total + p
         loss = loss + (total / len(tokens) if loss_type == "grpo" else total)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "luspo"):  # luspo: each completion's sum over its tokens, over N
         return loss / Bn
     if loss_type == "token_mean":
         return loss / total_tokens
@@ -129,8 +142,11 @@ VARIANTS = {  # name -> policy_loss keyword arguments (naive_loss reads the same
     "token_weights": dict(weights=True),
     "kl_importance_weighted": dict(beta=0.1, kl_importance_weighted=True),
     "sapo_kl": dict(policy_loss_type="sapo", beta=0.1),
+    "vespo": dict(policy_loss_type="vespo"),
+    "vespo_shape": dict(policy_loss_type="vespo", vespo_shape=(1.5, 0.7, 4.0, 3.5)),
+    "vespo_kl": dict(policy_loss_type="vespo", beta=0.1, kl_importance_weighted=True),
 }
-CASES = list(product(VARIANTS, ("token", "sequence"), ("grpo", "token_mean", "dr_grpo")))
+CASES = list(product(VARIANTS, ("token", "sequence"), ("grpo", "token_mean", "dr_grpo", "luspo")))
 
 
 def split_kwargs(options: dict, weights: torch.Tensor):
@@ -142,7 +158,8 @@ def split_kwargs(options: dict, weights: torch.Tensor):
                  c=options.get("clip_ratio_c"), tau_pos=options.get("sapo_tau_pos", 1.0),
                  tau_neg=options.get("sapo_tau_neg", 1.05),
                  weights=weights.tolist() if options.get("weights") else None,
-                 kl_iw=options.get("kl_importance_weighted", False))
+                 kl_iw=options.get("kl_importance_weighted", False),
+                vespo_shape=options.get("vespo_shape", (2.0, 3.0, 3.0, 2.0)))
     fast.setdefault("eps_low", 0.2)
     fast.setdefault("eps_high", 0.28)
     return fast, naive
@@ -189,13 +206,13 @@ def test_dual_clip_holds_the_gradient_at_zero_past_c():
     assert loss.item() == pytest.approx(3.0) and logp.grad.item() == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize("kind", ["cispo", "sapo", "gmpo"])
-@pytest.mark.parametrize("loss_type", ["grpo", "token_mean"])
+@pytest.mark.parametrize("kind", ["cispo", "sapo", "gmpo", "vespo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "token_mean", "luspo"])
 def test_on_policy_gradient_equals_grpo(kind, loss_type):
     """With pi_old = pi_theta (mu = 1) every variant's gradient is GRPO's: -A grad log pi,
     aggregated the same way (CISPO's weight is 1, SAPO's gate has slope 1 at rho = 1, GMPO's
-    geometric mean has gradient mean_t grad log pi = GRPO's under "grpo"). For GMPO under
-    token_mean it is |o_i| times that mean, again GRPO's sum."""
+    geometric mean has gradient mean_t grad log pi = GRPO's under "grpo", VESPO's phi(1) = 1).
+    For GMPO under token_mean and luspo it is |o_i| times that mean, again GRPO's sum."""
     logp, _, _, _, adv, mask = random_batch(7)
     grads = []
     for policy_loss_type in ("clip", kind):
@@ -267,6 +284,106 @@ def test_importance_weighted_kl_gradient_is_the_kl_gradient():
     assert not torch.allclose(plain, expected_grad, rtol=1e-3)
 
 
+# ----------------------------------------------------------------------------------------
+# VESPO and LUSPO: what each is for, and the peer's formula
+# ----------------------------------------------------------------------------------------
+
+
+def test_vespo_weight_is_a_gamma_kernel_of_the_sequence_ratio():
+    """phi(1) = 1; phi is largest at w = k / lambda and falls towards 0 on both sides; the
+    ratio is the product over the completion's tokens (no length normalisation); A >= 0 and
+    A < 0 use their own (k, lambda)."""
+    from grpo.algorithm import vespo_weights
+
+    shape = (2.0, 3.0, 3.0, 2.0)
+    log_w = torch.tensor([0.0, math.log(2 / 3), math.log(0.1), math.log(4.0), math.log(1.5), math.log(1.5)],
+                         dtype=DTYPE)
+    old = torch.zeros(6, 2, dtype=DTYPE)
+    logp = torch.stack([log_w / 2, log_w / 2], dim=1)  # two tokens whose ratios multiply to w
+    adv = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, -1.0], dtype=DTYPE)
+    phi = vespo_weights(logp, old, adv, torch.ones(6, 2, dtype=torch.bool), shape).squeeze(1)
+    expected = [naive_vespo_weight(x, a, shape) for x, a in zip(log_w.tolist(), adv.tolist())]
+    assert phi.tolist() == pytest.approx(expected, rel=1e-12)
+    assert phi[0].item() == pytest.approx(1.0)
+    assert phi[1] > phi[0] > phi[4] > phi[3] and phi[1] > phi[2]  # peak at w = k / lambda = 2/3
+    assert phi[5] != phi[4]  # a negative advantage uses (k_neg, lambda_neg)
+    assert not phi.requires_grad
+
+
+def test_vespo_damps_the_gradient_of_an_off_policy_completion():
+    """Two completions with the same advantage, one on-policy, one whose sequence ratio has
+    run to 4: the second's gradient is phi(4) = 4^2 e^(3 (1 - 4)) of the first's."""
+    logp = torch.tensor([[0.0, 0.0], [math.log(2.0), math.log(2.0)]], dtype=DTYPE, requires_grad=True)
+    old, mask = torch.zeros(2, 2, dtype=DTYPE), torch.ones(2, 2, dtype=torch.bool)
+    loss, _ = policy_loss(logp, old, torch.tensor([1.0, 1.0], dtype=DTYPE), mask, policy_loss_type="vespo",
+                          loss_type="token_mean")
+    loss.backward()
+    assert (logp.grad[1] / logp.grad[0]).tolist() == pytest.approx([16 * math.exp(-9)] * 2, rel=1e-12)
+
+
+def test_luspo_weighs_each_completion_by_its_length():
+    """With the sequence ratio, LUSPO's term for completion i is |o_i| times GSPO's: the
+    gradient of each row is |o_i| times its gradient under "grpo" aggregation."""
+    logp, old_logp, _, _, adv, mask = random_batch(11)
+    grads = {}
+    for loss_type in ("grpo", "luspo"):
+        leaf = logp.clone().requires_grad_(True)
+        loss, _ = policy_loss(leaf, old_logp, adv, mask, importance_level="sequence", loss_type=loss_type)
+        loss.backward()
+        grads[loss_type] = leaf.grad
+    lengths = mask.sum(dim=1, keepdim=True).to(DTYPE)
+    torch.testing.assert_close(grads["luspo"], grads["grpo"] * lengths, rtol=1e-12, atol=1e-14)
+    assert (lengths > 1).any() and grads["luspo"].abs().sum() > 0
+
+
+def trl_style_loss(logp, old_logp, ref_logp, adv, mask, kind, beta, eps_low=0.2, eps_high=0.28,
+                   shape=(2.0, 3.0, 3.0, 2.0)):
+    """TRL GRPOTrainer's loss for loss_type "luspo" (importance_sampling_level "sequence") and
+    "vespo", written out from its trainer's documented steps as masked [B, T] tensor algebra:
+
+      luspo: coef = exp(masked mean of log-ratio) [B, 1]; term = -min(coef A, clip(coef) A);
+             plus beta k3; loss = mean over rows of (term * mask).sum over tokens.
+      vespo: w = exp(sum of log-ratio) (clamped in log space to [log 1e-8, 20]); phi =
+             exp(lambda + k log w - lambda w), detached; term = -phi A log pi; plus beta k3;
+             loss = (term * mask).sum() / number of loss tokens.
+    """
+    m = mask.to(DTYPE)
+    A = adv.unsqueeze(1)
+    log_ratio = logp - old_logp
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    if kind == "luspo":
+        coef = torch.exp((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0))
+        term = -torch.minimum(coef * A, coef.clamp(1 - eps_low, 1 + eps_high) * A) + beta * kl
+        return (term * m).sum(-1).mean()
+    k_pos, lambda_pos, k_neg, lambda_neg = shape
+    log_w = (log_ratio.detach().clamp(-20, 20) * m).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
+    k = torch.where(A >= 0, torch.tensor(k_pos, dtype=DTYPE), torch.tensor(k_neg, dtype=DTYPE))
+    lam = torch.where(A >= 0, torch.tensor(lambda_pos, dtype=DTYPE), torch.tensor(lambda_neg, dtype=DTYPE))
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    term = -phi * A * logp + beta * kl
+    return (term * m).sum() / m.sum()
+
+
+@pytest.mark.parametrize("kind", ["luspo", "vespo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_equals_trl_formula(kind, beta):
+    """LUSPO is loss_type "luspo" with importance_level "sequence"; VESPO is policy_loss_type
+    "vespo" with loss_type "token_mean" (TRL reduces it as it does DAPO's). Both equal TRL's
+    formula in value and gradient (inputs clean at masked positions: TRL multiplies by the mask)."""
+    logp, old_logp, ref_logp, _, adv, mask = random_batch(12)
+    old_logp, ref_logp, logp = old_logp.nan_to_num(0.0), ref_logp.nan_to_num(0.0), torch.where(mask, logp, 0.0)
+    options = (dict(loss_type="luspo", importance_level="sequence") if kind == "luspo"
+               else dict(policy_loss_type="vespo", loss_type="token_mean"))
+    ours_leaf, peer_leaf = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
+    ours, _ = policy_loss(ours_leaf, old_logp, adv, mask, ref_logp=ref_logp, beta=beta, eps_low=0.2,
+                          eps_high=0.28, **options)
+    peer = trl_style_loss(peer_leaf, old_logp, ref_logp, adv, mask, kind, beta)
+    ours.backward()
+    peer.backward()
+    assert ours.item() == pytest.approx(peer.item(), rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(ours_leaf.grad, peer_leaf.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_variant_arguments_are_checked():
     logp, old_logp, _, _, adv, mask = random_batch(0)
     with pytest.raises(ValueError, match="policy loss type"):
@@ -279,6 +396,10 @@ def test_variant_arguments_are_checked():
         policy_loss(logp, old_logp, adv, mask, policy_loss_type="sapo", sapo_tau_neg=0.0)
     with pytest.raises(ValueError, match="token_weights"):
         policy_loss(logp, old_logp, adv, mask, token_weights=torch.ones(B, T + 1))
+    with pytest.raises(ValueError, match="vespo_shape"):
+        policy_loss(logp, old_logp, adv, mask, policy_loss_type="vespo", vespo_shape=(2.0, 0.0, 3.0, 2.0))
+    with pytest.raises(ValueError, match="vespo_shape"):
+        policy_loss(logp, old_logp, adv, mask, policy_loss_type="vespo", vespo_shape=(-1.0, 3.0, 3.0, 2.0))
 
 
 # ----------------------------------------------------------------------------------------
@@ -448,6 +569,51 @@ def test_rollout_weights_of_huge_ratios_stay_finite():
         rollout_importance_weights(torch.zeros(1, 3), torch.zeros(1, 3), mask, cap=0.0)
     with pytest.raises(ValueError, match="low <= high"):
         rollout_rejection_mask(torch.zeros(1, 3), torch.zeros(1, 3), mask, low=2.0, high=1.0)
+
+
+@pytest.mark.parametrize("is_level,rs_level", [("token", "none"), ("none", "sequence"), ("geometric", "token"),
+                                               ("sequence", "geometric")])
+def test_rollout_correction_is_the_product_of_its_factors(is_level, rs_level):
+    """w = token_weights * min(exp(log-ratio at is_level), cap) * 1[band at rs_level], token by
+    token, and the stats are the means over loss tokens; in policy_loss, the gradient of each
+    token is scaled by exactly that w."""
+    logp, old_logp, _, entropy_weights, adv, mask = random_batch(13)
+    trainer = old_logp.nan_to_num(0.0)
+    sampler = trainer + 0.4 * torch.randn(B, T, generator=torch.Generator().manual_seed(4), dtype=DTYPE)
+    weights, stats = rollout_correction(trainer, sampler, mask, entropy_weights, is_level=is_level, is_cap=1.3,
+                                        rs_level=rs_level, rs_low=0.6, rs_high=1.6)
+    lists = trainer.tolist(), sampler.tolist(), mask.tolist()
+    is_logs = naive_log_weights(*lists, is_level) if is_level != "none" else None
+    rs_logs = naive_log_weights(*lists, rs_level) if rs_level != "none" else None
+    loss_tokens = [(i, t) for i in range(B) for t in range(T) if mask[i, t]]
+    for i, t in product(range(B), range(T)):
+        expected = float(entropy_weights[i, t]) if mask[i, t] else 0.0
+        if is_logs:
+            expected *= min(math.exp(is_logs[i][t]), 1.3)
+        if rs_logs:
+            expected *= 0.6 <= math.exp(rs_logs[i][t]) <= 1.6
+        assert weights[i, t].item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    if is_logs:
+        raws = [math.exp(is_logs[i][t]) for i, t in loss_tokens]
+        assert stats["rollout_is/mean"].item() == pytest.approx(sum(raws) / len(raws), rel=1e-12)
+        assert stats["rollout_is/truncated_frac"].item() == pytest.approx(sum(r > 1.3 for r in raws) / len(raws))
+    if rs_logs:
+        raws = [math.exp(rs_logs[i][t]) for i, t in loss_tokens]
+        assert stats["rollout_rs/rejected_frac"].item() == pytest.approx(
+            sum(not 0.6 <= r <= 1.6 for r in raws) / len(raws))
+    assert set(stats) == ({"rollout_is/mean", "rollout_is/truncated_frac"} if is_logs else set()) | (
+        {"rollout_rs/rejected_frac"} if rs_logs else set())
+    assert not torch.allclose(weights, entropy_weights * mask)  # the correction acts
+
+
+def test_rollout_correction_off_is_the_identity_and_needs_the_sampler():
+    logp, old_logp, _, weights, _, mask = random_batch(14)
+    assert rollout_correction(old_logp, None, mask, weights) == (weights, {})
+    assert rollout_correction(old_logp, None, mask) == (None, {})
+    with pytest.raises(ValueError, match="sampler"):
+        rollout_correction(old_logp, None, mask, is_level="token")
+    with pytest.raises(ValueError, match="importance-sampling level"):
+        rollout_correction(old_logp, old_logp, mask, is_level="tokens")
 
 
 # ----------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ packages come from the editable install.)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_step import BUILT_MODELS, checkpoint_setup, repeat_prompts, timed
+from benchmarks.bench_step import BUILT_MODELS, checkpoint_setup, repeat_prompts, timed, write_json
 from grpo.rollout import completion_seeds
 from models.policy import generate, policy_logprobs, prompt_embeddings, token_logprobs
 
@@ -183,9 +182,7 @@ def main(argv=None):
     print(f"{'what':24} {'naive s':>9} {'ours s':>9} {'speed-up':>9}  note")
     for name, r in result["rows"].items():
         print(f"{name:24} {r['naive_s']:9.3f} {r['ours_s']:9.3f} {r['speedup']:8.2f}x  {r['note']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(result, args.json)
     return result
 
 

@@ -2,14 +2,17 @@
 
 The goal: ours at least 3x faster per step than naive at R1-AQA's shape on GPU.
 
-One step, in five phases timed separately (as `grpo/trainer.py` runs it):
+Each step is the trainer's own step, ``grpo.step.rollout`` then ``grpo.step.policy_update``
+(the same advantages, micro-batches, loss share, backward, clip and optimizer step); a mode
+gives it its pieces: how it samples the benchmark's fixed prompts (``StepContext.rounds_from``)
+and how it computes log-probs (``StepContext.logprobs``). Five phases, timed separately:
 
     rollout           B prompts x G completions x T new tokens (no gradients)
     reference         log pi_ref of the completions, no gradients (only when algorithm.beta > 0)
     old_logprobs      log pi_old of the completions, no gradients (only when algorithm.mu > 1)
     forward_backward  log pi_theta with gradients, the GRPO loss, backward (micro-batch by
                       micro-batch; mu passes)
-    optimizer         gradient-norm clip and optimizer step (mu of them)
+    optimizer         the optimizer step (mu of them; the gradient-norm clip counts in forward_backward)
 
 Settings come from a training config (`--config FILE section.key=value ...`, read by
 grpo.config.load_config): the model (model.path, built when model.build_tiny and absent),
@@ -89,6 +92,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -97,6 +101,7 @@ import yaml
 
 from data.datasets import Sample
 from grpo.algorithm import completion_mask, group_advantages, policy_loss
+from grpo.step import Counters, Round, StepContext, policy_update, rollout
 from grpo.config import Config, load_config, to_dict
 from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions, slice_prompts
 from models.loading import (enable_activation_checkpointing, end_token_ids, load_generation_config, load_model,
@@ -261,8 +266,8 @@ def ours_generate(model, prompts, s, G, step, chunk_prompts=None, real_frames=Tr
     # the trainer's rollout: one row seed per completion (counter-based sampling)
     B = prompts["input_ids"].shape[0]
     seeds = completion_seeds(0, step, 0, list(range(B)), G)
-    return sample_completions(model, prompts, s, group_size=G, chunk_prompts=chunk_prompts or B,
-                              row_seeds=seeds, real_frames=real_frames)  # [N, T]
+    return sample_completions(model, prompts, s, group_size=G, chunk_prompts=chunk_prompts or B, row_seeds=seeds,
+                              real_frames=real_frames, return_logprobs=True)  # [N, T], the sampler's log-probs [N, T]
 
 
 def ours_logprobs(model, prompts, ids, G, temperature, with_entropy=False, shared_prefix=True, real_frames=True):
@@ -441,84 +446,104 @@ class Bench:
         self.B = setup.prompts["input_ids"].shape[0]
         self.N = self.B * self.G
         self.T = setup.settings.max_new_tokens
-        mb = cfg.algorithm.micro_batch_prompts
-        self.micro_batches = [(lo, min(lo + mb, self.B)) for lo in range(0, self.B, mb)]
         # tokens through one log-prob pass: the real prompt tokens of every row, plus T per completion
         self.pass_tokens = int(setup.prompts["attention_mask"].sum()) * self.G + self.N * self.T
-        self.params = [p for p in setup.model.parameters() if p.requires_grad]
 
 
-def logprobs_no_grad(bench, logprobs_fn, ids):
-    """log pi of the completions, micro-batch by micro-batch, no gradients: [N, T]."""
-    prompts, G, s = bench.setup.prompts, bench.G, bench.setup.settings
-    with torch.no_grad():
-        return torch.cat([logprobs_fn(bench.setup.model, slice_prompts(prompts, lo, hi), ids[lo * G:hi * G], G,
-                                      s.temperature) for lo, hi in bench.micro_batches])
+def as_entry_point(logprobs_fn):
+    """A mode's log-prob function (model, prompts, ids, G, temperature, with_entropy) with the
+    signature of models.policy.policy_logprobs, the step's ``StepContext.logprobs``: micro-batches
+    inside, and zeros for the entropy where the mode computes none (TRL 0.14 logs no entropy)."""
+    def logprobs(model, prompts, ids, *, temperature, with_entropy=False, micro_batch_prompts=None, **_switches):
+        B = prompts["input_ids"].shape[0]
+        G, m = ids.shape[0] // B, micro_batch_prompts or B
+        parts = []
+        for lo in range(0, B, m):
+            out = logprobs_fn(model, slice_prompts(prompts, lo, lo + m), ids[lo * G:(lo + m) * G], G, temperature,
+                              with_entropy=with_entropy)
+            parts.append(out if isinstance(out, tuple) or not with_entropy else (out, torch.zeros_like(out)))
+        if with_entropy:
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return torch.cat(parts)
+    return logprobs
+
+
+class TimedOptimizer:
+    """The run's optimizer, its steps timed and their peak memory kept apart from the
+    forward/backward's (the step calls ``step`` once per pass, after clipping)."""
+
+    def __init__(self, optimizer, device):
+        self.optimizer, self.device = optimizer, device
+        self.seconds, self.peak, self.forward_backward_peak = 0.0, 0.0, 0.0
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def step(self):
+        sync(self.device)
+        self.forward_backward_peak = max(self.forward_backward_peak, peak_gb(self.device))
+        reset_peak(self.device)
+        t0 = time.perf_counter()
+        self.optimizer.step()
+        sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        self.peak = max(self.peak, peak_gb(self.device))
+        reset_peak(self.device)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
 def grpo_step(bench, mode, step):
-    """One GRPO step in `mode`: {phase: (seconds, peak GB)}, the loss and the trained tokens."""
+    """One GRPO step in ``mode``: the trainer's own ``grpo.step.rollout`` and ``policy_update``,
+    given the mode's pieces (how it samples, how it computes log-probs) and the benchmark's
+    fixed prompts with random 0/1 rewards. Returns {phase: (seconds, peak GB)} and the loss."""
     setup, cfg, device, G = bench.setup, bench.cfg, bench.device, bench.G
     model, prompts, s = setup.model, setup.prompts, setup.settings
-    a = cfg.algorithm
     generate_fn, logprobs_fn = MODES[mode]
-    phases = {}
+    entry_point, peaks, no_grad_peaks = as_entry_point(logprobs_fn), {}, []
 
-    model.eval()
-    ids, t, mem = timed(device, lambda: generate_fn(model, prompts, s, G, step,
-                                                    chunk_prompts=cfg.rollout.generation_batch_prompts))
-    phases["rollout"] = (t, mem)
-    if ids.shape != (bench.N, bench.T):
-        raise RuntimeError(f"{mode}: completions {tuple(ids.shape)}, expected {(bench.N, bench.T)}")
-    mask = completion_mask(ids, s.end_token_ids)  # [N, T], all true: the end tokens are suppressed
-    rewards = torch.randint(0, 2, (bench.N,), generator=torch.Generator().manual_seed(step)).float()
-    advantages = group_advantages(rewards, G, scale=a.advantage_scale, eps=a.advantage_eps).to(device)  # [N]
-    total_tokens = int(mask.sum())
+    def fixed_round(ctx, step_, round_):  # the step's stages 1-2: the benchmark's prompts, random rewards
+        draw = step * 1000 + round_  # a dynamic-sampling round samples the same prompts again, other draws
+        out, _, peak = timed(device, lambda: generate_fn(
+            model, prompts, s, G, draw, chunk_prompts=cfg.rollout.generation_batch_prompts))
+        peaks["rollout"] = max(peaks.get("rollout", 0.0), peak)
+        ids, sampler_logp = out if isinstance(out, tuple) else (out, None)  # naive: generate keeps none
+        if ids.shape != (bench.N, bench.T):
+            raise RuntimeError(f"{mode}: completions {tuple(ids.shape)}, expected {(bench.N, bench.T)}")
+        rewards = torch.randint(0, 2, (bench.N,), generator=torch.Generator().manual_seed(draw)).float()
+        return Round(samples=[None] * bench.B, waves=[None] * bench.B, prompts=prompts, ids=ids, texts=[""] * bench.N,
+                     rewards=rewards.view(bench.B, G), per_reward={"accuracy": rewards.tolist()},  # a random 0/1 accuracy
+                     sampler_logp=sampler_logp)
 
-    ref_logp = old_logp = None
-    if a.beta > 0:
-        ref_logp, t, mem = timed(device, lambda: logprobs_no_grad(bench, logprobs_fn, ids))
-        phases["reference"] = (t, mem)
-    if a.mu > 1:
-        old_logp, t, mem = timed(device, lambda: logprobs_no_grad(bench, logprobs_fn, ids))
-        phases["old_logprobs"] = (t, mem)
+    def logprobs(*args, **kwargs):  # the passes without gradients measured one by one (pi_old, then pi_ref)
+        if torch.is_grad_enabled():
+            return entry_point(*args, **kwargs)
+        out, _, peak = timed(device, lambda: entry_point(*args, **kwargs))
+        no_grad_peaks.append(peak)
+        return out
 
-    def forward_backward():
-        model.train()
-        loss_total = 0.0
-        for lo, hi in bench.micro_batches:
-            c = slice(lo * G, hi * G)
-            out = logprobs_fn(model, slice_prompts(prompts, lo, hi), ids[c], G, s.temperature,
-                              with_entropy=mode != "naive")  # the trainer logs the entropy
-            logp, entropy = out if isinstance(out, tuple) else (out, None)
-            old = old_logp[c] if old_logp is not None else logp.detach()
-            loss, stats = policy_loss(
-                logp, old, advantages[c], mask[c], ref_logp=None if ref_logp is None else ref_logp[c], beta=a.beta,
-                kl_estimator=a.kl_estimator, eps_low=a.eps_low, eps_high=a.eps_high,
-                importance_level=a.importance_level, loss_type=a.loss_type, max_completion_length=bench.T,
-                total_sequences=bench.N, total_tokens=total_tokens)
-            loss.backward()
-            loss_total += loss.item()
-            if entropy is not None:
-                float((entropy.detach() * mask[c]).sum())
-        return loss_total
-
-    def optimizer_step():
-        max_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.max_grad_norm > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(bench.params, max_norm))
-        bench.optimizer.step()
-        bench.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    fb, opt = [], []
-    for _ in range(a.mu):
-        loss, t, mem = timed(device, forward_backward)
-        fb.append((t, mem))
-        _, t, mem = timed(device, optimizer_step)
-        opt.append((t, mem))
-    phases["forward_backward"] = (sum(t for t, _ in fb), max(m for _, m in fb))
-    phases["optimizer"] = (sum(t for t, _ in opt), max(m for _, m in opt))
-    return phases, loss
+    optimizer = TimedOptimizer(bench.optimizer, device)
+    ctx = StepContext(cfg=cfg, model=model, reference=model if cfg.algorithm.beta > 0 else None,
+                      optimizer=optimizer, sampling=s, stream=None, device=device,
+                      processor=SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=s.pad_token_id)),
+                      total_updates=10**9, rounds_from=fixed_round, logprobs=logprobs)
+    traj, seen = rollout(ctx, step)  # the reference pass reuses the policy's weights: the same compute
+    reset_peak(device)
+    update = policy_update(ctx, Counters(), traj)
+    phases = {"rollout": (seen.seconds["rollout"], peaks["rollout"])}
+    if cfg.algorithm.beta > 0:
+        phases["reference"] = (seen.seconds["reference"], no_grad_peaks[-1])
+    if cfg.algorithm.mu > 1:
+        phases["old_logprobs"] = (seen.seconds["old_logp"], no_grad_peaks[0])
+    phases["forward_backward"] = (update.seconds - optimizer.seconds, optimizer.forward_backward_peak)
+    phases["optimizer"] = (optimizer.seconds, optimizer.peak)
+    return phases, update.losses[-1]
 
 
 def summarize(bench, steps, loss):
@@ -573,7 +598,7 @@ def cross_check(bench):
     setup, device, G, a = bench.setup, bench.device, bench.G, bench.cfg.algorithm
     model, prompts, s = setup.model, setup.prompts, setup.settings
     model.eval()  # no dropout: the two forwards must see the same function
-    ids = ours_generate(model, prompts, s, G, step=12345)
+    ids, _ = ours_generate(model, prompts, s, G, step=12345)
     N = ids.shape[0]
     rewards = torch.tensor([float(i % 2) for i in range(N)])  # distinct rewards in every group
     advantages = group_advantages(rewards, G).to(device)
@@ -738,6 +763,7 @@ def speedups(modes, slow, fast):
 
 
 def write_json(results, path):
+    """The benchmark's results as indented JSON at ``path`` (its folder made), when a path is given."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(results, indent=2))

@@ -98,23 +98,23 @@ def write_model_dir(shape: str, out: Path, text_layers: int | None = None) -> Pa
 def random_weights():
     """The trainer's model loader replaced by one that builds random weights on the device
     (the same weights for the policy and a reference copy: one seed)."""
-    import grpo.trainer as trainer_module
+    import grpo.setup as setup_module
     from transformers import AutoConfig
 
     from models.tiny import random_model
 
-    original = trainer_module.load_model
+    original = setup_module.load_model
 
     def load(path, *, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         config._attn_implementation = attn_implementation
         return random_model(config, seed=0, dtype=dtype, device=device)
 
-    trainer_module.load_model = load
+    setup_module.load_model = load
     try:
         yield
     finally:
-        trainer_module.load_model = original
+        setup_module.load_model = original
 
 
 # --------------------------------------------------------------------------- measuring a phase
@@ -128,28 +128,34 @@ class PhaseMeter:
         self.device, self.held, self.phases = device, held, {}
 
     def wrap(self, name: str, fn):
+        """``fn`` measured as phase ``name`` at each call."""
         def measured(*args, **kwargs):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-                t0 = time.perf_counter()
-                out = fn(*args, **kwargs)
-                torch.cuda.synchronize(self.device)
-                seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated(self.device)
-            else:
-                from benchmarks.plan_check import LiveTensors
-
-                tracker, held = LiveTensors(), self.held()
-                t0 = time.perf_counter()
-                with tracker.mode:
-                    out = fn(*args, **kwargs)
-                seconds, peak = time.perf_counter() - t0, held + tracker.peak
-            entry = self.phases.setdefault(name, {"seconds": 0.0, "peak_bytes": 0, "calls": 0})
-            entry["seconds"] += seconds
-            entry["peak_bytes"] = max(entry["peak_bytes"], peak)
-            entry["calls"] += 1
-            return out
+            with self.span(name):
+                return fn(*args, **kwargs)
         return measured
+
+    @contextmanager
+    def span(self, name: str):
+        """The block measured as phase ``name``."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            t0 = time.perf_counter()
+            yield
+            torch.cuda.synchronize(self.device)
+            seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated(self.device)
+        else:
+            from benchmarks.plan_check import LiveTensors
+
+            tracker, held = LiveTensors(), self.held()
+            t0 = time.perf_counter()
+            with tracker.mode:
+                yield
+            seconds, peak = time.perf_counter() - t0, held + tracker.peak
+        entry = self.phases.setdefault(name, {"seconds": 0.0, "peak_bytes": 0, "calls": 0})
+        entry["seconds"] += seconds
+        entry["peak_bytes"] = max(entry["peak_bytes"], peak)
+        entry["calls"] += 1
 
 
 def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
@@ -207,6 +213,7 @@ def layers_that_fit(recipe, shape, work, data, device, budget_bytes) -> tuple[in
 def run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: torch.device) -> dict:
     """One warm-up and one measured GRPO step of the recipe through the trainer, per phase."""
     from benchmarks.plan_check import tensor_bytes
+    import grpo.step as grpo
     from grpo.memory_plan import plan_memory
     from grpo.trainer import Trainer
     from models.distributed import DistInfo
@@ -219,21 +226,31 @@ def run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: tor
     trainer.sampling.suppress_token_ids = sorted(set(trainer.sampling.suppress_token_ids) | set(ends))
     meter = PhaseMeter(device, held=lambda: tensor_bytes(trainer))
     shapes = []
-    original_round = trainer._sample_round
+    originals = {name: getattr(grpo, name) for name in ("sample_round", "reference_policy", "policy_update")}
 
-    def sample_round(step, round_):
-        r = original_round(step, round_)
+    def sample_round(ctx, step, round_):
+        r = originals["sample_round"](ctx, step, round_)
         shapes.append((r.prompts["input_ids"].shape[1], r.ids.shape[1],
                        int(r.prompts["feature_attention_mask"].sum(-1).max()) / 100))
         return r
 
+    @contextmanager
+    def timed_reference(ctx):  # the block of the step that runs the reference pass
+        with meter.span("reference"), originals["reference_policy"](ctx) as reference:
+            yield reference
+
     try:
         trainer.grpo_step()  # warm-up: lazy initialisations, AdamW's state
         trainer.step += 1
-        trainer._sample_round = meter.wrap("rollout", sample_round)
-        trainer._reference_logprobs = meter.wrap("reference", trainer._reference_logprobs)
-        trainer.policy_update = meter.wrap("update", trainer.policy_update)
-        metrics = trainer.grpo_step()
+        # the step's own stages, timed where the step calls them
+        grpo.sample_round = meter.wrap("rollout", sample_round)
+        grpo.reference_policy = lambda ctx: timed_reference(ctx)
+        grpo.policy_update = meter.wrap("update", originals["policy_update"])
+        try:
+            metrics = trainer.grpo_step()
+        finally:
+            for name, fn in originals.items():
+                setattr(grpo, name, fn)
         trainer.step += 1
         eval_gap = decode = None
         if recipe == "lora":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 import time
@@ -49,6 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.plan_check import SHAPES, build_model  # noqa: E402
+from benchmarks.bench_step import write_json  # noqa: E402
 
 LORA = dict(rank=16, alpha=32, targets=["decoder"])
 
@@ -274,9 +274,7 @@ def main(argv=None) -> dict:
                   f"{e['identical_prefix_tokens']} of {e['compared_tokens']} tokens ({e['distinct_tokens']} distinct; "
                   f"{e['exported_dtype']}); its log-probs of that answer differ by mean "
                   f"{e['logprob_abs_diff']['mean']:.2e} max {e['logprob_abs_diff']['max']:.2e}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(result, args.json)
     return result
 
 

@@ -4,14 +4,12 @@ rescoring of any predictions file (``evaluate.py --score-only``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from data.scoring import ordered_groups, read_predictions, score_report
 from evaluation.answers import write_json
 from evaluation.config import EvalConfig, dataset_path
-
-if TYPE_CHECKING:
-    from evaluation.sweep import CheckpointResult
+from evaluation.results import CheckpointResult
 
 
 def format_scores_table(scores: dict, *, title: str = "", notes: Sequence[str] = ()) -> str:

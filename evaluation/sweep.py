@@ -45,9 +45,8 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -70,24 +69,19 @@ from evaluation.config import (
     output_dir,
     tensorboard_dir,
 )
+from evaluation.results import CheckpointRef, CheckpointResult
 from evaluation.report import format_scores_table, format_summary, summary_json, write_tensorboard
 from grpo import manifest
 from grpo.checkpoint import STEP_DIR, list_exports, step_of
 from grpo.config import ConfigError
 from grpo.rollout import sampling_settings
+from models.collectives import broadcast_object, gather_objects
 from models.distributed import DistInfo, barrier, init_distributed
 from models.loading import CheckpointError, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    name: str  # output folder name, unique among the checkpoints of one invocation
-    path: Path  # the transformers-format directory
-    step: int  # parsed from step_<N> in the path; 0 for a base model
 
 
 
@@ -150,16 +144,6 @@ def resolve_checkpoints(paths: Sequence[str | Path]) -> list[CheckpointRef]:
 
 
 
-@dataclass
-class CheckpointResult:
-    checkpoint: CheckpointRef
-    out_dir: Path
-    scores: dict | None  # None for a benchmark without answers
-    missing_audio: list[str]  # ids of the questions skipped (unreadable audio or over-long prompt)
-    left_out: int  # questions left out of the scores (skip_missing_audio)
-    reused: bool  # predictions reused from an earlier run
-
-
 # --------------------------------------------------------------------------- distribution
 
 
@@ -176,23 +160,6 @@ def init_dist(device_setting: str) -> DistInfo:
             device = torch.device(device_setting)
         return DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     return init_distributed(device=None if device_setting == "auto" else device_setting)
-
-
-def _broadcast(d: DistInfo, value: Any) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    if d.world_size == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(d: DistInfo, value: Any) -> list[Any]:
-    if d.world_size == 1:
-        return [value]
-    out: list[Any] = [None] * d.world_size
-    dist.all_gather_object(out, value)
-    return out
 
 
 # --------------------------------------------------------------------------- data
@@ -329,7 +296,7 @@ def _generate_missing(config, ckpt, samples, fingerprint, out_dir, force, d: Dis
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    gathered = _gather(d, [g.to_json() for g in new])
+    gathered = gather_objects([g.to_json() for g in new])
     if not d.is_main:
         return {}
     merged = dict(done)
@@ -351,7 +318,7 @@ def evaluate_checkpoint(config: EvalConfig, ckpt: CheckpointRef, samples: Sequen
     out_dir = output_dir(config) / ckpt.name
     fingerprint = _fingerprint(config, ckpt, samples)
     results = None if force or not d.is_main else previous_results(out_dir, fingerprint, samples)
-    reused = _broadcast(d, results is not None)
+    reused = broadcast_object(results is not None)
     started = time.time()
     if not reused:
         results = _generate_missing(config, ckpt, samples, fingerprint, out_dir, force, d)

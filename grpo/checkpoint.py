@@ -67,6 +67,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from grpo import manifest
+from models.collectives import gather_objects
 from models.distributed import barrier
 
 log = logging.getLogger(__name__)
@@ -413,11 +414,7 @@ def _describe(err: BaseException) -> tuple[str, int | None]:
 def _agree(failure: tuple[str, int | None] | None) -> tuple[str, int | None] | None:
     """Every rank's failure of a save phase, agreed on: the first with an errno (the cause, not
     a rank told of it), else the first; None when every rank succeeded. A collective."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return failure
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, failure)
-    failed = [f for f in every if f is not None]
+    failed = [f for f in gather_objects(failure) if f is not None]
     return (sorted(failed, key=lambda f: f[1] is None)[0]) if failed else None
 
 
@@ -427,7 +424,7 @@ def newest_complete(run_dir: str | Path) -> str:
     return f"{full[-1]} (step {step_of(full[-1])})" if full else "none (no complete checkpoint yet)"
 
 
-def save_checkpoint(
+def save_training_state(
     run_dir: str | Path,
     step: int,
     model,
@@ -439,7 +436,7 @@ def save_checkpoint(
     keep_last: int,
     export_fn=None,
     extra_models: dict | None = None,
-    frozen: bool = True,
+    with_frozen: bool = True,
 ) -> Path:
     """Write the full training state of ``step``; every rank calls this.
 
@@ -456,7 +453,7 @@ def save_checkpoint(
     no permission, a quota) removes the temporary directory and raises SaveError on every
     rank, naming the path, the error and the newest complete checkpoint.
 
-    ``frozen=False`` leaves frozen parameters out of the model state (LoRA: the base
+    ``with_frozen=False`` leaves frozen parameters out of the model state (LoRA: the base
     weights are those of the model's own directory, only the adapters are saved).
     """
     root = Path(run_dir) / "checkpoints"
@@ -482,7 +479,7 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
 
     def write_state():
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(frozen))
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(with_frozen))
         state = {"model": model_sd, "optim": optim_sd}
         state.update({name: get_model_state_dict(m) for name, m in (extra_models or {}).items()})
         dcp.save(state, checkpoint_id=str(tmp / "state"))
@@ -526,19 +523,19 @@ def _prune(run_dir: str | Path, keep_last: int) -> None:
             (path / name).unlink()
 
 
-def _options(frozen: bool) -> StateDictOptions | None:
+def _options(with_frozen: bool) -> StateDictOptions | None:
     # None keeps torch's defaults, so a run without LoRA saves and loads exactly as before.
     # Without the frozen weights, loading is not strict about them (they stay as loaded
     # from model.path); dcp.load still fails on any key the checkpoint lacks.
-    return None if frozen else StateDictOptions(ignore_frozen_params=True, strict=False)
+    return None if with_frozen else StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
-def load_checkpoint(path: str | Path, model, optimizer, *, rank: int, extra_models: dict | None = None,
-                    frozen: bool = True, verify: bool = True) -> tuple[dict, dict]:
+def load_training_state(path: str | Path, model, optimizer, *, rank: int, extra_models: dict | None = None,
+                    with_frozen: bool = True, verify: bool = True) -> tuple[dict, dict]:
     """Load model, optimizer (and ``extra_models``) in place; return (trainer_state, this rank's state).
 
     The run must have as many ranks as the one that saved it: data positions and RNG
-    states are per rank. ``frozen``: as given to ``save_checkpoint``. ``verify=False``
+    states are per rank. ``with_frozen``: as given to ``save_training_state``. ``verify=False``
     skips the manifest check when the caller has just done it (``resolve_resume``).
     Everything that could be refused is read before the model or optimizer changes: the
     manifest check, this rank's state, the metadata and the non-tensor values. (A tensor
@@ -564,7 +561,7 @@ def load_checkpoint(path: str | Path, model, optimizer, *, rank: int, extra_mode
         raise ResumeError(f"{rank_file} is missing: resume with the same number of processes as the saved run")
     rank_state = load_rank_state(rank_file)  # an unsafe file is refused before anything changes
     check_dcp_values(path / "state")
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(frozen))
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(with_frozen))
     state = {"model": model_sd, "optim": optim_sd}
     state.update({name: get_model_state_dict(m) for name, m in (extra_models or {}).items()})
     try:
@@ -576,7 +573,7 @@ def load_checkpoint(path: str | Path, model, optimizer, *, rank: int, extra_mode
             raise refused[0] from None
         raise ResumeError(f"{path / 'state'} cannot be loaded ({_describe(err)[0]})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_options(frozen))
+                   options=_options(with_frozen))
     for name, m in (extra_models or {}).items():
         set_model_state_dict(m, state[name])
     set_rng_state(rank_state.pop("rng"))

@@ -35,6 +35,8 @@ from pathlib import Path, PurePosixPath
 
 import torch.distributed as dist
 
+from models.collectives import gather_objects
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 BLOCK_BYTES = 64 * 2**20
@@ -57,16 +59,6 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _gather(value):
-    """Every rank's ``value``, in rank order (collective when there are several ranks)."""
-    rank, world = _world()
-    if world == 1:
-        return [value]
-    out = [None] * world
-    dist.all_gather_object(out, value)
-    return out
 
 
 def _n_blocks(size: int, block: int) -> int:
@@ -95,7 +87,7 @@ def _hash_share(root: Path, blocks: list[tuple[str, int]], block: int) -> dict[t
     with ThreadPoolExecutor(_threads()) as pool:
         hashed = list(pool.map(one, mine))
     merged = {}
-    for part in _gather(list(zip(mine, hashed))):
+    for part in gather_objects(list(zip(mine, hashed))):
         merged.update({tuple(item): h for item, h in part})
     return merged
 

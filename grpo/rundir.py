@@ -258,3 +258,15 @@ def record_config(run_dir: str | Path, config: Config, checkpoint: Path | None, 
     save_config(config, written)
     logger.info("the resumed run's configuration is in %s (%s keeps the original)", written, target)
     return written
+
+
+def truncate_history(run_dir: str | Path, step: int) -> None:
+    """Drop the lines of ``history.jsonl`` after ``step``: a run that crashed after its last
+    checkpoint logged steps that the resumed run will log again."""
+    path = Path(run_dir) / "history.jsonl"
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            path.write_text("".join(kept))
+            logger.info("history.jsonl: dropped %d line(s) after step %d", len(lines) - len(kept), step)

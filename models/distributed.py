@@ -49,6 +49,7 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 
+from models.collectives import broadcast_object
 from models.loading import save_checkpoint
 from models.policy import audio_tower, text_decoder
 
@@ -569,7 +570,7 @@ def export_checkpoint(
             error = exc
     # Share rank 0's outcome instead of a bare barrier: if writing failed, every rank
     # raises rather than waiting forever for rank 0.
-    failed = _broadcast_from_main(None if error is None else repr(error))
+    failed = broadcast_object(None if error is None else repr(error))  # a barrier as well
     if error is not None:
         raise error
     if failed is not None:
@@ -602,12 +603,3 @@ def _write_atomically(state, model, processor, generation_config, out_dir: Path,
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def _broadcast_from_main(obj):
-    """Rank 0's ``obj`` on every rank (a barrier as well); ``obj`` itself for one process."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -117,10 +117,6 @@ class LoRALinear(nn.Linear):
         low = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # [..., r]
         return y + F.linear(low, self.lora_B.to(x.dtype)) * self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) B A: [out, in] in fp32."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
 
@@ -155,8 +151,9 @@ def lora_modules(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """What an adapter adds to its layer's weight, (alpha / r) B A: A [r, in], B [out, r] -> [out, in], in fp32."""
+    return (lora_B.float() @ lora_A.float()) * scaling
 
 
 def is_adapter_key(name: str) -> bool:
@@ -208,7 +205,7 @@ def merge_adapters_(model: nn.Module, *, seed: int = 0) -> None:
     """
     for i, m in enumerate(lora_modules(model)):
         A, B = _local(m.lora_A).float(), _local(m.lora_B).float()
-        _assign(m.weight, (B @ A) * m.scaling, add=True)  # [out, in]
+        _assign(m.weight, lora_delta(A, B, m.scaling), add=True)  # [out, in]
         bound = 1.0 / math.sqrt(m.in_features)  # kaiming_uniform_(a=sqrt(5)), as reset_adapter
         gen = torch.Generator().manual_seed(seed * 100_003 + i)
         _assign(m.lora_A, torch.empty(A.shape).uniform_(-bound, bound, generator=gen))
@@ -226,7 +223,7 @@ def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[st
         if key.endswith(".lora_A"):
             prefix = key[: -len(".lora_A")]
             w = state[prefix + ".weight"]
-            delta = (state[prefix + ".lora_B"].float() @ state[key].float()) * scaling  # [out, in]
+            delta = lora_delta(state[key], state[prefix + ".lora_B"], scaling)  # [out, in]
             merged[prefix + ".weight"] = (w.float() + delta).to(w.dtype)
     return merged
 

@@ -16,6 +16,9 @@ else of the model is called from here):
 (Qwen2.5-Omni's thinker: its encoder, which ends with its own projection, and its decoder,
 found by `audio_tower` and `text_decoder` wherever the transformers release puts them.)
 
+`policy_logprobs` is the one log-prob entry point of training; `group_logprobs` (each prompt
+once per group) and `completion_logprobs` (one row per completion) are its two bodies.
+
 Two exact savings over the stock forward (same outputs, up to float summation order):
     - the audio encoder runs over each batch's real frames (plus the convolutions' margin),
       not the whole 30 s window: its attention masks the padding, so the outputs at real
@@ -294,19 +297,30 @@ def group_logprobs(model, prompt_embeds, prompt_mask, completion_ids, *, tempera
 
 
 def policy_logprobs(model, prompts, completion_ids, *, temperature=1.0, with_entropy=False, shared_prefix=True,
-                    real_frames=True, chunk_size=1024):
+                    real_frames=True, chunk_size=1024, micro_batch_prompts=None):
     """log pi(o_t | q, o_<t) [N, T] (and entropy [N, T]) of G completions per prompt, from the
-    processor's batch: the log-prob pass of the trainer (reference, old policy, update).
+    processor's batch: the one log-prob entry point of training (the old policy, the
+    reference, the update, the supervised step).
 
     prompts: input_ids [B, P], attention_mask [B, P], input_features [B, M, F],
     feature_attention_mask [B, F]; completion_ids [N, T], N = B * G, grouped by prompt.
     Each clip through the encoder once (over its real frames with `real_frames`); each prompt
     through the decoder once per group with `shared_prefix` (`group_logprobs`), else once per
     completion (`completion_logprobs` on G copies). Both switches change the cost, not the result.
+    `micro_batch_prompts`: that many prompts (with their completions) per forward, the results
+    concatenated (the passes without gradients; the update calls it per micro-batch itself,
+    with a backward after each).
     """
-    G = completion_ids.shape[0] // prompts["input_ids"].shape[0]
-    embeds = prompt_embeddings(model, **prompts, real_frames=real_frames)  # [B, P, H]
+    B = prompts["input_ids"].shape[0]
+    G = completion_ids.shape[0] // B
     kw = dict(temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+    if micro_batch_prompts:
+        parts = [policy_logprobs(model, {k: v[lo:lo + micro_batch_prompts] for k, v in prompts.items()},
+                                 completion_ids[lo * G:(lo + micro_batch_prompts) * G], shared_prefix=shared_prefix,
+                                 real_frames=real_frames, **kw)
+                 for lo in range(0, B, micro_batch_prompts)]
+        return tuple(torch.cat(p) for p in zip(*parts)) if with_entropy else torch.cat(parts)
+    embeds = prompt_embeddings(model, **prompts, real_frames=real_frames)  # [B, P, H]
     if shared_prefix:
         return group_logprobs(model, embeds, prompts["attention_mask"], completion_ids, **kw)
     return completion_logprobs(model, embeds.repeat_interleave(G, dim=0),

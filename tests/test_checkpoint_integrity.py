@@ -20,9 +20,9 @@ from grpo.checkpoint import (
     ResumeError,
     SaveError,
     checkpoint_problem,
-    load_checkpoint,
+    load_training_state,
     resolve_resume,
-    save_checkpoint,
+    save_training_state,
 )
 
 
@@ -48,7 +48,7 @@ def _model_and_optimizer(seed=0):
 
 
 def _save(run, step, model, optimizer, keep_last=3, **kwargs):
-    return save_checkpoint(run, step, model, optimizer, {"update": step}, {"stream": {"position": step}}, rank=0,
+    return save_training_state(run, step, model, optimizer, {"update": step}, {"stream": {"position": step}}, rank=0,
                            keep_last=keep_last, **kwargs)
 
 
@@ -93,7 +93,7 @@ def test_dcp_metadata_that_would_run_code_is_refused_before_anything_changes(run
     manifest.write(ckpt, manifest.record(ckpt))
     before = _snapshot(model, optimizer)
     with pytest.raises(ResumeError, match=r"step_2/state/\.metadata: refused to load.*os\.system|posix\.system"):
-        load_checkpoint(ckpt, model, optimizer, rank=0)
+        load_training_state(ckpt, model, optimizer, rank=0)
     assert not marker.exists(), "the pickled call ran"
     assert _unchanged(model, optimizer, before)
 
@@ -128,7 +128,7 @@ def test_a_dcp_value_that_would_run_code_is_refused_before_anything_changes(run_
     manifest.write(ckpt, manifest.record(ckpt))
     before = _snapshot(model, optimizer)
     with pytest.raises(ResumeError, match=r"__0_0\.distcp \(optim\.param_groups\.0\.lr\): refused to load"):
-        load_checkpoint(ckpt, model, optimizer, rank=0)
+        load_training_state(ckpt, model, optimizer, rank=0)
     assert not marker.exists(), "the pickled call ran"
     assert _unchanged(model, optimizer, before)
 
@@ -139,7 +139,7 @@ def test_a_checkpoint_round_trips_through_the_restricted_readers(tmp_path):
     path = _save(tmp_path / "run", 3, model, optimizer)
     fresh, fresh_optimizer = _model_and_optimizer(seed=4)
     fresh.to(torch.bfloat16)
-    trainer_state, rank_state = load_checkpoint(path, fresh, fresh_optimizer, rank=0)
+    trainer_state, rank_state = load_training_state(path, fresh, fresh_optimizer, rank=0)
     assert trainer_state["step"] == 3 and rank_state["stream"] == {"position": 3}
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
     assert fresh_optimizer.param_groups[0]["lr"] == 1e-3
@@ -173,7 +173,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_newest_that_ve
     harm(ckpt / name)
     before = _snapshot(model, optimizer)
     for attempt in (lambda: resolve_resume(run, "latest"), lambda: resolve_resume(run, str(ckpt)),
-                    lambda: load_checkpoint(ckpt, model, optimizer, rank=0)):
+                    lambda: load_training_state(ckpt, model, optimizer, rank=0)):
         with pytest.raises(ResumeError, match=says) as err:
             attempt()
         message = str(err.value)

@@ -173,7 +173,7 @@ def saved_checkpoint(tmp_path_factory):
     """A real (small) checkpoint: a two-layer model and AdamW after one step."""
     import torch
 
-    from grpo.checkpoint import save_checkpoint
+    from grpo.checkpoint import save_training_state
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
@@ -181,7 +181,7 @@ def saved_checkpoint(tmp_path_factory):
     model(torch.randn(2, 3)).sum().backward()
     optimizer.step()
     run = tmp_path_factory.mktemp("fuzz-run")
-    path = save_checkpoint(run, 1, model, optimizer, {"update": 1}, {"stream": {}}, rank=0, keep_last=1)
+    path = save_training_state(run, 1, model, optimizer, {"update": 1}, {"stream": {}}, rank=0, keep_last=1)
     return path, model, optimizer
 
 
@@ -218,7 +218,7 @@ def test_the_checkpoint_verifier_and_loader_accept_or_name_the_file(saved_checkp
     import torch
 
     from grpo import manifest
-    from grpo.checkpoint import ResumeError, checkpoint_problem, load_checkpoint
+    from grpo.checkpoint import ResumeError, checkpoint_problem, load_training_state
 
     original, model, optimizer = saved_checkpoint
     folder = Path(tempfile.mkdtemp(prefix="fuzz-ckpt-"))
@@ -235,7 +235,7 @@ def test_the_checkpoint_verifier_and_loader_accept_or_name_the_file(saved_checkp
             assert any(name in problem for name in FILES), problem
         before = [p.detach().clone() for p in model.parameters()]
         try:
-            load_checkpoint(path, model, optimizer, rank=0)
+            load_training_state(path, model, optimizer, rank=0)
             assert problem is None
         except ResumeError as err:
             assert str(path) in str(err)

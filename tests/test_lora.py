@@ -197,8 +197,9 @@ def lora_run(world, out: Path, *extra: str) -> list[str]:
 
 
 def test_the_trainer_reference_is_the_base_with_adapters_off(world, tmp_path):
-    """Trainer._reference_logprobs with LoRA: no reference copy is built, and log pi_ref is the
+    """The step's reference with LoRA: no reference copy is built, and log pi_ref is the
     separately loaded base model's (before the warm-up merged anything)."""
+    from grpo.step import reference_policy
     from grpo.config import load_config
     from grpo.rollout import prompt_batch
     from grpo.trainer import Trainer
@@ -218,9 +219,11 @@ def test_the_trainer_reference_is_the_base_with_adapters_off(world, tmp_path):
         ids = torch.randint(0, 300, (2 * 4, 5), generator=torch.Generator().manual_seed(0))
         trainer.model.eval()
         with torch.no_grad():
-            ref = trainer._reference_logprobs(inputs, ids)
+            with reference_policy(trainer.context()) as reference:
+                assert reference is trainer.model
+                ref = policy_logprobs(reference, inputs, ids)
             base = policy_logprobs(load_model(world["model"]).eval(), inputs, ids)
-            policy = trainer._logprobs(trainer.model, inputs, ids)
+            policy = policy_logprobs(trainer.model, inputs, ids)
         assert ref.shape == (8, 5) and torch.equal(ref, base)
         assert (policy - base).abs().max() > 1e-3
     finally:
@@ -235,7 +238,10 @@ def test_without_kl_there_is_no_reference_pass(world, tmp_path):
     cfg = load_config(TINY, lora_run(world, tmp_path / "run")[2:] + ["algorithm.beta=0"])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     try:
-        assert trainer._reference_logprobs({}, torch.zeros(1, 1)) is None
+        from grpo.step import reference_policy
+
+        with reference_policy(trainer.context()) as reference:
+            assert reference is None
     finally:
         trainer.close()
 

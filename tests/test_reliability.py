@@ -238,7 +238,7 @@ class _RunsCode:
 def test_a_rank_file_with_a_pickled_callable_is_refused(tmp_path):
     import torch
 
-    from grpo.checkpoint import COMPLETE, ResumeError, load_checkpoint
+    from grpo.checkpoint import COMPLETE, ResumeError, load_training_state
 
     ckpt = tmp_path / "checkpoints" / "step_3"
     (ckpt / "state").mkdir(parents=True)
@@ -247,7 +247,7 @@ def test_a_rank_file_with_a_pickled_callable_is_refused(tmp_path):
     torch.save({"rng": _RunsCode(marker), "stream": {}}, ckpt / "rank0.pt")
     with pytest.raises(ResumeError, match=r"rank0.pt: refused to load: it holds Python objects"):
         # refused before the model is touched (verify=False: the rank file is what is tested)
-        load_checkpoint(ckpt, model=None, optimizer=None, rank=0, verify=False)
+        load_training_state(ckpt, model=None, optimizer=None, rank=0, verify=False)
     assert not marker.exists(), "the pickled call ran"
 
 
@@ -378,17 +378,19 @@ def test_a_failure_inside_a_step_saves_the_last_completed_step(small_world, tmp_
     resumed.close()
 
 
-def test_a_failure_after_the_weights_changed_saves_nothing_half_done(small_world, tmp_path):
-    trainer = make_trainer(small_world, tmp_path / "run", "run.steps=4", "checkpointing.every=1")
-    real_update = trainer.policy_update
+def test_a_failure_after_the_weights_changed_saves_nothing_half_done(small_world, tmp_path, monkeypatch):
+    import grpo.step
 
-    def update_then_fail(traj):
-        metrics = real_update(traj)
+    trainer = make_trainer(small_world, tmp_path / "run", "run.steps=4", "checkpointing.every=1")
+    real_update = grpo.step.policy_update
+
+    def update_then_fail(ctx, counters, traj):
+        seen = real_update(ctx, counters, traj)
         if trainer.step == 2:
             raise RuntimeError("failed after the optimizer step")
-        return metrics
+        return seen
 
-    trainer.policy_update = update_then_fail
+    monkeypatch.setattr(grpo.step, "policy_update", update_then_fail)
     with pytest.raises(RuntimeError, match="after the optimizer step"):
         trainer.train()
     assert _complete_checkpoints(tmp_path / "run") == [1, 2]  # every=1: steps 1 and 2, and no 'step 3'
@@ -913,18 +915,18 @@ def test_each_steps_curves_and_history_line_are_on_disk_when_the_step_is_logged(
     monkeypatch.setattr(RecordWriter, "write", lambda self, data: (time.sleep(0.02), write(self, data))[1])
     trainer = make_trainer(small_world, tmp_path / "run", "run.steps=3", "logging.tensorboard=true")
     seen = []  # per step: (steps with curves on disk, history lines on disk)
-    log_step, write_history = trainer._log, trainer._write_history
+    log_step, write_history = trainer.log.metrics, trainer.log.history
 
-    def logged(metrics):
-        log_step(metrics)
+    def logged(*args):
+        log_step(*args)
         seen.append(_scalar_steps(tmp_path / "run" / "tb", "train/phase"))  # the step's last scalar
 
-    def written(metrics):
-        write_history(metrics)
+    def written(*args):
+        write_history(*args)
         seen[-1] = (seen[-1], len((tmp_path / "run" / "history.jsonl").read_text().splitlines()))
 
-    monkeypatch.setattr(trainer, "_log", logged)
-    monkeypatch.setattr(trainer, "_write_history", written)
+    monkeypatch.setattr(trainer.log, "metrics", logged)
+    monkeypatch.setattr(trainer.log, "history", written)
     trainer.train()
     trainer.close()
     assert seen == [([1], 1), ([1, 2], 2), ([1, 2, 3], 3)]

@@ -184,3 +184,22 @@ def test_an_attention_without_4d_masks_falls_back_to_the_per_row_path(tiny_model
         embeds = prompt_embeddings(tiny_model, **batch)
         assert policy.group_logprobs(tiny_model, embeds, batch["attention_mask"], ids) == "per-row"
     assert calls == [(2 * G, 2 * G, 2 * G)]
+
+
+def test_the_entry_point_in_micro_batches_gives_each_prompts_own_scores(tiny_model, tiny_processor):
+    """policy_logprobs(micro_batch_prompts=m): each slice of m prompts with its G completions
+    scored alone, concatenated in order: the same log-probs and entropies as one pass over
+    the batch (up to the rounding of other batch shapes), and as each prompt's own pass."""
+    from models.policy import policy_logprobs
+
+    G = 2
+    batch = make_batch(tiny_processor, [1.0, 2.5, 0.5])
+    ids = ragged_completions(tiny_processor, 3 * G, 5, seed=3)
+    with torch.no_grad():
+        whole, whole_entropy = policy_logprobs(tiny_model, batch, ids, with_entropy=True)
+        parts, parts_entropy = policy_logprobs(tiny_model, batch, ids, with_entropy=True, micro_batch_prompts=2)
+        alone = policy_logprobs(tiny_model, {k: v[2:3] for k, v in batch.items()}, ids[4:6])
+    assert parts.shape == whole.shape == (3 * G, 5)
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(parts_entropy, whole_entropy, atol=1e-5, rtol=1e-5)
+    assert torch.equal(parts[4:6], alone), "the last micro-batch is that prompt's own pass"

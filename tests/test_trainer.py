@@ -203,19 +203,23 @@ def test_non_finite_updates_are_skipped_counted_and_finally_stop_the_run(world, 
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
 
+    from grpo.step import optimizer_step
+
+    counters = trainer.counters
+
     def poisoned_step():
         for p in params:
             p.grad = torch.ones_like(p)
         params[0].grad[0] = float("nan")
-        return trainer._optimizer_step(1.0)
+        return optimizer_step(trainer.context(), counters, 1.0)
 
     assert math.isnan(poisoned_step())
     assert all(torch.equal(p, b) for p, b in zip(params, before)), "a non-finite update must not touch the weights"
-    assert (trainer.nonfinite_in_a_row, trainer.nonfinite_total, trainer.update) == (1, 1, 0)
+    assert (counters.nonfinite_in_a_row, counters.nonfinite_total, counters.update) == (1, 1, 0)
     for p in params:  # a finite update resets the run of failures
         p.grad = torch.ones_like(p)
-    trainer._optimizer_step(1.0)
-    assert (trainer.nonfinite_in_a_row, trainer.nonfinite_total, trainer.update) == (0, 1, 1)
+    optimizer_step(trainer.context(), counters, 1.0)
+    assert (counters.nonfinite_in_a_row, counters.nonfinite_total, counters.update) == (0, 1, 1)
     assert not all(torch.equal(p, b) for p, b in zip(params, before))
     poisoned_step()
     with pytest.raises(FloatingPointError, match="max_nonfinite_steps=2"):
@@ -252,7 +256,9 @@ def test_the_label_free_warm_up_never_sees_the_answers(world, tmp_path):
     assert all(s.answer != a for s, a in zip(trainer.train_samples, right)), "every answer is moved"
     changed = [n for n in weights[0] if not torch.equal(weights[0][n], weights[1][n])]
     assert not changed, changed
-    start = {n: p for n, p in trainer._load_model(trainable=False).named_parameters()}
+    from grpo.setup import load_policy_model
+
+    start = {n: p for n, p in load_policy_model(cfg, trainer.device, fsdp=False, trainable=False).named_parameters()}
     assert any(not torch.equal(weights[0][n], start[n]) for n in start), "the warm-up steps must train"
 
 
@@ -263,23 +269,22 @@ def test_the_logged_loss_and_gradient_norm_are_means_over_the_mu_passes(world, t
 
     cfg = load_config(TINY, short_run(world, tmp_path / "mu")[2:] + [
         "checkpointing.save_on_signal=false", "logging.tensorboard=false", "algorithm.mu=3", "optimizer.lr=0.05"])
+    from grpo.metrics import update_metrics
+    from grpo.step import policy_update, rollout
+
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    traj, _, _ = trainer.rollout(step=0)
+    traj, _ = rollout(trainer.context(), step=0)
     traj = traj._replace(advantages=torch.randn(traj.advantages.shape, generator=torch.Generator().manual_seed(0)))
-    losses, norms = [], []
-    step = trainer._optimizer_step
-
-    def recording(loss_value, lr=None):
-        losses.append(loss_value)
-        norms.append(step(loss_value, lr=lr))
-        return norms[-1]
-
-    trainer._optimizer_step = recording
-    metrics = trainer.policy_update(traj)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    seen = policy_update(trainer.context(), trainer.counters, traj)
+    metrics = update_metrics(seen, 0.05, trainer.device)
+    moved = any(not torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before))
     trainer.close()
-    assert len(losses) == 3 and len(set(losses)) == 3, "each pass sees the updated policy"
-    assert metrics["train/loss"] == pytest.approx(sum(losses) / 3, rel=1e-12)
-    assert metrics["train/grad_norm"] == pytest.approx(sum(norms) / 3, rel=1e-12)
+    assert moved and trainer.counters.update == 3, "three optimizer steps"
+    assert len(seen.losses) == 3 and len(set(seen.losses)) == 3, "each pass sees the updated policy"
+    assert len(set(seen.norms)) == 3
+    assert metrics["train/loss"] == pytest.approx(sum(seen.losses) / 3, rel=1e-12)
+    assert metrics["train/grad_norm"] == pytest.approx(sum(seen.norms) / 3, rel=1e-12)
 
 
 VARIANT_OVERRIDES = {  # the GRPO family through the trainer (grpo/algorithm.py, "Variants")
@@ -297,9 +302,12 @@ VARIANT_OVERRIDES = {  # the GRPO family through the trainer (grpo/algorithm.py,
                          + list(VARIANT_OVERRIDES.values()),
                          ids=["grpo", "token_mean", "dr_grpo", *VARIANT_OVERRIDES])
 def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, tmp_path, overrides):
-    """The invariance of the GRPO core, through Trainer.policy_update: 4 prompts in 1, 2 or 4
+    """The invariance of the GRPO core, through the step's policy_update: 4 prompts in 1, 2 or 4
     micro-batches accumulate the same gradient (completions of unequal lengths)."""
+    from dataclasses import replace
+
     from grpo.config import load_config
+    from grpo.step import policy_update, rollout
     from grpo.trainer import Trainer
     from models.distributed import DistInfo
 
@@ -307,7 +315,7 @@ def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, t
         "checkpointing.save_on_signal=false", "logging.tensorboard=false", "optimizer.max_grad_norm=0",
         "algorithm.mu=1", "rollout.max_new_tokens=6", *overrides])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    traj, _, _ = trainer.rollout(step=0)
+    traj, _ = rollout(trainer.context(), step=0)
     # an untrained model rarely ends early and gets no reward: give the completions unequal
     # lengths and non-zero advantages by hand
     g = torch.Generator().manual_seed(0)
@@ -316,17 +324,17 @@ def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, t
     mask = torch.arange(T)[None, :] < lengths[:, None]
     traj = traj._replace(mask=mask, total_tokens=int(mask.sum()), advantages=torch.randn(n, generator=g))
 
+    class Capture(torch.optim.SGD):  # an optimizer that keeps the gradient it is given and moves nothing
+        def step(self, closure=None):
+            self.captured = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
     grads = {}
     for micro in (4, 2, 1):
-        captured = {}
-
-        def capture(*args, **kwargs):
-            captured.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-
-        trainer.optimizer.step = capture
-        trainer.cfg.algorithm.micro_batch_prompts = micro
-        trainer.policy_update(traj)
-        grads[micro] = captured
+        optimizer = Capture(trainer.model.parameters(), lr=0.0)
+        ctx = replace(trainer.context(), optimizer=optimizer,
+                      cfg=replace(cfg, algorithm=replace(cfg.algorithm, micro_batch_prompts=micro)))
+        policy_update(ctx, trainer.counters, traj)
+        grads[micro] = optimizer.captured
     assert grads[4] and any(g.abs().max() > 0 for g in grads[4].values())
     if cfg.algorithm.top_entropy_fraction < 1:  # a real selection: some loss tokens out, some in
         kept = traj.token_weights.sum() / (traj.token_weights.numel())
@@ -349,16 +357,13 @@ def test_rollout_adds_the_overlong_punishment_and_normalises_each_reward(world, 
         "checkpointing.save_on_signal=false", "logging.tensorboard=false", "algorithm.mu=1",
         "rollout.max_new_tokens=6", "algorithm.overlong_buffer=4", "algorithm.overlong_penalty=0.5",
         "algorithm.reward_normalization=normalize_each", "algorithm.advantage_baseline=leave_one_out"])
+    from grpo.metrics import rollout_metrics
+    from grpo.step import rollout
+
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    seen = {}
-    sample_round = trainer._sample_round
-
-    def keep(step, round_):
-        seen["round"] = sample_round(step, round_)
-        return seen["round"]
-
-    trainer._sample_round = keep
-    traj, metrics, _ = trainer.rollout(step=0)
+    traj, record = rollout(trainer.context(), step=0)
+    metrics = rollout_metrics(record, trainer.tasks, 4, trainer.device)
+    seen = {"round": record.rounds[0]}  # no dynamic sampling: the one round is the batch
     lengths = traj.mask.sum(dim=1).tolist()
     expected = [soft_overlong_punishment(n, 6, 4) for n in lengths]
     assert seen["round"].per_reward["overlong"] == expected
@@ -380,7 +385,11 @@ def test_rollout_correction_scales_the_gradient_by_the_sampler_weight(world, tmp
     min(pi_old / pi_sampler, cap) (at its level), and rollout_rs_level that of the loss whose
     tokens outside the band are dropped: the same gradient as the trajectory with those
     weights given as token weights, and not the uncorrected one. The weights' statistics are logged."""
+    from dataclasses import replace
+
     from grpo.config import load_config
+    from grpo.metrics import update_metrics
+    from grpo.step import policy_update, rollout
     from grpo.trainer import Trainer
     from models.distributed import DistInfo
 
@@ -388,7 +397,7 @@ def test_rollout_correction_scales_the_gradient_by_the_sampler_weight(world, tmp
         "checkpointing.save_on_signal=false", "logging.tensorboard=false", "optimizer.max_grad_norm=0",
         "algorithm.mu=2", "rollout.max_new_tokens=6", "algorithm.micro_batch_prompts=2"])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    traj, _, _ = trainer.rollout(step=0)
+    traj, _ = rollout(trainer.context(), step=0)
     g = torch.Generator().manual_seed(0)
     n, T = traj.mask.shape
     lengths = torch.randint(1, T + 1, (n,), generator=g)
@@ -396,19 +405,16 @@ def test_rollout_correction_scales_the_gradient_by_the_sampler_weight(world, tmp
     delta = 0.4 * torch.randn(n, T, generator=g)  # log pi_old - log pi_sampler
     traj = traj._replace(mask=mask, total_tokens=int(mask.sum()), advantages=torch.randn(n, generator=g),
                          sampler_logp=traj.old_logp - delta)
-    a = trainer.cfg.algorithm
+    class Capture(torch.optim.SGD):  # an optimizer that keeps the gradient it is given and moves nothing
+        def step(self, closure=None):
+            self.captured = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
     def gradient(trajectory, **keys):
-        for key, value in {"rollout_is_level": "none", "rollout_rs_level": "none", **keys}.items():
-            setattr(a, key, value)
-        captured = {}
-
-        def capture(*args, **kwargs):
-            captured.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-
-        trainer.optimizer.step = capture
-        metrics = trainer.policy_update(trajectory)
-        return captured, metrics
+        algorithm = replace(cfg.algorithm, **{"rollout_is_level": "none", "rollout_rs_level": "none", **keys})
+        optimizer = Capture(trainer.model.parameters(), lr=0.0)
+        ctx = replace(trainer.context(), optimizer=optimizer, cfg=replace(cfg, algorithm=algorithm))
+        seen = policy_update(ctx, trainer.counters, trajectory)
+        return optimizer.captured, update_metrics(seen, 0.0, trainer.device)
 
     if mode == "rs_geometric":
         ratio = torch.exp((delta * mask).sum(1, keepdim=True) / lengths[:, None]).expand(n, T)
@@ -433,7 +439,7 @@ def test_rollout_correction_scales_the_gradient_by_the_sampler_weight(world, tmp
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lora):
+def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lora, monkeypatch):
     """ref_sync_every: after GRPO steps 2 and 4 (not 1, 3) the reference moves. Without LoRA it
     becomes alpha pi_theta + (1 - alpha) pi_ref; with LoRA the adapters are merged, so the
     reference ("adapters off") computes what the policy computed."""
@@ -448,7 +454,12 @@ def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lo
         "algorithm.format_warmup_steps=0", "run.steps=4", "algorithm.ref_sync_every=2",
         "rollout.max_new_tokens=4", "checkpointing.every=0", *extra])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    synced, sync = [], trainer.sync_reference
+    import grpo.step
+
+    synced, sync_reference = [], grpo.step.sync_reference
+
+    def sync():
+        sync_reference(trainer.context())
     ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
 
     def logits(adapters: bool) -> torch.Tensor:
@@ -486,7 +497,7 @@ def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lo
             list(trainer.ref_model.parameters())
         for p in moved:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    trainer.sync_reference = record
+    monkeypatch.setattr(grpo.step, "sync_reference", lambda ctx: record())
     trainer.train()
     trainer.close()
     assert synced == [2, 4]

@@ -63,18 +63,18 @@ policy_loss_type (the per-token policy term p_it; l_it = p_it + beta k_it):
   sapo   p = -(4 / tau) sigmoid(tau (rho - 1)) A,  tau = tau_pos if A > 0  SAPO arXiv:2511.20347
          else tau_neg: a soft gate; its slope is 1 at rho = 1 (the plain
          policy gradient on-policy) and decays smoothly away from it
-  vespo  p = -sg(phi(w_i)) A_i log pi_theta,  w_i = prod_t rho_it            VESPO arXiv:2602.10693
-         phi(w) = w^k e^(lambda (1 - w)): k, lambda = (k_pos, lambda_pos)
-         if A_i >= 0, else (k_neg, lambda_neg). w_i is the whole
-         sequence's ratio (a product, no length normalisation); the
-         gamma-shaped phi (phi(1) = 1, largest at w = k / lambda, -> 0 as w -> 0 or
-         infinity) damps the gradient of a completion that has gone off-policy, softly
-         and per completion; it ignores importance_level
+  vespo  p = -sg(phi(w_i)) A_i log pi_theta,  w_i = prod_t rho_it        VESPO arXiv:2602.10693
+         phi(w) = w^k e^(lambda (1 - w)),  (k, lambda) = (k_pos, lambda_pos) if A_i >= 0,
+         else (k_neg, lambda_neg). w_i is the whole sequence's ratio (a product, no
+         length normalisation); the gamma-shaped phi (phi(1) = 1, largest at
+         w = k / lambda, -> 0 as w -> 0 or infinity) damps, softly and per completion, the
+         gradient of a completion that has gone off-policy; it ignores importance_level
 LUSPO (loss_type "luspo", Liu et al. 2026, arXiv:2602.05261): GSPO's objective weighs every
-  completion equally (1/N sum_i l_i), so a long completion's tokens each count less than a
-  short one's; LUSPO multiplies completion i's term by |o_i|: 1/N sum_i |o_i| l_i. With
-  importance_level "sequence" (the paper's setting; l_it is the same on every token of o_i)
-  that is 1/N sum_i sum_t l_it, the "luspo" aggregation above, whatever policy term it carries.
+  completion equally (1/N sum_i l_i), so each token of a long completion counts less than one
+  of a short completion; LUSPO multiplies completion i's term by |o_i|: 1/N sum_i |o_i| l_i.
+  With importance_level "sequence" (the paper's setting) the policy term is the same on every
+  token of o_i, so that is 1/N sum_i sum_t l_it: the "luspo" aggregation above (which sums the
+  KL term over the tokens too).
 dual clip (clip_ratio_c = c > 1, clip only): for A < 0, p = min(p_clip, -c A): the loss of a
   token whose ratio has run far above 1 with a negative advantage stops growing
   (Dual-clip PPO, arXiv:1912.09729).

@@ -536,6 +536,79 @@ def policy_term(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return (-adv * seq_ratio).expand_as(logp), rho
 
 
+def _check_policy_loss_args(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                            mask: torch.Tensor, *, ref_logp: torch.Tensor | None, beta: float,
+                            kl_estimator: str, eps_low: float, eps_high: float, loss_type: str,
+                            policy_loss_type: str, clip_ratio_c: float | None, sapo_tau_pos: float,
+                            sapo_tau_neg: float, vespo_shape: tuple[float, float, float, float],
+                            token_weights: torch.Tensor | None) -> None:
+    """Raise ValueError, naming the argument, where `policy_loss`'s shapes or settings disagree."""
+    if not (logp.shape == old_logp.shape == mask.shape) or logp.dim() != 2:
+        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
+                         f"{tuple(mask.shape)} must share one [B, T] shape")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be [B] = [{logp.shape[0]}], got {tuple(advantages.shape)}")
+    if ref_logp is not None and ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp {tuple(ref_logp.shape)} must have shape {tuple(logp.shape)}")
+    if token_weights is not None and token_weights.shape != logp.shape:
+        raise ValueError(f"token_weights {tuple(token_weights.shape)} must have shape {tuple(logp.shape)}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probabilities)")
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
+    if clip_ratio_c is not None and (policy_loss_type != "clip" or not clip_ratio_c > 1.0):
+        raise ValueError(f"clip_ratio_c (the dual clip) needs policy_loss_type 'clip' and a value > 1, "
+                         f"got {clip_ratio_c!r} with {policy_loss_type!r}")
+    if sapo_tau_pos <= 0 or sapo_tau_neg <= 0:
+        raise ValueError(f"sapo temperatures must be > 0, got {sapo_tau_pos}, {sapo_tau_neg}")
+    if len(vespo_shape) != 4 or vespo_shape[0] < 0 or vespo_shape[2] < 0 or vespo_shape[1] <= 0 or vespo_shape[3] <= 0:
+        raise ValueError(f"vespo_shape (k_pos, lambda_pos, k_neg, lambda_neg) needs k >= 0 and lambda > 0, "
+                         f"got {vespo_shape!r}")
+    _check_choice("kl estimator", kl_estimator, KL_ESTIMATORS)
+    _check_choice("loss type", loss_type, LOSS_TYPES)
+
+
+def masked_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str) -> torch.Tensor:
+    """The per-token KL estimate k_it [B, T] to the reference (`kl_penalty`), 0 at masked positions.
+    logp, ref_logp: [B, T]; mask: [B, T] bool."""
+    # Masked positions get d = 0 (so k = 0): whatever padding holds never reaches exp.
+    zero = torch.zeros_like(logp)
+    return kl_penalty(torch.where(mask, logp, zero), torch.where(mask, ref_logp, zero), estimator)  # [B, T]
+
+
+def add_kl_term(per_token: torch.Tensor, kl: torch.Tensor, logp: torch.Tensor, old_logp: torch.Tensor,
+                mask: torch.Tensor, beta: float, *, importance_weighted: bool) -> torch.Tensor:
+    """per_token + beta * k, or with importance_weighted per_token + beta * rho * k, where rho is
+    the token ratio exp(logp - old_logp) (with gradient; 1 at masked positions). All [B, T]."""
+    if importance_weighted:
+        token_rho = torch.exp(torch.where(mask, logp - old_logp, torch.zeros_like(logp)))  # [B, T], with gradient
+        return per_token + beta * token_rho * kl
+    return per_token + beta * kl
+
+
+@torch.no_grad()
+def policy_loss_stats(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, *,
+                      eps_low: float, eps_high: float, clip_ratio_c: float | None) -> dict[str, torch.Tensor]:
+    """`policy_loss`'s statistics (its docstring names them): detached scalars over the unmasked
+    tokens. rho, mask (bool), kl: [B, T]; advantages: [B]."""
+    adv = advantages.to(rho.dtype).unsqueeze(1)  # [B, 1]
+    low = (rho < 1.0 - eps_low) & (adv < 0)  # [B, T]
+    high = (rho > 1.0 + eps_high) & (adv > 0)  # [B, T]
+    dual = (rho > clip_ratio_c) & (adv < 0) if clip_ratio_c is not None else torch.zeros_like(low)
+    stats = {
+        "kl": masked_mean(kl, mask) if kl is not None else rho.new_zeros(()),
+        "ratio_mean": masked_mean(rho, mask),
+        "clip_ratio/low_mean": masked_mean(low.to(rho.dtype), mask),
+        "clip_ratio/high_mean": masked_mean(high.to(rho.dtype), mask),
+        "clip_ratio/region_mean": masked_mean((low | high).to(rho.dtype), mask),
+        "clip_ratio/dual_mean": masked_mean(dual.to(rho.dtype), mask),
+        "tokens": mask.sum().to(rho.dtype),
+    }
+    return {k: v.detach() for k, v in stats.items()}
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -567,8 +640,9 @@ def policy_loss(
     for policy_loss_type "clip"; the other types (cispo, gmpo, sapo, vespo), the dual clip
     (clip_ratio_c, > 1), token_weights w (constant, [B, T]; 1 when None) and
     kl_importance_weighted (k -> rho k) are in the module docstring, "Variants".
-    rho from `importance_ratio` (token level, or GSPO's sequence level), k from
-    `kl_penalty`, the reduction from `aggregate_loss`. total_sequences / total_tokens
+    p and rho from `policy_term` (rho token level, or GSPO's sequence level), k from
+    `masked_kl`, beta * k from `add_kl_term`, the reduction from `aggregate_loss`, the
+    statistics from `policy_loss_stats`. total_sequences / total_tokens
     default to this call's own counts (B and mask.sum()): right only when the call
     sees the whole optimizer batch.
 
@@ -579,54 +653,25 @@ def policy_loss(
     "clip_ratio/region_mean" (either), "clip_ratio/dual_mean" (rho > c with A < 0: the dual
     clip holds), and "tokens" (the count, to weight means across calls).
     """
-    if not (logp.shape == old_logp.shape == mask.shape) or logp.dim() != 2:
-        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
-                         f"{tuple(mask.shape)} must share one [B, T] shape")
-    if advantages.shape != logp.shape[:1]:
-        raise ValueError(f"advantages must be [B] = [{logp.shape[0]}], got {tuple(advantages.shape)}")
-    if ref_logp is not None and ref_logp.shape != logp.shape:
-        raise ValueError(f"ref_logp {tuple(ref_logp.shape)} must have shape {tuple(logp.shape)}")
-    if token_weights is not None and token_weights.shape != logp.shape:
-        raise ValueError(f"token_weights {tuple(token_weights.shape)} must have shape {tuple(logp.shape)}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    if beta > 0 and ref_logp is None:
-        raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probabilities)")
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
-    if clip_ratio_c is not None and (policy_loss_type != "clip" or not clip_ratio_c > 1.0):
-        raise ValueError(f"clip_ratio_c (the dual clip) needs policy_loss_type 'clip' and a value > 1, "
-                         f"got {clip_ratio_c!r} with {policy_loss_type!r}")
-    if sapo_tau_pos <= 0 or sapo_tau_neg <= 0:
-        raise ValueError(f"sapo temperatures must be > 0, got {sapo_tau_pos}, {sapo_tau_neg}")
-    if len(vespo_shape) != 4 or vespo_shape[0] < 0 or vespo_shape[2] < 0 or vespo_shape[1] <= 0 or vespo_shape[3] <= 0:
-        raise ValueError(f"vespo_shape (k_pos, lambda_pos, k_neg, lambda_neg) needs k >= 0 and lambda > 0, "
-                         f"got {vespo_shape!r}")
-    _check_choice("kl estimator", kl_estimator, KL_ESTIMATORS)
-    _check_choice("loss type", loss_type, LOSS_TYPES)
+    _check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta,
+                            kl_estimator=kl_estimator, eps_low=eps_low, eps_high=eps_high, loss_type=loss_type,
+                            policy_loss_type=policy_loss_type, clip_ratio_c=clip_ratio_c,
+                            sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, vespo_shape=vespo_shape,
+                            token_weights=token_weights)
     mask = mask.bool()
 
     per_token, rho = policy_term(logp, old_logp, advantages, mask, policy_loss_type=policy_loss_type,
                                  eps_low=eps_low, eps_high=eps_high, importance_level=importance_level,
                                  clip_ratio_c=clip_ratio_c, sapo_tau_pos=sapo_tau_pos,
                                  sapo_tau_neg=sapo_tau_neg, vespo_shape=vespo_shape)  # [B, T], [B, T]
-    adv = advantages.to(rho.dtype).unsqueeze(1)  # [B, 1]
     if token_weights is not None:
         per_token = per_token * token_weights.detach().to(per_token.dtype)
 
     # KL to the reference, per token inside the loss (not in the reward).
-    kl = None
-    if ref_logp is not None:
-        # Masked positions get d = 0 (so k = 0): whatever padding holds never reaches exp.
-        zero = torch.zeros_like(logp)
-        kl = kl_penalty(torch.where(mask, logp, zero), torch.where(mask, ref_logp, zero),
-                        kl_estimator)  # [B, T]
-        if beta > 0:
-            if kl_importance_weighted:
-                token_rho = torch.exp(torch.where(mask, logp - old_logp, zero))  # [B, T], with gradient
-                per_token = per_token + beta * token_rho * kl
-            else:
-                per_token = per_token + beta * kl
+    kl = masked_kl(logp, ref_logp, mask, kl_estimator) if ref_logp is not None else None  # [B, T]
+    if kl is not None and beta > 0:
+        per_token = add_kl_term(per_token, kl, logp, old_logp, mask, beta,
+                                importance_weighted=kl_importance_weighted)
 
     if total_sequences is None:
         total_sequences = logp.shape[0]
@@ -636,18 +681,6 @@ def policy_loss(
                           total_sequences=max(float(total_sequences), 1.0),
                           total_tokens=max(float(total_tokens), 1.0),
                           max_completion_length=max_completion_length)
-
-    with torch.no_grad():
-        low = (rho < 1.0 - eps_low) & (adv < 0)  # [B, T]
-        high = (rho > 1.0 + eps_high) & (adv > 0)  # [B, T]
-        dual = (rho > clip_ratio_c) & (adv < 0) if clip_ratio_c is not None else torch.zeros_like(low)
-        stats = {
-            "kl": masked_mean(kl, mask) if kl is not None else rho.new_zeros(()),
-            "ratio_mean": masked_mean(rho, mask),
-            "clip_ratio/low_mean": masked_mean(low.to(rho.dtype), mask),
-            "clip_ratio/high_mean": masked_mean(high.to(rho.dtype), mask),
-            "clip_ratio/region_mean": masked_mean((low | high).to(rho.dtype), mask),
-            "clip_ratio/dual_mean": masked_mean(dual.to(rho.dtype), mask),
-            "tokens": mask.sum().to(rho.dtype),
-        }
-    return loss, {k: v.detach() for k, v in stats.items()}
+    stats = policy_loss_stats(rho, advantages, mask, kl, eps_low=eps_low, eps_high=eps_high,
+                              clip_ratio_c=clip_ratio_c)
+    return loss, stats

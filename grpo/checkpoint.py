@@ -68,7 +68,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from grpo import manifest
 from models.collectives import gather_objects
-from models.distributed import barrier
+from models.distributed import barrier, export_checkpoint, full_state_dict
+from models.lora import merged_state_dict, save_adapters
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +423,27 @@ def newest_complete(run_dir: str | Path) -> str:
     """The newest complete full state of a run, in words (for messages)."""
     full = [p for p in full_states(run_dir) if (p / manifest.MANIFEST).is_file()]
     return f"{full[-1]} (step {step_of(full[-1])})" if full else "none (no complete checkpoint yet)"
+
+
+def checkpoint_exports(model, processor, generation_config, lora, *, export: bool, is_main: bool):
+    """What ``save_training_state`` writes besides the training state (its ``export_fn``), or
+    None for nothing: with ``export``, a plain transformers checkpoint in ``hf/`` (with LoRA,
+    the adapters merged into it); with LoRA (``lora``: the config's lora section), the adapters
+    alone in the step's ``adapter/`` (written by rank 0; every rank takes part in the gathers)."""
+    if not (export or lora.enabled):
+        return None
+
+    def export_fn(out_dir):
+        if export:
+            merge = (lambda state: merged_state_dict(state, lora.alpha / lora.rank)) if lora.enabled else None
+            export_checkpoint(model, processor, generation_config, out_dir, transform=merge)
+        if lora.enabled:
+            adapters = full_state_dict(model, trainable_only=True)
+            if is_main:
+                save_adapters(adapters, Path(out_dir).parent / "adapter", rank=lora.rank, alpha=lora.alpha,
+                              dropout=lora.dropout, targets=lora.targets)
+
+    return export_fn
 
 
 def save_training_state(

@@ -1,6 +1,6 @@
 """A training run's set-up, before its first step: the inputs checked, the tiny model and the
-synthetic data built when asked for, the model(s) loaded (LoRA, trainable parts, FSDP), the
-prompt limit, the held-out questions that can be used."""
+synthetic data built when asked for, the questions read, the model(s) loaded (LoRA, trainable
+parts, FSDP), the prompt limit, the held-out questions that can be used."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from data.audio import AudioError
 from data.collate import prompt_length
-from data.datasets import DataError, Sample
+from data.datasets import DataError, Sample, read_dataset
 from grpo.checkpoint import resolve_resume
 from grpo.cli import same_on_every_rank, user_errors
 from grpo.config import Config, ConfigError
@@ -56,6 +56,20 @@ def prepare_model(cfg: Config) -> None:
     build_tiny_checkpoint(m.path, family=m.tiny_family, seed=m.tiny_seed, corpus=synthetic_corpus(),
                           text_hidden=m.tiny_text_hidden, text_layers=m.tiny_text_layers,
                           audio_hidden=m.tiny_audio_hidden, audio_layers=m.tiny_audio_layers)
+
+
+def read_datasets(cfg: Config) -> tuple[list[Sample], list[Sample]]:
+    """The training questions, and the held-out ones (the first data.eval_samples of
+    data.eval_path when set; none without data.eval_path)."""
+    d = cfg.data
+    # a training question listing a choice twice is ambiguous for the accuracy reward and the warm-up
+    train = read_dataset(d.format, d.train_path, audio_root=d.audio_root, on_error=d.on_error, unique_choices=True)
+    held_out = []
+    if d.eval_path:
+        held_out = read_dataset(d.format, d.eval_path, audio_root=d.audio_root, on_error=d.on_error)
+        if d.eval_samples:
+            held_out = held_out[: d.eval_samples]
+    return train, held_out
 
 
 def check_inputs(cfg: Config, resume: str | None) -> None:

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from data.audio import AudioLoader
-from data.datasets import Sample, read_dataset
+from data.datasets import Sample
 from grpo import step as grpo
-from grpo.checkpoint import (ResumeError, SaveError, load_training_state, resolve_resume, rng_state,
-                             save_training_state, set_rng_state)
+from grpo.checkpoint import (ResumeError, SaveError, checkpoint_exports, load_training_state, resolve_resume,
+                             rng_state, save_training_state, set_rng_state)
 from grpo.cli import alike_on_every_rank, same_on_every_rank
 from grpo.config import Config, ConfigError
 from grpo.heldout import greedy_accuracy
@@ -39,14 +39,13 @@ from grpo.rollout import sampling_settings
 from grpo.runlog import RunLog
 from grpo.rundir import prepare_run_dir, record_config, truncate_history
 from grpo.setup import (PromptLimit, check_inputs, load_policy_model, prepare_data, prepare_model,  # noqa: F401
-                        rank_0_first, usable_eval_samples, use_fsdp)
+                        rank_0_first, read_datasets, usable_eval_samples, use_fsdp)
 from grpo.step import Counters, StepContext, lr_at  # noqa: F401  (re-exported: train.py, benchmarks, tests)
 from grpo.stream import PromptStream
 from grpo.warmup import sft_step
 from models.collectives import all_reduce
-from models.distributed import DistInfo, export_checkpoint, full_state_dict
+from models.distributed import DistInfo
 from models.loading import load_generation_config, load_processor
-from models.lora import merged_state_dict, save_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +104,8 @@ class Trainer:
             self.resume_path = resolve_resume(self.run_dir, resume) if resume else None
         rank_0_first(lambda: self._prepare_run(resume, allow_config_change), is_main=self.is_main, world=self.world)
         with alike_on_every_rank():  # every rank reads the same files: set-up errors are the same on each
-            self._load_data(cfg)
+            self.train_samples, self.eval_samples = read_datasets(cfg)
+            self.tasks = sorted({s.task for s in self.train_samples if s.task})  # question types, for metrics
             self._load_models(cfg, info)
         self.step, self.counters = 0, Counters()  # the counters are saved with a checkpoint
         self.stop_requested, self.signal_received, self.stopped_by_signal = False, 0, 0  # a signal's number
@@ -128,18 +128,6 @@ class Trainer:
             truncate_history(self.run_dir, 0)  # what an earlier attempt logged describes no saved state
         prepare_model(cfg)
         prepare_data(cfg)
-
-    def _load_data(self, cfg: Config) -> None:
-        d = cfg.data
-        # a training question listing a choice twice is ambiguous for the accuracy reward and the warm-up
-        self.train_samples = read_dataset(d.format, d.train_path, audio_root=d.audio_root, on_error=d.on_error,
-                                          unique_choices=True)
-        self.tasks = sorted({s.task for s in self.train_samples if s.task})  # question types, for metrics
-        self.eval_samples = []
-        if d.eval_path:
-            self.eval_samples = read_dataset(d.format, d.eval_path, audio_root=d.audio_root, on_error=d.on_error)
-            if d.eval_samples:
-                self.eval_samples = self.eval_samples[: d.eval_samples]
 
     def _load_models(self, cfg: Config, info: DistInfo) -> None:
         """The processor, the policy, the reference (with LoRA: the policy with its adapters off,
@@ -239,24 +227,14 @@ class Trainer:
 
     def save(self) -> Path:
         """The full training state, and the exports checkpointing.export and LoRA ask for."""
-        lo, export = self.cfg.lora, self.cfg.checkpointing.export
-
-        def export_fn(out_dir):  # a plain transformers checkpoint (LoRA: merged), and LoRA's adapters alone
-            if export:
-                merge = (lambda state: merged_state_dict(state, lo.alpha / lo.rank)) if lo.enabled else None
-                export_checkpoint(self.model, self.processor, self.generation_config, out_dir, transform=merge)
-            if lo.enabled:
-                adapters = full_state_dict(self.model, trainable_only=True)
-                if self.is_main:
-                    save_adapters(adapters, Path(out_dir).parent / "adapter", rank=lo.rank, alpha=lo.alpha,
-                                  dropout=lo.dropout, targets=lo.targets)
-
         trainer_state = {"update": self.counters.update, "nonfinite_total": self.counters.nonfinite_total,
                          "world_size": self.world}
         path = save_training_state(self.run_dir, self.step, self.model, self.optimizer, trainer_state,
                                    {"stream": self.stream.state_dict()}, rank=self.rank,
                                    keep_last=self.cfg.checkpointing.keep_last,
-                                   export_fn=export_fn if export or lo.enabled else None,
+                                   export_fn=checkpoint_exports(self.model, self.processor, self.generation_config,
+                                                                self.cfg.lora, export=self.cfg.checkpointing.export,
+                                                                is_main=self.is_main),
                                    extra_models=self._saved_models(),
                                    with_frozen=base_changed(self.cfg, self.warmup_steps, self.step))
         self.saved_step = self.step

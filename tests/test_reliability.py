@@ -141,6 +141,7 @@ def test_duplicate_choices_in_a_training_question_are_an_error(tmp_path):
 
 def test_trainer_reads_training_questions_with_unique_choices(monkeypatch, tmp_path):
     """The trainer asks for distinct choices (the reader test above shows what that does)."""
+    import grpo.setup as setup_module
     import grpo.trainer as trainer_module
 
     seen = {}
@@ -149,7 +150,7 @@ def test_trainer_reads_training_questions_with_unique_choices(monkeypatch, tmp_p
         seen.update(kwargs)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(trainer_module, "read_dataset", reader)
+    monkeypatch.setattr(setup_module, "read_dataset", reader)  # the trainer reads through grpo.setup
     cfg = load_config(None, ["model.path=m", "data.train_path=t.jsonl", f"run.output_dir={tmp_path / 'run'}"])
     with pytest.raises(RuntimeError, match="stop here"):
         trainer_module.Trainer(cfg, _single_process())

@@ -230,46 +230,43 @@ def _bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", gpu_memory_gb: float | None = None,
-                prompt_tokens: int | None = None, completion_tokens: int | None = None,
-                audio_seconds: float | None = None) -> Plan:
-    """The plan of ``cfg`` on ``world_size`` devices of ``device_type`` (``cpu``: as the trainer
-    runs on the CPU, for the validation against measured peaks). ``prompt_tokens`` /
-    ``completion_tokens`` / ``audio_seconds`` (the longest clip): the shapes to plan for;
-    default the worst case (a clip filling the audio window plus TEXT_TOKENS, and max_new_tokens)."""
-    config, described, window = model_config(cfg)
-    n = count_parameters(cfg, config)
-    text, audio = config.text_config, config.audio_config
-    H, I, V, layers = text.hidden_size, text.intermediate_size, text.vocab_size, text.num_hidden_layers
-    Hkv = H // text.num_attention_heads * text.num_key_value_heads
-    device = torch.device(device_type)
+@dataclass(frozen=True)
+class Layout:
+    """What the trainer decides before anything loads: where the weights live and in which
+    dtype, and the shapes of one step on one rank."""
 
-    # what the trainer decides (grpo.trainer.use_fsdp, Trainer._load_model)
+    fsdp: bool
+    compute: torch.dtype
+    c: int  # bytes of the compute dtype
+    stored: int  # bytes per stored weight: FSDP2 keeps fp32 masters
+    offload: bool
+    shard: int  # ranks the weights are sharded over (1: none)
+    on_gpu: float  # 1.0, or 0.0 when cpu_offload keeps the state in host memory
+    train_bytes: int  # the trainable parameters as stored (LoRA adapters in fp32)
+    window: float  # seconds of audio the encoder takes
+    clip: float  # seconds of the longest clip the encoder runs over
+    audio_tokens: int
+    B: int
+    G: int
+    P: int
+    T: int
+    micro: int
+    L: int
+
+
+def plan_layout(cfg: Config, n: dict, window: float, *, world_size: int, device_type: str,
+                prompt_tokens: int | None, completion_tokens: int | None, audio_seconds: float | None) -> Layout:
+    """The placement (as grpo.setup.use_fsdp and load_policy_model decide it) and the shapes."""
     d = cfg.distribution
     fsdp = d.fsdp == "always" or (d.fsdp == "auto" and (world_size > 1 or device_type == "cuda"))
-    # grpo.trainer.resolve_dtype, without importing the trainer (the plan must start in seconds)
-    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # models.loading.resolve_dtype, without importing the model code (the plan must start in seconds)
+    auto = torch.bfloat16 if torch.device(device_type).type == "cuda" else torch.float32
     compute = auto if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
     c = _bytes(compute)
     stored = 4 if fsdp else c  # FSDP2 keeps fp32 masters
     offload = fsdp and d.cpu_offload
-    shard = world_size if fsdp else 1
-    on_gpu = 0.0 if offload else 1.0
-    grpo = cfg.algorithm.name == "grpo"
-    lora = cfg.lora.enabled
-    frozen = n["total"] - n["trainable"]
     train_bytes = n["adapters"] * 4 + (n["trainable"] - n["adapters"]) * stored  # adapters are fp32
 
-    persistent = {
-        "weights (policy)": on_gpu * (frozen * stored + train_bytes) / shard,
-        "optimizer state (AdamW: 2 per trainable)": on_gpu * 2 * train_bytes / shard,
-    }
-    if grpo and cfg.algorithm.beta > 0 and not lora:
-        persistent["reference copy"] = on_gpu * n["total"] * stored / shard
-    else:
-        persistent["reference copy"] = 0.0
-
-    # shapes
     B = cfg.rollout.prompts_per_step // world_size
     G = cfg.rollout.group_size
     audio_tokens = int(window * 25)  # 25 decoder positions per second of audio (after pooling)
@@ -279,20 +276,48 @@ def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", 
     T = completion_tokens if completion_tokens is not None else cfg.rollout.max_new_tokens
     micro = min(cfg.algorithm.micro_batch_prompts, B)
     L = P + G * T if cfg.model.shared_prefix else G * (P + T)
+    return Layout(fsdp=fsdp, compute=compute, c=c, stored=stored, offload=offload,
+                  shard=world_size if fsdp else 1, on_gpu=0.0 if offload else 1.0, train_bytes=train_bytes,
+                  window=window, clip=clip, audio_tokens=audio_tokens, B=B, G=G, P=P, T=T, micro=micro, L=L)
 
-    # rollout: gathered weights, KV cache, one step's logits
-    rows = min(cfg.rollout.generation_batch_prompts, B) * G
+
+def persistent_bytes(cfg: Config, n: dict, x: Layout) -> dict:
+    """What the run holds from start to end: the policy's weights, AdamW's state, the reference."""
+    frozen = n["total"] - n["trainable"]
+    persistent = {
+        "weights (policy)": x.on_gpu * (frozen * x.stored + x.train_bytes) / x.shard,
+        "optimizer state (AdamW: 2 per trainable)": x.on_gpu * 2 * x.train_bytes / x.shard,
+    }
+    if cfg.algorithm.name == "grpo" and cfg.algorithm.beta > 0 and not cfg.lora.enabled:
+        persistent["reference copy"] = x.on_gpu * n["total"] * x.stored / x.shard
+    else:
+        persistent["reference copy"] = 0.0
+    return persistent
+
+
+def rollout_bytes(cfg: Config, config, n: dict, x: Layout) -> dict:
+    """What sampling holds besides: the gathered weights, the KV cache, one step's logits, the prompts."""
+    text, audio = config.text_config, config.audio_config
+    Hkv = text.hidden_size // text.num_attention_heads * text.num_key_value_heads
+    rows = min(cfg.rollout.generation_batch_prompts, x.B) * x.G
     top_p = cfg.rollout.top_p < 1.0
-    rollout = {
-        "gathered weights (compute dtype)": n["total"] * c if fsdp else 0.0,
-        "KV cache": 2 * layers * rows * (P + T) * Hkv * c,
-        "logits of a decoding step": rows * V * (4 * 3 + (12 if top_p else 0)),
-        "prompt batch (mel features)": B * audio.num_mel_bins * int(window * 100) * 4,
+    return {
+        "gathered weights (compute dtype)": n["total"] * x.c if x.fsdp else 0.0,
+        "KV cache": 2 * text.num_hidden_layers * rows * (x.P + x.T) * Hkv * x.c,
+        "logits of a decoding step": rows * text.vocab_size * (4 * 3 + (12 if top_p else 0)),
+        "prompt batch (mel features)": x.B * audio.num_mel_bins * int(x.window * 100) * 4,
     }
 
-    # update: gradients, one micro-batch's activations, the logits chunks, FSDP's unsharded units
-    ckpt = d.activation_checkpointing
-    layer = decoder_layer_bytes(H, Hkv, I, c, lora_dropout=lora and cfg.lora.dropout > 0)
+
+def update_bytes(cfg: Config, config, n: dict, x: Layout) -> dict:
+    """What the update holds besides: gradients, one micro-batch's activations (decoder, audio
+    encoder when it trains), the log-softmax chunk, FSDP's unsharded units."""
+    text, audio = config.text_config, config.audio_config
+    H, I, V, layers = text.hidden_size, text.intermediate_size, text.vocab_size, text.num_hidden_layers
+    Hkv = H // text.num_attention_heads * text.num_key_value_heads
+    c, micro, L, G, T = x.c, x.micro, x.L, x.G, x.T
+    ckpt = cfg.distribution.activation_checkpointing
+    layer = decoder_layer_bytes(H, Hkv, I, c, lora_dropout=cfg.lora.enabled and cfg.lora.dropout > 0)
     tokens = micro * L
     if ckpt:
         decoder = tokens * (layers * H * c + layer)  # each layer's input, and one layer recomputed
@@ -301,12 +326,12 @@ def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", 
     # outside the layers: the final norm's input and output, the hidden states gathered at the
     # completion positions, the [L, L] block mask
     decoder += tokens * 2 * H * c + micro * G * T * H * c + micro * L * L * c
-    features = B * audio.num_mel_bins * int(window * 100) * 4  # the step's prompt batch: fp32 mel frames
-    update = {"gradients": on_gpu * train_bytes / shard, "decoder activations": decoder,
+    features = x.B * audio.num_mel_bins * int(x.window * 100) * 4  # the step's prompt batch: fp32 mel frames
+    update = {"gradients": x.on_gpu * x.train_bytes / x.shard, "decoder activations": decoder,
               "prompt batch (mel features)": features}
     if n["encoder_trains"]:
         Ha, Fa = audio.d_model, audio.encoder_ffn_dim
-        positions = micro * int(clip * 50)  # encoder positions: 50 per second, before the 2x pooling
+        positions = micro * int(x.clip * 50)  # encoder positions: 50 per second, before the 2x pooling
         per = encoder_layer_bytes(Ha, Fa, c)
         stem = positions * encoder_stem_bytes(Ha, audio.num_mel_bins, c, positions // micro)
         update["audio encoder activations"] = stem + positions * ((audio.encoder_layers * Ha * c + per) if ckpt
@@ -314,27 +339,58 @@ def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", 
     chunk = min(LOGITS_CHUNK, micro * G * T)
     # logits, fp32 log-probs, the entropy's exp and product (no grad), the log-probs' gradient, the logits'
     update["log-softmax chunk (fwd + bwd)"] = chunk * V * (c + 4 + 4 + 4 + 4 + c)
-    if fsdp:
+    if x.fsdp:
         update["FSDP unsharded units"] = 2 * max(n["layer"], n["lm_head"]) * c
+    return update
 
+
+def plan_notes(cfg: Config, n: dict, x: Layout, described: str, prompt_tokens: int | None) -> list[str]:
+    """What the plan assumed, in words."""
     notes = []
     if not (Path(cfg.model.path) / "config.json").is_file():
         notes.append(f"model: {described}")
     if prompt_tokens is None:
-        notes.append(f"P assumes a clip filling the {window:g} s audio window ({audio_tokens} audio tokens) + "
+        notes.append(f"P assumes a clip filling the {x.window:g} s audio window ({x.audio_tokens} audio tokens) + "
                      f"{TEXT_TOKENS} text tokens; T = rollout.max_new_tokens")
-    if offload:
+    if x.offload:
         notes.append("cpu_offload: weights, gradients and optimizer state live in host memory "
-                     f"({(n['total'] * 4 + 3 * train_bytes) / shard / GB:.1f} GB per rank)")
-    if lora and cfg.algorithm.beta > 0 and grpo:
+                     f"({(n['total'] * 4 + 3 * x.train_bytes) / x.shard / GB:.1f} GB per rank)")
+    if cfg.lora.enabled and cfg.algorithm.beta > 0 and cfg.algorithm.name == "grpo":
         notes.append("reference = the same weights with the adapters off: no copy")
+    return notes
+
+
+def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", gpu_memory_gb: float | None = None,
+                prompt_tokens: int | None = None, completion_tokens: int | None = None,
+                audio_seconds: float | None = None) -> Plan:
+    """The plan of ``cfg`` on ``world_size`` devices of ``device_type`` (``cpu``: as the trainer
+    runs on the CPU, for the validation against measured peaks). ``prompt_tokens`` /
+    ``completion_tokens`` / ``audio_seconds`` (the longest clip): the shapes to plan for;
+    default the worst case (a clip filling the audio window plus TEXT_TOKENS, and max_new_tokens).
+
+    1. the model on the meta device, its parameter counts (``model_config``, ``count_parameters``)
+    2. the placement and the shapes (``plan_layout``)
+    3. the bytes held for the whole run, while sampling, during the update
+       (``persistent_bytes``, ``rollout_bytes``, ``update_bytes``)
+    4. what the plan assumed, in words (``plan_notes``)
+    """
+    config, described, window = model_config(cfg)
+    n = count_parameters(cfg, config)
+    x = plan_layout(cfg, n, window, world_size=world_size, device_type=device_type, prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens, audio_seconds=audio_seconds)
+    persistent = persistent_bytes(cfg, n, x)
+    rollout = rollout_bytes(cfg, config, n, x)
+    update = update_bytes(cfg, config, n, x)
+    notes = plan_notes(cfg, n, x, described, prompt_tokens)
 
     device_bytes = (gpu_memory_gb or 80.0) * GB
-    setting = dict(world=world_size, mode=("FSDP2" if fsdp else "one device, no sharding") +
-                   (f" over {world_size} ranks" if fsdp and world_size > 1 else ""),
+    lora = cfg.lora.enabled
+    setting = dict(world=world_size, mode=("FSDP2" if x.fsdp else "one device, no sharding") +
+                   (f" over {world_size} ranks" if x.fsdp and world_size > 1 else ""),
                    model=described, params=n["total"], trainable=n["trainable"],
-                   lora_rank=cfg.lora.rank if lora else 0, B=B, G=G, P=P, T=T, micro=micro, L=L,
-                   compute=str(compute).replace("torch.", ""), checkpointing=ckpt, offload=offload, fsdp=fsdp,
+                   lora_rank=cfg.lora.rank if lora else 0, B=x.B, G=x.G, P=x.P, T=x.T, micro=x.micro, L=x.L,
+                   compute=str(x.compute).replace("torch.", ""),
+                   checkpointing=cfg.distribution.activation_checkpointing, offload=x.offload, fsdp=x.fsdp,
                    device=device_type)
     overhead = CUDA_OVERHEAD_GB * GB if device_type == "cuda" else 0.0
     return Plan(setting, persistent, rollout, update, overhead, device_bytes, notes)

@@ -160,6 +160,7 @@ def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1, dtyp
     peak against the plan, step times, and the metrics of the last step (the sampler/trainer gap
     among them). ``dtype``: model.dtype (default the shape's config's: float32 for tiny/anchor,
     bfloat16 for slice)."""
+    import grpo.step as grpo_step_module
     from data.synthetic import generate_synthetic
     from grpo.config import load_config
     from grpo.memory_plan import plan_memory
@@ -189,15 +190,15 @@ def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1, dtyp
     baseline_rss = rss_gb()
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     shapes = []
-    rollout = trainer.rollout
+    rollout = grpo_step_module.rollout
 
-    def recording_rollout(step):  # the shapes the plan is computed for
-        traj, metrics, texts = rollout(step)
+    def recording_rollout(ctx, step):  # the shapes the plan is computed for
+        traj, record = rollout(ctx, step)
         seconds = int(traj.prompts["feature_attention_mask"].sum(-1).max()) / 100  # 100 mel frames per second
         shapes.append((traj.prompts["input_ids"].shape[1], traj.completion_ids.shape[1], seconds))
-        return traj, metrics, texts
+        return traj, record
 
-    trainer.rollout = recording_rollout
+    grpo_step_module.rollout = recording_rollout  # grpo_step looks it up in its module at each call
     last: dict = {}
 
     def step():
@@ -219,6 +220,7 @@ def measure(shape: str, lora: bool, steps: int, work: Path, timed: int = 1, dtyp
         step_s = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
         trainable = sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"])
     finally:
+        grpo_step_module.rollout = rollout
         trainer.close()  # drops the model and optimizer
     P, T = max(s[0] for s in shapes), max(s[1] for s in shapes)
     seconds = max(s[2] for s in shapes)

@@ -307,6 +307,50 @@ def _apply_activation_checkpointing(model: nn.Module) -> None:
             layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
+def _mesh_and_device_type(mesh, device: torch.device | str | None) -> tuple:
+    """The 1-D mesh to shard over (``mesh``, or all ranks of the default process group) and
+    its device type (the mesh's, ``device``'s, or CUDA under NCCL, else the CPU)."""
+    if mesh is not None:
+        device_type = mesh.device_type
+    elif device is not None:
+        device_type = torch.device(device).type
+    else:
+        device_type = _default_device_type()
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    _MESHES.add(mesh)
+    return mesh, device_type
+
+
+def _fully_shard_bottom_up(model: nn.Module, mesh, device_type: str, *, param_dtype, reduce_dtype,
+                           cpu_offload: bool, reshard_after_forward: bool) -> None:
+    """``fully_shard`` each encoder and decoder layer, then each module the policy calls
+    directly, then the root, with the mixed-precision and offload policies."""
+    mp_policy = MixedPrecisionPolicy(
+        param_dtype=_resolve_param_dtype(param_dtype, device_type),
+        reduce_dtype=reduce_dtype,
+    )
+    # Pinned host memory makes the host-to-GPU copies asynchronous; it needs CUDA.
+    offload_policy = (
+        CPUOffloadPolicy(pin_memory=device_type == "cuda") if cpu_offload else OffloadPolicy()
+    )
+    units = [layer for layers in _layer_lists(model) for layer in layers]
+    units += _entry_modules(model)
+    # The root comes last: it owns no parameter left over (all sit in the units above) but
+    # ties them together: one lazy initialisation, one post-backward callback, recursive setters.
+    for unit in [*units, model]:
+        fully_shard(
+            unit,
+            mesh=mesh,
+            reshard_after_forward=reshard_after_forward,
+            mp_policy=mp_policy,
+            offload_policy=offload_policy,
+        )
+        setattr(unit, _RESHARD_ATTR, reshard_after_forward)
+
+
 def shard_model(
     model: nn.Module,
     *,
@@ -375,17 +419,7 @@ def shard_model(
         model.eval()
         activation_checkpointing = False  # nothing to recompute without a backward
 
-    if mesh is not None:
-        device_type = mesh.device_type
-    elif device is not None:
-        device_type = torch.device(device).type
-    else:
-        device_type = _default_device_type()
-    if mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    _MESHES.add(mesh)
+    mesh, device_type = _mesh_and_device_type(mesh, device)
 
     # 3. Checkpoint wrappers go inside the FSDP units, so that recomputation re-runs the
     #    layer with its parameters unsharded by FSDP's pre-backward hook.
@@ -393,27 +427,8 @@ def shard_model(
         _apply_activation_checkpointing(model)
 
     # 4. Shard bottom-up: layers, then the modules the policy calls, then the root.
-    mp_policy = MixedPrecisionPolicy(
-        param_dtype=_resolve_param_dtype(param_dtype, device_type),
-        reduce_dtype=reduce_dtype,
-    )
-    # Pinned host memory makes the host-to-GPU copies asynchronous; it needs CUDA.
-    offload_policy = (
-        CPUOffloadPolicy(pin_memory=device_type == "cuda") if cpu_offload else OffloadPolicy()
-    )
-    units = [layer for layers in _layer_lists(model) for layer in layers]
-    units += _entry_modules(model)
-    # The root comes last: it owns no parameter left over (all sit in the units above) but
-    # ties them together: one lazy initialisation, one post-backward callback, recursive setters.
-    for unit in [*units, model]:
-        fully_shard(
-            unit,
-            mesh=mesh,
-            reshard_after_forward=reshard_after_forward,
-            mp_policy=mp_policy,
-            offload_policy=offload_policy,
-        )
-        setattr(unit, _RESHARD_ATTR, reshard_after_forward)
+    _fully_shard_bottom_up(model, mesh, device_type, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                           cpu_offload=cpu_offload, reshard_after_forward=reshard_after_forward)
 
     # 5. A divide factor of 1 with SUM collectives: the reduce-scatter adds the ranks'
     #    gradients and divides by nothing. Forcing SUM also keeps gloo (no PreMulSum) happy.

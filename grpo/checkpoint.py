@@ -482,48 +482,19 @@ def save_training_state(
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
 
     def phase(body) -> None:
-        failure = None
-        try:
-            body()
-        except (Exception, CheckpointException) as err:  # DCP's wrapper is a BaseException
-            failure = _describe(err)
-        failure = _agree(failure)
-        if failure is not None:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            barrier()
-            raise SaveError(f"could not save the checkpoint of step {step} to {final}: {failure[0]}; nothing of "
-                            f"it was kept; the newest complete checkpoint is {newest_complete(run_dir)}")
-
-    def make_tmp():
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-
-    def write_state():
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(with_frozen))
-        state = {"model": model_sd, "optim": optim_sd}
-        state.update({name: get_model_state_dict(m) for name, m in (extra_models or {}).items()})
-        dcp.save(state, checkpoint_id=str(tmp / "state"))
-        torch.save({"rng": rng_state(), **rank_state}, tmp / f"rank{rank}.pt")
+        _save_phase(body, rank=rank, tmp=tmp, final=final, step=step, run_dir=run_dir)
 
     def write_complete():
         if rank == 0:
             (tmp / COMPLETE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
 
-    def record_and_rename():
-        recorded = manifest.record(tmp)  # every rank hashes its share (a collective; reading never raises)
-        if rank == 0:
-            manifest.write(tmp, recorded)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-
-    phase(make_tmp)
-    phase(write_state)
+    phase(lambda: _make_empty_dir(tmp, rank))
+    phase(lambda: _write_state(tmp, model, optimizer, rank_state, rank=rank, extra_models=extra_models,
+                               with_frozen=with_frozen))
     if export_fn is not None:
         phase(lambda: export_fn(tmp / "hf"))
     phase(write_complete)
-    phase(record_and_rename)
+    phase(lambda: _record_and_rename(tmp, final, rank))
     if rank == 0:
         try:
             _prune(run_dir, keep_last)
@@ -531,6 +502,48 @@ def save_training_state(
             log.warning("could not prune old checkpoints of %s: %s", run_dir, _describe(err)[0])
     barrier()
     return final
+
+
+def _save_phase(body, *, rank: int, tmp: Path, final: Path, step: int, run_dir: str | Path) -> None:
+    """Run one phase of a save on every rank; when it failed on any, rank 0 removes ``tmp`` and
+    every rank raises the same SaveError."""
+    failure = None
+    try:
+        body()
+    except (Exception, CheckpointException) as err:  # DCP's wrapper is a BaseException
+        failure = _describe(err)
+    failure = _agree(failure)
+    if failure is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        raise SaveError(f"could not save the checkpoint of step {step} to {final}: {failure[0]}; nothing of "
+                        f"it was kept; the newest complete checkpoint is {newest_complete(run_dir)}")
+
+
+def _make_empty_dir(tmp: Path, rank: int) -> None:
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+
+def _write_state(tmp: Path, model, optimizer, rank_state: dict, *, rank: int, extra_models: dict | None,
+                 with_frozen: bool) -> None:
+    """Model, optimizer and ``extra_models`` through DCP (each rank its shards), then this
+    rank's RNG states and ``rank_state``."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(with_frozen))
+    state = {"model": model_sd, "optim": optim_sd}
+    state.update({name: get_model_state_dict(m) for name, m in (extra_models or {}).items()})
+    dcp.save(state, checkpoint_id=str(tmp / "state"))
+    torch.save({"rng": rng_state(), **rank_state}, tmp / f"rank{rank}.pt")
+
+
+def _record_and_rename(tmp: Path, final: Path, rank: int) -> None:
+    recorded = manifest.record(tmp)  # every rank hashes its share (a collective; reading never raises)
+    if rank == 0:
+        manifest.write(tmp, recorded)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
 
 
 def _prune(run_dir: str | Path, keep_last: int) -> None:

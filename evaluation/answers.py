@@ -81,57 +81,16 @@ def generate_answers(
          decode them as R1-AQA's test script does (special tokens dropped);
       4. ``on_batch(list[Generated])`` after each batch (progress files).
     """
-    import torch
-
-    from data.audio import AudioError
-    from data.collate import prompt_length
-    from data.datasets import DataError
-    from data.prompts import format_prompt
-    from grpo.algorithm import completion_mask
-    from grpo.rollout import decode_completions, greedy_answers
-
-    tokenizer = processor.tokenizer
     fe = processor.feature_extractor
-    window = fe.n_samples / fe.sampling_rate
-    end_ids = settings.end_token_ids
-    lengths = {}
-    for i in indices:
-        s = samples[i]
-        text = format_prompt(s.question, s.choices, template)
-        lengths[i] = prompt_length_estimate(s, len(tokenizer(text).input_ids), window)
-    order = sorted(indices, key=lambda i: -lengths[i])
+    order = longest_first(samples, indices, processor.tokenizer, template, fe.n_samples / fe.sampling_rate)
     out: dict[int, Generated] = {}
     for start in range(0, len(order), batch_size):
         batch_idx = order[start: start + batch_size]
-        done: list[Generated] = []
-        ok, waves = [], []
-        for i in batch_idx:
-            try:
-                wave = load_audio(samples[i].audio_path)
-            except AudioError as err:
-                if on_error != "skip":
-                    raise
-                done.append(Generated(index=i, error=str(err)))
-                continue
-            n = prompt_length(samples[i], len(wave), processor, template=template)
-            if max_prompt_tokens is not None and n > max_prompt_tokens:  # prompts are never cut: left out
-                reason = (f"sample {samples[i].id} ({samples[i].audio_path}): its prompt is {n} tokens (text + "
-                          f"audio), over the limit of {max_prompt_tokens}")
-                if on_error != "skip":
-                    raise DataError(f"{reason}. Prompts are never cut; data.on_error=skip leaves such "
-                                    "questions out (counted)")
-                done.append(Generated(index=i, error=reason))
-                continue
-            ok.append(i)
-            waves.append(wave)
+        done, ok, waves = _usable_clips(samples, batch_idx, processor, template=template, load_audio=load_audio,
+                                        on_error=on_error, max_prompt_tokens=max_prompt_tokens)
         if ok:
-            ids = greedy_answers(model, processor, [samples[i] for i in ok], waves, settings, template=template,
-                                 device=device, batch_prompts=len(ok)).cpu()  # [b, T]
-            texts = decode_completions(tokenizer, ids, end_ids, skip_special_tokens=True)
-            n_tokens = completion_mask(ids, end_ids).sum(dim=1).tolist()  # end token included
-            ended = torch.isin(ids, torch.tensor(end_ids)).any(dim=1).tolist()  # [b]
-            for i, text, n_tok, end in zip(ok, texts, n_tokens, ended):
-                done.append(Generated(index=i, completion=text, n_tokens=int(n_tok), truncated=not end))
+            done += _answer_batch(model, processor, [samples[i] for i in ok], ok, waves, settings,
+                                  template=template, device=device)
         for g in done:
             out[g.index] = g
         if on_batch is not None:
@@ -139,6 +98,70 @@ def generate_answers(
         if progress is not None:
             progress.update(len(batch_idx))
     return [out[i] for i in indices]
+
+
+def longest_first(samples: Sequence, indices: Sequence[int], tokenizer, template: int,
+                  window: float) -> list[int]:
+    """``indices`` sorted by estimated prompt length, longest first."""
+    from data.prompts import format_prompt
+
+    lengths = {}
+    for i in indices:
+        s = samples[i]
+        text = format_prompt(s.question, s.choices, template)
+        lengths[i] = prompt_length_estimate(s, len(tokenizer(text).input_ids), window)
+    return sorted(indices, key=lambda i: -lengths[i])
+
+
+def _usable_clips(samples: Sequence, batch_idx: Sequence[int], processor, *, template: int, load_audio,
+                  on_error: str, max_prompt_tokens: int | None) -> tuple[list[Generated], list[int], list]:
+    """Load each clip of a batch and check its prompt's exact length: (the outcomes of the
+    questions left out, with their reasons; the indices kept; their waveforms). Raises instead
+    of leaving out unless ``on_error="skip"``."""
+    from data.audio import AudioError
+    from data.collate import prompt_length
+    from data.datasets import DataError
+
+    done: list[Generated] = []
+    ok, waves = [], []
+    for i in batch_idx:
+        try:
+            wave = load_audio(samples[i].audio_path)
+        except AudioError as err:
+            if on_error != "skip":
+                raise
+            done.append(Generated(index=i, error=str(err)))
+            continue
+        n = prompt_length(samples[i], len(wave), processor, template=template)
+        if max_prompt_tokens is not None and n > max_prompt_tokens:  # prompts are never cut: left out
+            reason = (f"sample {samples[i].id} ({samples[i].audio_path}): its prompt is {n} tokens (text + "
+                      f"audio), over the limit of {max_prompt_tokens}")
+            if on_error != "skip":
+                raise DataError(f"{reason}. Prompts are never cut; data.on_error=skip leaves such "
+                                "questions out (counted)")
+            done.append(Generated(index=i, error=reason))
+            continue
+        ok.append(i)
+        waves.append(wave)
+    return done, ok, waves
+
+
+def _answer_batch(model, processor, batch: list, indices: list[int], waves: list, settings, *, template: int,
+                  device) -> list[Generated]:
+    """Greedy completions of one batch, decoded as R1-AQA's test script does (special tokens dropped)."""
+    import torch
+
+    from grpo.algorithm import completion_mask
+    from grpo.rollout import decode_completions, greedy_answers
+
+    end_ids = settings.end_token_ids
+    ids = greedy_answers(model, processor, batch, waves, settings, template=template,
+                         device=device, batch_prompts=len(batch)).cpu()  # [b, T]
+    texts = decode_completions(processor.tokenizer, ids, end_ids, skip_special_tokens=True)
+    n_tokens = completion_mask(ids, end_ids).sum(dim=1).tolist()  # end token included
+    ended = torch.isin(ids, torch.tensor(end_ids)).any(dim=1).tolist()  # [b]
+    return [Generated(index=i, completion=text, n_tokens=int(n_tok), truncated=not end)
+            for i, text, n_tok, end in zip(indices, texts, n_tokens, ended)]
 
 
 # --------------------------------------------------------------------------- files

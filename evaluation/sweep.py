@@ -244,9 +244,12 @@ def prompt_limit(config: EvalConfig, ckpt: CheckpointRef) -> int | None:
 
 
 def _generate_missing(config, ckpt, samples, fingerprint, out_dir, force, d: DistInfo) -> dict[int, Generated]:
-    """Generate every question not in the progress files; returns all outcomes (rank 0)."""
-    from data.audio import AudioLoader
+    """Generate every question not in the progress files; returns all outcomes (rank 0).
 
+    1. rank 0 clears progress files written for another fingerprint (or all, with ``force``);
+    2. every rank reads what is done and answers its strided share of the rest (``_answer_share``);
+    3. rank 0 gathers the new outcomes and merges them with the done ones (``_merge_outcomes``).
+    """
     progress_dir = out_dir / "progress"
     if d.is_main:
         marker = progress_dir / "fingerprint.json"
@@ -262,52 +265,63 @@ def _generate_missing(config, ckpt, samples, fingerprint, out_dir, force, d: Dis
         log.info("%s: %d of %d questions already answered (progress files), %d to go",
                  ckpt.name, len(done), len(samples), len(todo))
 
-    new: list[Generated] = []
-    if todo:
-        device = d.device
-        model, processor, settings = _load_checkpoint(ckpt, config, device)
-        # the feature extractor's window (30 s for Qwen2-Audio): it drops audio beyond it anyway,
-        # the loader cuts there and says so
-        fe = processor.feature_extractor
-        loader = AudioLoader(sampling_rate=fe.sampling_rate, max_seconds=fe.n_samples / fe.sampling_rate,
-                             channel=config.data.audio_channel)
-        progress_file = progress_dir / f"rank{d.rank}.jsonl"
-
-        def save(batch: list[Generated]) -> None:
-            with progress_file.open("a") as f:
-                for g in batch:
-                    f.write(json.dumps(g.to_json(), ensure_ascii=False) + "\n")
-
-        bar = None
-        if d.is_main and config.output.progress_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(mine), desc=f"{ckpt.name} (rank 0 of {d.world_size})", unit="q",
-                       file=sys.stderr, dynamic_ncols=True)
-        try:
-            new = generate_answers(
-                model, processor, samples, mine, template=config.data.prompt_template, settings=settings,
-                batch_size=config.generation.batch_size, device=device, load_audio=loader, on_batch=save, progress=bar, on_error=config.data.on_error,
-                max_prompt_tokens=prompt_limit(config, ckpt))
-        finally:
-            if bar is not None:
-                bar.close()
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
+    new = _answer_share(config, ckpt, samples, mine, progress_dir / f"rank{d.rank}.jsonl", d) if todo else []
     gathered = gather_objects([g.to_json() for g in new])
     if not d.is_main:
         return {}
+    return _merge_outcomes(done, gathered, len(samples), ckpt.name)
+
+
+def _answer_share(config, ckpt, samples, mine: list[int], progress_file: Path, d: DistInfo) -> list[Generated]:
+    """This rank's questions ``mine`` answered by the checkpoint, each batch appended to
+    ``progress_file`` as it completes; the model is dropped afterwards."""
+    from data.audio import AudioLoader
+
+    device = d.device
+    model, processor, settings = _load_checkpoint(ckpt, config, device)
+    # the feature extractor's window (30 s for Qwen2-Audio): it drops audio beyond it anyway,
+    # the loader cuts there and says so
+    fe = processor.feature_extractor
+    loader = AudioLoader(sampling_rate=fe.sampling_rate, max_seconds=fe.n_samples / fe.sampling_rate,
+                         channel=config.data.audio_channel)
+
+    def save(batch: list[Generated]) -> None:
+        with progress_file.open("a") as f:
+            for g in batch:
+                f.write(json.dumps(g.to_json(), ensure_ascii=False) + "\n")
+
+    bar = None
+    if d.is_main and config.output.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), desc=f"{ckpt.name} (rank 0 of {d.world_size})", unit="q",
+                   file=sys.stderr, dynamic_ncols=True)
+    try:
+        new = generate_answers(
+            model, processor, samples, mine, template=config.data.prompt_template, settings=settings,
+            batch_size=config.generation.batch_size, device=device, load_audio=loader, on_batch=save, progress=bar,
+            on_error=config.data.on_error, max_prompt_tokens=prompt_limit(config, ckpt))
+    finally:
+        if bar is not None:
+            bar.close()
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return new
+
+
+def _merge_outcomes(done: dict[int, Generated], gathered: list[list[dict]], n_samples: int,
+                    name: str) -> dict[int, Generated]:
+    """The done outcomes and every rank's new ones, checked: each question exactly once."""
     merged = dict(done)
     for rank_rows in gathered:
         for row in rank_rows:
             if row["index"] in merged and row["index"] not in done:
                 raise RuntimeError(f"question {row['index']} answered by two ranks")
             merged[row["index"]] = Generated(**row)
-    missing = sorted(set(range(len(samples))) - set(merged))
-    if missing or len(merged) != len(samples):
-        raise RuntimeError(f"{ckpt.name}: {len(missing)} questions without an outcome, e.g. {missing[:5]}")
+    missing = sorted(set(range(n_samples)) - set(merged))
+    if missing or len(merged) != n_samples:
+        raise RuntimeError(f"{name}: {len(missing)} questions without an outcome, e.g. {missing[:5]}")
     return merged
 
 

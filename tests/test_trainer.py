@@ -298,6 +298,26 @@ VARIANT_OVERRIDES = {  # the GRPO family through the trainer (grpo/algorithm.py,
 }
 
 
+def _rolled_out_with_uneven_lengths(world, run_dir, overrides):
+    """A one-process Trainer on the tiny config and one rollout of step 0, with a loss mask of
+    random unequal lengths (an untrained model rarely ends early). Returns (trainer, trajectory,
+    mask [N, T], the generator that drew the lengths, for the caller's further draws)."""
+    from grpo.config import load_config
+    from grpo.step import rollout
+    from grpo.trainer import Trainer
+    from models.distributed import DistInfo
+
+    cfg = load_config(TINY, short_run(world, run_dir)[2:] + [
+        "checkpointing.save_on_signal=false", "logging.tensorboard=false", "optimizer.max_grad_norm=0",
+        "rollout.max_new_tokens=6", *overrides])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    traj, _ = rollout(trainer.context(), step=0)
+    g = torch.Generator().manual_seed(0)
+    n, T = traj.mask.shape
+    lengths = torch.randint(1, T + 1, (n,), generator=g)
+    return trainer, traj, torch.arange(T)[None, :] < lengths[:, None], g
+
+
 @pytest.mark.parametrize("overrides", [[f"algorithm.loss_type={t}"] for t in ("grpo", "token_mean", "dr_grpo")]
                          + list(VARIANT_OVERRIDES.values()),
                          ids=["grpo", "token_mean", "dr_grpo", *VARIANT_OVERRIDES])
@@ -306,22 +326,12 @@ def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, t
     micro-batches accumulate the same gradient (completions of unequal lengths)."""
     from dataclasses import replace
 
-    from grpo.config import load_config
-    from grpo.step import policy_update, rollout
-    from grpo.trainer import Trainer
-    from models.distributed import DistInfo
+    from grpo.step import policy_update
 
-    cfg = load_config(TINY, short_run(world, tmp_path / "mb")[2:] + [
-        "checkpointing.save_on_signal=false", "logging.tensorboard=false", "optimizer.max_grad_norm=0",
-        "algorithm.mu=1", "rollout.max_new_tokens=6", *overrides])
-    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    traj, _ = rollout(trainer.context(), step=0)
-    # an untrained model rarely ends early and gets no reward: give the completions unequal
-    # lengths and non-zero advantages by hand
-    g = torch.Generator().manual_seed(0)
-    n, T = traj.mask.shape
-    lengths = torch.randint(1, T + 1, (n,), generator=g)
-    mask = torch.arange(T)[None, :] < lengths[:, None]
+    trainer, traj, mask, g = _rolled_out_with_uneven_lengths(world, tmp_path / "mb", ["algorithm.mu=1", *overrides])
+    cfg = trainer.cfg
+    n = traj.mask.shape[0]
+    # an untrained model gets no reward: non-zero advantages by hand
     traj = traj._replace(mask=mask, total_tokens=int(mask.sum()), advantages=torch.randn(n, generator=g))
 
     class Capture(torch.optim.SGD):  # an optimizer that keeps the gradient it is given and moves nothing
@@ -387,21 +397,13 @@ def test_rollout_correction_scales_the_gradient_by_the_sampler_weight(world, tmp
     weights given as token weights, and not the uncorrected one. The weights' statistics are logged."""
     from dataclasses import replace
 
-    from grpo.config import load_config
     from grpo.metrics import update_metrics
-    from grpo.step import policy_update, rollout
-    from grpo.trainer import Trainer
-    from models.distributed import DistInfo
+    from grpo.step import policy_update
 
-    cfg = load_config(TINY, short_run(world, tmp_path / "rc")[2:] + [
-        "checkpointing.save_on_signal=false", "logging.tensorboard=false", "optimizer.max_grad_norm=0",
-        "algorithm.mu=2", "rollout.max_new_tokens=6", "algorithm.micro_batch_prompts=2"])
-    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    traj, _ = rollout(trainer.context(), step=0)
-    g = torch.Generator().manual_seed(0)
+    trainer, traj, mask, g = _rolled_out_with_uneven_lengths(world, tmp_path / "rc",
+                                                             ["algorithm.mu=2", "algorithm.micro_batch_prompts=2"])
+    cfg = trainer.cfg
     n, T = traj.mask.shape
-    lengths = torch.randint(1, T + 1, (n,), generator=g)
-    mask = torch.arange(T)[None, :] < lengths[:, None]
     delta = 0.4 * torch.randn(n, T, generator=g)  # log pi_old - log pi_sampler
     traj = traj._replace(mask=mask, total_tokens=int(mask.sum()), advantages=torch.randn(n, generator=g),
                          sampler_logp=traj.old_logp - delta)
@@ -417,7 +419,7 @@ def test_rollout_correction_scales_the_gradient_by_the_sampler_weight(world, tmp
         return optimizer.captured, update_metrics(seen, 0.0, trainer.device)
 
     if mode == "rs_geometric":
-        ratio = torch.exp((delta * mask).sum(1, keepdim=True) / lengths[:, None]).expand(n, T)
+        ratio = torch.exp((delta * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)).expand(n, T)
         expected_weights = ((ratio >= 0.8) & (ratio <= 1.2) & mask).float()
         corrected, metrics = gradient(traj, rollout_rs_level="geometric", rollout_rs_low=0.8, rollout_rs_high=1.2)
         assert metrics["train/rollout_rs/rejected_frac"] == pytest.approx(

@@ -22,10 +22,11 @@ CHANNELS = ("first", "mean")
 class AudioError(RuntimeError):
     """A clip that cannot be used: missing, empty, undecodable or not finite. The message names the file."""
 
-    def __init__(self, path, reason):
+    def __init__(self, path, reason, *, sample=None):
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.sample = sample  # "<file>: line <n>: sample <id>" when the clip belongs to a dataset record
+        super().__init__(f"{sample}: {self.path}: {reason}" if sample else f"{self.path}: {reason}")
 
 
 def resample(wav, orig_freq, new_freq, *, lowpass_filter_width=6, rolloff=0.99):
@@ -50,11 +51,9 @@ def resample(wav, orig_freq, new_freq, *, lowpass_filter_width=6, rolloff=0.99):
     wav = np.asarray(wav, dtype=np.float32)
     if orig_freq == new_freq:
         return wav
-    g = math.gcd(int(orig_freq), int(new_freq))
-    L, M = int(orig_freq) // g, int(new_freq) // g
+    L, M, W = _filter_shape(orig_freq, new_freq, lowpass_filter_width, rolloff)
     w = lowpass_filter_width
     cutoff = rolloff * min(L, M)
-    W = math.ceil(w * L / cutoff)  # input samples each side of a stride's L that reach its outputs
     offsets = torch.arange(-W, W + L, dtype=torch.float64)  # input index within the frame [2W+L]
     phases = torch.arange(M, dtype=torch.float64)  # output index within the frame [M]
     u = (cutoff * (offsets[None, :] / L - phases[:, None] / M)).clamp(-w, w)  # [M, 2W+L]
@@ -65,10 +64,34 @@ def resample(wav, orig_freq, new_freq, *, lowpass_filter_width=6, rolloff=0.99):
     return y[0].T.reshape(-1)[:n_out].to(torch.float32).numpy()
 
 
-def load_audio(path, *, sampling_rate=16000, channel="first"):
-    """Decode `path` -> np.ndarray [S] float32 mono at `sampling_rate`.
+def _filter_shape(orig_freq, new_freq, lowpass_filter_width=6, rolloff=0.99):
+    """(L, M, W) of ``resample``: the rates over their gcd, and the input samples each side of a
+    stride's L that reach its outputs."""
+    g = math.gcd(int(orig_freq), int(new_freq))
+    L, M = int(orig_freq) // g, int(new_freq) // g
+    W = math.ceil(lowpass_filter_width * L / (rolloff * min(L, M)))
+    return L, M, W
 
-    channel="first" keeps channel 0 (what R1-AQA does: waveform[0]); "mean" averages channels.
+
+def input_frames(n_out, orig_freq, new_freq):
+    """Input samples at ``orig_freq`` that the first ``n_out`` output samples of ``resample`` to
+    ``new_freq`` depend on: output j = k*M + m is a filter over inputs k*L - W .. k*L + W + L - 1."""
+    if n_out <= 0:
+        return 0
+    if orig_freq == new_freq:
+        return n_out
+    L, M, W = _filter_shape(orig_freq, new_freq)
+    return (n_out - 1) // M * L + W + L
+
+
+def read_clip(path, *, sampling_rate=16000, channel="first", max_samples=None):
+    """Decode `path` -> (np.ndarray [S] float32 mono at `sampling_rate`, the clip's whole length
+    in samples at `sampling_rate`).
+
+    With ``max_samples`` only the start of the file that those samples need is read and decoded
+    (``input_frames``), so a clip's cost is set by the window, not by the length its header
+    states; the result is at most ``max_samples`` long. channel="first" keeps channel 0 (what
+    R1-AQA does: waveform[0]); "mean" averages channels.
     """
     if channel not in CHANNELS:
         raise ValueError(f"channel must be one of {CHANNELS}, got {channel!r}")
@@ -76,18 +99,29 @@ def load_audio(path, *, sampling_rate=16000, channel="first"):
     if not os.path.isfile(path):
         raise AudioError(path, "audio file not found")
     try:
-        wav, sr = sf.read(path, dtype="float32", always_2d=True)  # [S, C]
+        with sf.SoundFile(path) as f:
+            sr, frames = f.samplerate, f.frames
+            wanted = -1 if max_samples is None else min(frames, input_frames(max_samples, sr, sampling_rate))
+            wav = f.read(wanted, dtype="float32", always_2d=True)  # [S, C]
     except Exception as e:  # libsndfile raises LibsndfileError/RuntimeError/TypeError on junk
         raise AudioError(path, f"cannot decode audio ({type(e).__name__}: {e})") from e
     if wav.shape[0] == 0 or wav.shape[1] == 0:
         raise AudioError(path, "audio file has no samples")
+    whole = -(-max(frames, wav.shape[0]) * sampling_rate // sr)  # ceil(S * new / orig), as resample's length
     bad = int(np.count_nonzero(~np.isfinite(wav)))
     if bad:  # float wav files can hold NaN/Inf; one such sample makes every loss NaN
         raise AudioError(path, f"{bad} of {wav.size} audio samples are NaN or Inf")
     wav = wav[:, 0] if channel == "first" else wav.mean(axis=1)  # [S]
     if sr != sampling_rate:
         wav = resample(wav, sr, sampling_rate)
-    return np.ascontiguousarray(wav, dtype=np.float32)
+    if max_samples is not None:
+        wav = wav[:max_samples]
+    return np.ascontiguousarray(wav, dtype=np.float32), whole
+
+
+def load_audio(path, *, sampling_rate=16000, channel="first"):
+    """Decode the whole of `path` -> np.ndarray [S] float32 mono at `sampling_rate` (see read_clip)."""
+    return read_clip(path, sampling_rate=sampling_rate, channel=channel)[0]
 
 
 class AudioLoader:
@@ -110,14 +144,14 @@ class AudioLoader:
         self.n_cut = 0
 
     def __call__(self, path):
-        wav = load_audio(path, sampling_rate=self.sampling_rate, channel=self.channel)
+        wav, whole = read_clip(path, sampling_rate=self.sampling_rate, channel=self.channel,
+                               max_samples=self.max_samples)
         self.n_loaded += 1
-        if self.max_samples is not None and wav.shape[0] > self.max_samples:
+        if self.max_samples is not None and whole > self.max_samples:
             if self.n_cut == 0:
                 logger.warning(
                     "%s: %.2f s clip cut to %.2f s (the model's audio window); "
                     "further cuts are only counted (AudioLoader.n_cut)",
-                    os.fspath(path), wav.shape[0] / self.sampling_rate, self.max_seconds)
+                    os.fspath(path), whole / self.sampling_rate, self.max_seconds)
             self.n_cut += 1
-            wav = wav[: self.max_samples]
         return wav

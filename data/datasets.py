@@ -9,16 +9,21 @@ questions, where the accuracy reward and the warm-up treat choices as distinct),
 that lists the same choice twice. A UTF-8 byte-order mark at the start of a file is accepted.
 """
 
+import dataclasses
 import json
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
+
+from data.quote import cut, quote
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
 _MAX_REASONS = 5  # reasons quoted in the skip warning
+_MAX_PATH = 4096  # PATH_MAX on Linux: an audio path longer than that names no file
 
 
 class DataError(ValueError):
@@ -34,6 +39,12 @@ class Sample:
     answer: str | None  # the correct choice's text; None when the set has no answers
     task: str | None
     meta: dict = field(default_factory=dict, repr=False)  # the source record, untouched
+    source: str = field(default="", repr=False, compare=False)  # "<file>: line <n>" (or "item <i>")
+
+    @property
+    def where(self) -> str:
+        """The sample in words for messages: its file and line, and its id."""
+        return f"{self.source}: sample {quote(self.id)}" if self.source else f"sample {quote(self.id)}"
 
 
 class _Bad(Exception):
@@ -63,6 +74,8 @@ def _iter_records(path):
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {e.lineno}: malformed JSON: {e.msg}") from e
+        except ValueError as e:  # an integer longer than Python's digit limit
+            raise DataError(f"{path}: malformed JSON: {cut(e)}") from None
         except RecursionError:
             raise DataError(f"{path}: JSON nested too deeply to be a list of records") from None
         for i, rec in enumerate(items):
@@ -75,6 +88,8 @@ def _iter_records(path):
             yield f"{path}: line {lineno}", json.loads(line)
         except json.JSONDecodeError as e:
             yield f"{path}: line {lineno}", _Bad(f"malformed JSON: {e.msg}")
+        except ValueError as e:  # an integer longer than Python's digit limit
+            yield f"{path}: line {lineno}", _Bad(f"malformed JSON: {cut(e)}")
         except RecursionError:
             yield f"{path}: line {lineno}", _Bad("JSON nested too deeply")
 
@@ -95,8 +110,9 @@ def _read(path, parse, on_error, check_audio=False):
                 raise _Bad(f"record is a {type(rec).__name__}, not an object")
             sample = parse(rec)
             if sample.id in first_seen:
-                raise _Bad(f"duplicate id {sample.id!r} (first at {first_seen[sample.id]})")
+                raise _Bad(f"duplicate id {quote(sample.id)} (first at {first_seen[sample.id]})")
             first_seen[sample.id] = loc.removeprefix(f"{path}: ")
+            sample = dataclasses.replace(sample, source=loc)
         except _Bad as e:
             if on_error == "raise":
                 raise DataError(f"{loc}: {e}") from None
@@ -106,7 +122,7 @@ def _read(path, parse, on_error, check_audio=False):
     if n_records == 0:
         raise DataError(f"{path}: no records")
     if check_audio:  # all missing files in one report, not just the first
-        missing = [f"{loc}: audio file not found: {s.audio_path}"
+        missing = [f"{loc}: sample {quote(s.id)}: audio file not found: {s.audio_path}"
                    for loc, s in samples if not os.path.isfile(s.audio_path)]
         if missing and on_error == "raise":
             raise DataError(f"{path}: {len(missing)} of {len(samples)} audio files not found; "
@@ -146,10 +162,10 @@ def _id(rec):
 def _choices(rec, key, unique=False):
     v = _get(rec, key)
     if not isinstance(v, list) or not v or not all(isinstance(c, str) for c in v):
-        raise _Bad(f"field {key!r} must be a non-empty list of strings, got {v!r}")
+        raise _Bad(f"field {key!r} must be a non-empty list of strings, got {quote(v)}")
     if unique and len(set(v)) != len(v):
-        repeated = sorted({c for c in v if v.count(c) > 1})
-        raise _Bad(f"field {key!r} lists the same choice twice ({', '.join(map(repr, repeated))}): {v!r}")
+        repeated = sorted(c for c, n in Counter(v).items() if n > 1)
+        raise _Bad(f"field {key!r} lists the same choice twice ({quote(repeated)}): {quote(v)}")
     return list(v)
 
 
@@ -161,14 +177,16 @@ def _answer_text(rec, choices):
     if not isinstance(a, str):
         raise _Bad(f"field 'answer' must be a string, got {type(a).__name__}")
     if a not in choices:
-        raise _Bad(f"answer {a!r} is not among choices {choices!r}")
+        raise _Bad(f"answer {quote(a)} is not among choices {quote(choices)}")
     return a
 
 
 def _resolve(audio_path, root):
     """Relative paths are resolved against `root`; the result is absolute and normalised."""
     if not isinstance(audio_path, str) or not audio_path:
-        raise _Bad(f"audio path must be a non-empty string, got {audio_path!r}")
+        raise _Bad(f"audio path must be a non-empty string, got {quote(audio_path)}")
+    if len(audio_path) > _MAX_PATH or "\0" in audio_path:  # what no file system can open
+        raise _Bad(f"audio path {quote(audio_path)} ({len(audio_path)} characters) is not a file path")
     return os.path.abspath(os.path.join(root, audio_path))
 
 
@@ -194,9 +212,9 @@ def read_avqa(path, *, audio_root=None, on_error="raise", check_audio=False, uni
         choices = _choices(rec, "multi_choice", unique_choices)
         idx = _get(rec, "answer")
         if isinstance(idx, bool) or not isinstance(idx, int):
-            raise _Bad(f"field 'answer' must be an int index, got {idx!r}")
+            raise _Bad(f"field 'answer' must be an int index, got {quote(idx)}")
         if not 0 <= idx < len(choices):
-            raise _Bad(f"answer index {idx} out of range for {len(choices)} choices")
+            raise _Bad(f"answer index {quote(idx)} out of range for {len(choices)} choices")
         return Sample(id=sid, audio_path=_resolve(_get(rec, "audio_path"), root),
                       question=video_to_audio(question), choices=choices, answer=choices[idx],
                       task=rec.get("task") or rec.get("question_type"), meta=rec)

@@ -548,9 +548,16 @@ def _record_and_rename(tmp: Path, final: Path, rank: int) -> None:
 
 def _prune(run_dir: str | Path, keep_last: int) -> None:
     """Delete the full states of all but the newest ``keep_last`` checkpoints (exports stay;
-    their manifests then list only what is left)."""
+    their manifests then list only what is left). Nothing is deleted or rewritten through a
+    symbolic link: a checkpoint reached through one (``checkpoints/`` itself, the step folder,
+    its ``state/`` or ``manifest.json``) may belong to another run, and is left as it is."""
     full = full_states(run_dir)
     for path in full[: max(len(full) - keep_last, 0)]:
+        linked = [p for p in (path.parent, path, path / "state", path / manifest.MANIFEST) if p.is_symlink()]
+        if linked:
+            log.warning("not pruning %s: %s is a symbolic link, and a prune never deletes through one", path,
+                        linked[0])
+            continue
         ranks = [f.name for f in path.glob("rank*.pt")]
         manifest.drop(path, ["state", *ranks])  # first: a manifest never lists a file that is gone
         shutil.rmtree(path / "state", ignore_errors=True)

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from data.audio import CHANNELS
+from data.quote import cut, quote
 from data.datasets import FORMATS, ON_ERROR
 from data.prompts import TEMPLATES
 from data.synthetic import DIFFICULTY_CHOICES
@@ -334,7 +335,8 @@ RANGES = {
 
 
 def _closest(name: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    # difflib indexes every character of the name: a name longer than any key is no typo of one
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5) if len(name) <= 100 else []
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(valid)}"
 
 
@@ -349,19 +351,19 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         return _check_type(value, inner[0], where)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {quote(value)}")
         return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return {_check_type(k, args[0], where): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
+            raise ConfigError(f"{where} must be a mapping, got {quote(value)}")
+        return {_check_type(k, args[0], where): _check_type(v, args[1], f"{where}.{cut(k)}") for k, v in value.items()}
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {quote(value)}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer, got {quote(value)}")
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
@@ -370,11 +372,11 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+            raise ConfigError(f"{where} must be a number, got {quote(value)}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(f"{where} must be a string, got {quote(value)}")
         return value
     return value
 
@@ -384,7 +386,7 @@ def _apply(section_obj: Any, updates: dict, source: str, section: str) -> None:
     valid = [f.name for f in dataclasses.fields(section_obj)]
     for key, value in updates.items():
         if key not in valid:
-            raise ConfigError(f"unknown key '{section}.{key}' in {source}{_closest(str(key), valid)}")
+            raise ConfigError(f"unknown key '{section}.{cut(key)}' in {source}{_closest(str(key), valid)}")
         setattr(section_obj, key, _check_type(value, hints[key], f"'{section}.{key}' in {source}"))
 
 
@@ -395,24 +397,82 @@ def apply_mapping(config: Config, mapping: dict, source: str) -> None:
     sections = [f.name for f in dataclasses.fields(config)]
     for section, updates in mapping.items():
         if section not in sections:
-            raise ConfigError(f"unknown section '{section}' in {source}{_closest(str(section), sections)}")
+            raise ConfigError(f"unknown section '{cut(section)}' in {source}{_closest(str(section), sections)}")
         if updates is None:
             continue
         if not isinstance(updates, dict):
-            raise ConfigError(f"section '{section}' in {source} must be a mapping, got {updates!r}")
+            raise ConfigError(f"section '{section}' in {source} must be a mapping, got {quote(updates)}")
         _apply(getattr(config, section), updates, source, section)
+
+
+# Values a config may hold once its YAML aliases are expanded: a real config has a few
+# hundred; a few hundred bytes of nested aliases (the "billion laughs") expand to billions.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """Values ``node`` stands for with every alias expanded, counting each alias's target once per
+    use; the walk itself visits each distinct node once (``sizes``), so it is cheap however large
+    the expansion. A node that contains itself is refused."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] is None:
+            raise ConfigError("a YAML alias refers to the node that contains it")
+        return sizes[key]
+    sizes[key] = None  # being counted
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        size = 1
+    sizes[key] = size
+    return size
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A parser error in one line: "line L, column C: what" (PyYAML's own is several lines)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    what = getattr(err, "problem", None) or getattr(err, "context", None) or str(err)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return cut(where + " ".join(str(what).split()), 300)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, each problem a one-line ConfigError naming ``source``: a syntax
+    error (line, column, what), aliases that expand past MAX_YAML_VALUES, a value YAML cannot
+    build (an integer of thousands of digits, a date that does not exist)."""
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # reads the first characters: a control character is an error here
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_VALUES:
+            raise ConfigError(f"{source}: its YAML aliases expand to {size:,} values, more than the "
+                              f"{MAX_YAML_VALUES:,} a config may hold: refused")
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(err)}") from None
+    except ConfigError as err:
+        raise ConfigError(str(err) if str(err).startswith(source) else f"{source}: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is nested too deeply to be a config") from None
+    except (ValueError, OverflowError) as err:  # a scalar YAML matched but cannot build
+        raise ConfigError(f"{source}: a value cannot be read ({cut(err, 200)})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def parse_override(text: str) -> dict:
     """``"rollout.group_size=4"`` -> ``{"rollout": {"group_size": 4}}`` (value read as YAML)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override '{text}' must look like section.key=value")
+        raise ConfigError(f"override '{cut(text)}' must look like section.key=value")
     dotted, raw = text.split("=", 1)
     section, key = dotted.split(".", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from None
+    value = load_yaml(raw, f"override '{cut(text)}': the value") if raw != "" else ""
     return {section: {key: value}}
 
 
@@ -422,7 +482,7 @@ def check_choices(config, choices: dict, source: str) -> None:
         section, key = dotted.split(".")
         value = getattr(getattr(config, section), key)
         if value not in allowed:
-            raise ConfigError(f"'{dotted}' in {source} is {value!r}; choose one of {list(allowed)}")
+            raise ConfigError(f"'{dotted}' in {source} is {quote(value)}; choose one of {list(allowed)}")
 
 
 def check_ranges(config, ranges: dict, source: str) -> None:
@@ -431,9 +491,9 @@ def check_ranges(config, ranges: dict, source: str) -> None:
         section, key = dotted.split(".")
         value = getattr(getattr(config, section), key)
         if value not in allowed:
-            raise ConfigError(f"'{dotted}' in {source} is {value!r}; allowed: {key} {allowed}"
+            raise ConfigError(f"'{dotted}' in {source} is {quote(value)}; allowed: {key} {allowed}"
                               if allowed.high is None else
-                              f"'{dotted}' in {source} is {value!r}; allowed: {key} in {allowed}")
+                              f"'{dotted}' in {source} is {quote(value)}; allowed: {key} in {allowed}")
 
 
 def validate(config: Config, source: str, *, require_paths: bool = False) -> None:
@@ -446,7 +506,7 @@ def validate(config: Config, source: str, *, require_paths: bool = False) -> Non
     check_ranges(config, RANGES, source)
     betas = config.optimizer.betas
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ConfigError(f"'optimizer.betas' in {source} is {betas!r}; allowed: two numbers, each in [0, 1)")
+        raise ConfigError(f"'optimizer.betas' in {source} is {quote(betas)}; allowed: two numbers, each in [0, 1)")
     a = config.algorithm
     if a.clip_ratio_c != 0 and (a.clip_ratio_c <= 1 or a.policy_loss_type != "clip"):
         raise ConfigError(f"'algorithm.clip_ratio_c' in {source} is {a.clip_ratio_c!r}; allowed: 0 (off), or > 1 "
@@ -481,18 +541,15 @@ def read_into(config, path: str | Path | None, overrides=()) -> str:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
                               f"{err.start})") from None
-        except RecursionError:
-            raise ConfigError(f"{path} is nested too deeply to be a config") from None
+        mapping = load_yaml(text, str(path)) or {}
         apply_mapping(config, mapping, str(path))
         source = str(path)
     for text in overrides:
-        apply_mapping(config, parse_override(text), f"command-line override '{text}'")
+        apply_mapping(config, parse_override(text), f"command-line override '{cut(text)}'")
     if overrides:  # a bad value may come from either
         source += " or its command-line overrides" if path is not None else " with command-line overrides"
     return source

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 logger = logging.getLogger("grpo.trainer")
@@ -43,7 +44,9 @@ class RunLog:
     def history(self, step: int, metrics: dict) -> None:
         """One JSON line per step in history.jsonl, written as it happens (it survives a crash)."""
         if self.is_main:
-            with (self.run_dir / "history.jsonl").open("a") as f:
+            # O_NOFOLLOW: a link put in its place (say, to another run's history) is an error, not appended to
+            fd = os.open(self.run_dir / "history.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def progress_bar(self, step: int, warmup_steps: int, total_steps: int):

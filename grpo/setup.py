@@ -84,9 +84,10 @@ def check_inputs(cfg: Config, resume: str | None) -> None:
     for key, path in (("data.train_path", d.train_path), ("data.eval_path", d.eval_path)):
         if path and not built and not Path(path).is_file():
             raise DataError(f"{key} {path}: file not found")
+    # first: a directory another run is using is said before anything about what it holds
+    check_run_dir(cfg.run.output_dir, resume=resume is not None, overwrite=cfg.run.overwrite)
     if resume:
         resolve_resume(cfg.run.output_dir, resume, verify=False)  # verified once the ranks can share the work
-    check_run_dir(cfg.run.output_dir, resume=resume is not None, overwrite=cfg.run.overwrite)
 
 
 def use_fsdp(cfg: Config, info: DistInfo) -> bool:
@@ -199,8 +200,8 @@ def usable_eval_samples(samples: list[Sample], load_audio, fits: PromptLimit, cf
             reasons.append(f"{s.id}: prompt over {fits.tokens} tokens")
         except AudioError as err:
             if cfg.data.on_error != "skip":
-                raise
-            reasons.append(f"{s.id}: {err}")
+                raise AudioError(err.path, err.reason, sample=s.where) from None
+            reasons.append(f"{s.where}: {err.path}: {err.reason}")
     if reasons:
         logger.warning("%s: %d of %d held-out questions skipped (data.on_error=skip), left out of "
                        "eval/greedy_accuracy:\n  %s", cfg.data.eval_path, len(reasons), len(samples),

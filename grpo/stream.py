@@ -76,10 +76,12 @@ class PromptStream:
             try:
                 wave = self.load_audio(sample.audio_path)
             except AudioError as err:
+                where = sample.where
                 if self.on_error != "skip":
-                    raise
+                    raise AudioError(err.path, err.reason, sample=where) from None
                 self.skipped["audio"] += 1
-                logger.warning("skipping sample %s (%d audio skips so far): %s", sample.id, self.skipped["audio"], err)
+                logger.warning("skipping %s (%d audio skips so far): %s: %s", where, self.skipped["audio"], err.path,
+                               err.reason)
                 continue
             if self.silence:  # control experiment: the question stays, the signal goes
                 wave = np.zeros_like(wave)

@@ -197,4 +197,4 @@ def test_mmar_jsonl_and_json_list(tmp_path):
 
 def test_sample_fields_match_contract():
     names = [f.name for f in dataclasses.fields(Sample)]
-    assert names == ["id", "audio_path", "question", "choices", "answer", "task", "meta"]
+    assert names == ["id", "audio_path", "question", "choices", "answer", "task", "meta", "source"]

@@ -427,9 +427,13 @@ def test_a_directory_where_no_step_completed_holds_no_run(tmp_path):
     lock.release()
     (run / "config.yaml").write_text("run: {}\n")
     (run / "notes.txt").write_text("mine")  # not the trainer's: the directory is not ours to clear
-    with pytest.raises(RunDirError, match=r"already holds a run \(config.yaml, notes.txt\)\. It has no checkpoint"):
+    with pytest.raises(RunDirError, match=r"is not a run directory: it holds files no run writes \(notes.txt\)"):
         prepare_run_dir(run, resume=False, overwrite=False)
     assert (run / "notes.txt").read_text() == "mine"
+    (run / "notes.txt").unlink()
+    (run / "history.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(RunDirError, match=r"already holds a run \(config.yaml, history.jsonl\)\. It has no checkpoint"):
+        prepare_run_dir(run, resume=False, overwrite=False)
 
 
 def test_resume_without_a_checkpoint_is_an_error_and_auto_starts_fresh(small_world, tmp_path):

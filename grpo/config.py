@@ -450,8 +450,8 @@ def load_yaml(text: str, source: str) -> Any:
             return None
         size = _expanded_size(node, {})
         if size > MAX_YAML_VALUES:
-            raise ConfigError(f"{source}: its YAML aliases expand to {size:,} values, more than the "
-                              f"{MAX_YAML_VALUES:,} a config may hold: refused")
+            raise ConfigError(f"{source}: holds {size:,} values once its YAML aliases are expanded, more than "
+                              f"the {MAX_YAML_VALUES:,} a config may hold: refused")
         return loader.construct_document(node)
     except yaml.YAMLError as err:
         raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(err)}") from None

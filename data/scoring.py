@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from data.quote import cut, quote
+
 log = logging.getLogger(__name__)
 
 # '.' does not match a newline, so an <answer> ... </answer> pair spanning a
@@ -99,18 +101,18 @@ def record_problem(record: Any, prediction_key: str | None = None) -> str | None
         return "neither 'choices' nor 'multi_choice'"
     choices = record[key]
     if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
-        return f"'{key}' must be a non-empty list of strings, got {choices!r}"
+        return f"'{key}' must be a non-empty list of strings, got {quote(choices)}"
     if "answer" not in record:
         return "no 'answer'"
     answer = record["answer"]
     if key == "multi_choice" and isinstance(answer, int) and not isinstance(answer, bool):
         if not 0 <= answer < len(choices):
-            return f"answer index {answer} out of range for {len(choices)} choices"
+            return f"answer index {quote(answer)} out of range for {len(choices)} choices"
     elif not isinstance(answer, str):
-        return f"'answer' must be a string, got {answer!r}"
+        return f"'answer' must be a string, got {quote(answer)}"
     for k in (prediction_key,) if prediction_key else PREDICTION_KEYS:
         if k in record and record[k] is not None and not isinstance(record[k], str):
-            return f"prediction '{k}' must be a string or null, got {record[k]!r}"
+            return f"prediction '{k}' must be a string or null, got {quote(record[k])}"
     return None
 
 
@@ -118,7 +120,7 @@ def answer_and_choices(record: Mapping[str, Any]) -> tuple[str, list[str]]:
     """(answer text, choices) of a benchmark record: MMAU/MMAR schema or R1-AQA's AVQA schema."""
     problem = record_problem(record)
     if problem is not None:
-        raise ValueError(f"record {record.get('id') if isinstance(record, Mapping) else record!r}: {problem}")
+        raise ValueError(f"record {quote(record.get('id')) if isinstance(record, Mapping) else quote(record)}: {problem}")
     if "choices" in record:
         return str(record["answer"]), list(record["choices"])
     if "multi_choice" in record:
@@ -128,7 +130,7 @@ def answer_and_choices(record: Mapping[str, Any]) -> tuple[str, list[str]]:
         if isinstance(answer, int) and not isinstance(answer, bool):
             answer = choices[answer]
         return str(answer), choices
-    raise KeyError(f"record {record.get('id')!r} has neither 'choices' nor 'multi_choice'")
+    raise KeyError(f"record {quote(record.get('id'))} has neither 'choices' nor 'multi_choice'")
 
 
 def prediction_of(record: Mapping[str, Any], prediction_key: str | None = None) -> tuple[bool, str]:
@@ -234,9 +236,11 @@ def read_predictions(path: str | Path) -> list[dict]:
         raise DataError(f"{path}: file not found")
     try:
         records = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit
         where = f"line {err.lineno} column {err.colno}: " if isinstance(err, json.JSONDecodeError) else ""
-        raise DataError(f"{path}: {where}not valid JSON ({getattr(err, 'msg', err)})") from None
+        raise DataError(f"{path}: {where}not valid JSON ({cut(getattr(err, 'msg', err), 200)})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be a list of records") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
     if not records:
@@ -244,11 +248,11 @@ def read_predictions(path: str | Path) -> list[dict]:
     for i, record in enumerate(records):
         problem = record_problem(record)
         if problem is not None:
-            named = f" (id {record['id']!r})" if isinstance(record, dict) and "id" in record else ""
+            named = f" (id {quote(record['id'])})" if isinstance(record, dict) and "id" in record else ""
             raise DataError(f"{path}: record {i}{named}: {problem}")
     return records
 
 
 def _preview(ids: Sequence[Any], limit: int = 10) -> str:
-    shown = ", ".join(str(i) for i in ids[:limit])
+    shown = ", ".join(cut(i, 60) for i in ids[:limit])
     return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")

@@ -67,6 +67,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from grpo import manifest
+from data.quote import cut, quote
 from models.collectives import gather_objects
 from models.distributed import barrier, export_checkpoint, full_state_dict
 from models.lora import merged_state_dict, save_adapters
@@ -200,11 +201,11 @@ def _metadata_problem(md) -> str | None:
             return "its storage table holds something else than file positions"
         rel, offset, length = (getattr(info, a, None) for a in ("relative_path", "offset", "length"))
         if not isinstance(rel, str) or not rel or "/" in rel or "\\" in rel or rel in (".", ".."):
-            return f"{key.fqn!r} is stored in {rel!r}, not a file of this folder"
+            return f"{quote(key.fqn)} is stored in {quote(rel)}, not a file of this folder"
         if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
-            return f"{key.fqn!r} has no valid position in {rel}"
+            return f"{quote(key.fqn)} has no valid position in {cut(rel)}"
         if getattr(info, "transform_descriptors", None):
-            return (f"{key.fqn!r} is stored through transforms {info.transform_descriptors!r}, which this trainer "
+            return (f"{quote(key.fqn)} is stored through transforms {quote(info.transform_descriptors)}, which this trainer "
                     "never uses")
     return None
 

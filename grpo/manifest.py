@@ -35,6 +35,8 @@ from pathlib import Path, PurePosixPath
 
 import torch.distributed as dist
 
+from data.quote import cut, quote
+
 from models.collectives import gather_objects
 
 MANIFEST = "manifest.json"
@@ -150,22 +152,22 @@ def _shape_problem(manifest) -> str | None:
     if not isinstance(manifest, dict):
         return "not a JSON object"
     if manifest.get("format") != FORMAT or manifest.get("hash") != "sha256":
-        return f"format {manifest.get('format')!r} / hash {manifest.get('hash')!r}, expected {FORMAT} / 'sha256'"
+        return f"format {quote(manifest.get('format'))} / hash {quote(manifest.get('hash'))}, expected {FORMAT} / 'sha256'"
     block, files = manifest.get("block_bytes"), manifest.get("files")
     if type(block) is not int or block < 1:
-        return f"block_bytes {block!r} is not a positive integer"
+        return f"block_bytes {quote(block)} is not a positive integer"
     if not isinstance(files, dict):
         return "'files' is not an object"
     for rel, entry in files.items():
         parts = PurePosixPath(rel).parts
         if not rel or rel.startswith("/") or ".." in parts or "\\" in rel or "\x00" in rel or rel == MANIFEST:
-            return f"file name {rel!r} is not a path inside the checkpoint"
+            return f"file name {quote(rel)} is not a path inside the checkpoint"
         if not isinstance(entry, dict) or type(entry.get("bytes")) is not int or entry["bytes"] < 0:
-            return f"{rel}: no size in bytes"
+            return f"{cut(rel)}: no size in bytes"
         hashes = entry.get("sha256")
         if not isinstance(hashes, list) or len(hashes) != _n_blocks(entry["bytes"], block) \
                 or not all(isinstance(h, str) and _HEX64.match(h) for h in hashes):
-            return f"{rel}: the checksums do not match its size"
+            return f"{cut(rel)}: the checksums do not match its size"
     return None
 
 

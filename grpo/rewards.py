@@ -11,6 +11,7 @@ import re
 from typing import Callable
 
 from data.datasets import Sample
+from data.quote import quote
 from data.scoring import extract_answer, is_correct
 
 RewardFn = Callable[[str, Sample], float]
@@ -92,7 +93,7 @@ def compute_rewards(
                 values.append(float(fn(completion, sample)))
             except Exception as err:  # name the sample: a bare traceback from deep in a loop helps no one
                 raise RewardError(
-                    f"reward '{name}' failed on sample id={sample.id!r} "
+                    f"reward '{name}' failed on sample id={quote(sample.id)} "
                     f"(completion {completion[:80]!r}): {type(err).__name__}: {err}"
                 ) from err
         per_reward[name] = values

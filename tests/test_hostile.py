@@ -308,3 +308,27 @@ def test_a_missing_training_clip_names_the_sample_and_the_line(tmp_path):
     stream = PromptStream(read_avqa(path), AudioLoader(), seed=0, shuffle=False)
     with pytest.raises(AudioError, match=rf"^{path}: line 1: sample 'q0': .*nope.wav: audio file not found$"):
         stream.next()
+
+
+def test_huge_values_in_a_manifest_or_a_predictions_file_are_quoted_short(tmp_path):
+    from data.datasets import DataError
+    from data.scoring import read_predictions
+    from grpo.manifest import FORMAT, MANIFEST, ManifestError, read
+
+    huge = "x" * 1_000_000
+    for manifest in ({"format": huge, "hash": "sha256"},
+                     {"format": FORMAT, "hash": "sha256", "block_bytes": 1, "files": {"../" + huge: {}}},
+                     {"format": FORMAT, "hash": "sha256", "block_bytes": 1, "files": {huge: {}}}):
+        (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(ManifestError, match="format|not a path|no size") as err:
+            read(tmp_path)
+        assert len(_one_line(err)) < 500
+    path = tmp_path / "predictions.json"
+    for records in ([{"id": huge, "question": "q", "choices": [huge], "answer": 3}],):
+        path.write_text(json.dumps(records))
+        with pytest.raises(DataError, match=r"record 0 \(id 'x") as err:
+            read_predictions(path)
+        assert len(_one_line(err)) < 500
+    path.write_text('[{"id": ' + "9" * 5000 + "}]")  # past Python's digit limit: one line, not a ValueError
+    with pytest.raises(DataError, match=rf"{path}: not valid JSON"):
+        read_predictions(path)

@@ -518,6 +518,22 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_is_reported_and_taken_over
     lock.release()
 
 
+def test_a_directory_in_use_is_said_first_and_never_with_a_hint_to_overwrite_it(tmp_path):
+    from grpo.rundir import RunDirError, check_run_dir, prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run: {}\n")
+    (run / "history.jsonl").write_text('{"step": 1}\n')  # a live run that completed a step
+    with _lock_held_elsewhere(run) as holder:
+        for resume, overwrite in ((False, False), (False, True), (True, False)):
+            for check in (check_run_dir, prepare_run_dir):
+                with pytest.raises(RunDirError, match=rf"in use by another run: pid {holder.pid} ") as err:
+                    check(run, resume=resume, overwrite=overwrite)
+                assert "overwrite" not in str(err.value) and "already holds" not in str(err.value)
+    assert (run / "history.jsonl").read_text() == '{"step": 1}\n' and not list(tmp_path.glob("run.replaced-*"))
+
+
 # --------------------------------------------------------------------------- resuming with another config
 
 

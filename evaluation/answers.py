@@ -166,6 +166,23 @@ def _answer_batch(model, processor, batch: list, indices: list[int], waves: list
 
 # --------------------------------------------------------------------------- files
 
+def remove_tree(path: Path) -> None:
+    """Remove the folder ``path``; a link there is removed itself, never what it points to."""
+    import shutil
+
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def append_lines(path: Path, lines: Sequence[str]) -> None:
+    """Append ``lines`` to ``path``; a link there is an error (OSError), never appended through."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in lines)
+
+
 def write_json(path: Path, value: Any) -> None:
     """Write via a temporary file and rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +213,7 @@ def read_progress(folder: Path) -> dict[int, Generated]:
             try:  # a torn last line, or a row that is not one of ours, is not an answer
                 row = json.loads(line)
                 generated = Generated(**row)
-            except (json.JSONDecodeError, TypeError):
+            except (ValueError, TypeError, RecursionError):  # ValueError: JSONDecodeError, a too-long integer
                 continue
             if type(generated.index) is int and generated.index >= 0 and type(generated.n_tokens) is int and (
                     isinstance(generated.completion, str) or isinstance(generated.error, str)):

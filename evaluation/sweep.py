@@ -42,7 +42,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,11 +53,13 @@ import torch.distributed as dist
 from data.scoring import score_report
 from evaluation.answers import (
     Generated,
+    append_lines,
     generate_answers,
     prediction_records,
     previous_results,
     read_json,
     read_progress,
+    remove_tree,
     weights_fingerprint,
     write_json,
 )
@@ -254,8 +255,8 @@ def _generate_missing(config, ckpt, samples, fingerprint, out_dir, force, d: Dis
     if d.is_main:
         marker = progress_dir / "fingerprint.json"
         stale = force or not marker.is_file() or read_json(marker) != fingerprint
-        if stale and progress_dir.exists():
-            shutil.rmtree(progress_dir)
+        if stale:
+            remove_tree(progress_dir)
         write_json(marker, fingerprint)
     barrier()
     done = read_progress(progress_dir)
@@ -286,9 +287,7 @@ def _answer_share(config, ckpt, samples, mine: list[int], progress_file: Path, d
                          channel=config.data.audio_channel)
 
     def save(batch: list[Generated]) -> None:
-        with progress_file.open("a") as f:
-            for g in batch:
-                f.write(json.dumps(g.to_json(), ensure_ascii=False) + "\n")
+        append_lines(progress_file, [json.dumps(g.to_json(), ensure_ascii=False) for g in batch])
 
     bar = None
     if d.is_main and config.output.progress_bar:
@@ -388,7 +387,7 @@ def _write_results(config: EvalConfig, ckpt: CheckpointRef, samples: Sequence, r
         write_json(out_dir / "submission.json",
                    prediction_records(samples, ordered, skip_missing_audio=skip, submission=True))
     write_json(out_dir / "eval_info.json", info)
-    shutil.rmtree(out_dir / "progress", ignore_errors=True)  # complete: predictions.json replaces them
+    remove_tree(out_dir / "progress")  # complete: predictions.json replaces them
 
     title = (f"{ckpt.name} (step {ckpt.step}) on {dataset_name(config)}"
              f"{' [predictions reused]' if reused else ''}")

@@ -332,3 +332,22 @@ def test_huge_values_in_a_manifest_or_a_predictions_file_are_quoted_short(tmp_pa
     path.write_text('[{"id": ' + "9" * 5000 + "}]")  # past Python's digit limit: one line, not a ValueError
     with pytest.raises(DataError, match=rf"{path}: not valid JSON"):
         read_predictions(path)
+
+
+def test_evaluation_progress_files_are_never_removed_or_appended_through_a_link(tmp_path):
+    from evaluation.answers import append_lines, read_progress, remove_tree
+
+    other = _other_run(tmp_path)
+    before = _snapshot(other)
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "progress").symlink_to(other / "checkpoints")
+    remove_tree(out / "progress")  # a stale progress folder that is a link: the link goes, not its target
+    assert not (out / "progress").is_symlink() and _snapshot(other) == before
+    (out / "progress").mkdir()
+    (out / "progress" / "rank0.jsonl").symlink_to(other / "history.jsonl")
+    with pytest.raises(OSError):
+        append_lines(out / "progress" / "rank0.jsonl", ['{"index": 0}'])
+    assert _snapshot(other) == before
+    (out / "progress" / "rank1.jsonl").write_text('{"index": ' + "9" * 5000 + "}\n")  # not one of ours
+    assert read_progress(out / "progress") == {}

@@ -260,3 +260,19 @@ def test_the_tiny_plan_check_row_is_what_plan_check_prints():
     assert [float(p[2]) for p in printed] == plans
     for (_, peak, _), quoted in zip(printed, measured):  # counted tensors: the same on any machine
         assert float(peak) == pytest.approx(quoted, rel=0.02)
+
+
+def test_a_readme_run_of_another_recipe_on_the_tiny_config_has_its_own_run_directory():
+    """After `make train`, runs/tiny holds the GRPO run that the "Score it" commands read: a
+    README command that trains something else there would stop ("already holds a run") or, with
+    run.overwrite, move that run aside."""
+    import yaml
+
+    tiny_dir = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["run"]["output_dir"]
+    inline = [shlex.split(c) for c in re.findall(r"`(\.venv/bin/python train\.py [^`]*)`", README)]
+    others = [c for c in _commands() + inline if "train.py" in " ".join(c) and "configs/tiny.yaml" in c
+              and any(a.startswith("algorithm.name=") and a != "algorithm.name=grpo" for a in c)]
+    assert others, "the README's one-SFT-run command was not found"
+    for command in others:
+        dirs = [a.split("=", 1)[1] for a in command if a.startswith("run.output_dir=")]
+        assert dirs and dirs[-1] != tiny_dir, " ".join(command)

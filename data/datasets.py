@@ -165,7 +165,7 @@ def _choices(rec, key, unique=False):
         raise _Bad(f"field {key!r} must be a non-empty list of strings, got {quote(v)}")
     if unique and len(set(v)) != len(v):
         repeated = sorted(c for c, n in Counter(v).items() if n > 1)
-        raise _Bad(f"field {key!r} lists the same choice twice ({quote(repeated)}): {quote(v)}")
+        raise _Bad(f"field {key!r} lists the same choice twice ({', '.join(map(quote, repeated[:5]))}): {quote(v)}")
     return list(v)
 
 

@@ -120,7 +120,8 @@ def answer_and_choices(record: Mapping[str, Any]) -> tuple[str, list[str]]:
     """(answer text, choices) of a benchmark record: MMAU/MMAR schema or R1-AQA's AVQA schema."""
     problem = record_problem(record)
     if problem is not None:
-        raise ValueError(f"record {quote(record.get('id')) if isinstance(record, Mapping) else quote(record)}: {problem}")
+        named = quote(record.get("id")) if isinstance(record, Mapping) else quote(record)
+        raise ValueError(f"record {named}: {problem}")
     if "choices" in record:
         return str(record["answer"]), list(record["choices"])
     if "multi_choice" in record:

@@ -195,7 +195,12 @@ def acquire_lock(run_dir: str | Path) -> RunLock:
 
 
 def _contents(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME) if run_dir.is_dir() else []
+    if not run_dir.is_dir():
+        return []
+    try:
+        return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
+    except OSError as err:
+        raise RunDirError(f"run.output_dir {run_dir} cannot be read: {_os_error(err)}") from None
 
 
 # what a start that failed before its first step leaves (the config it was given, the

@@ -8,8 +8,9 @@
    The kernel drops a flock when its process dies, so a lock file that can be taken although
    it names a pid is a stale lock of a run that did not exit cleanly: reported, and taken over.
    A directory that cannot be created (no permission, a read-only mount) is one line;
-2. a directory holding anything no run writes (a folder of the user's files, a home
-   directory) is refused, whatever the options: it is never cleared, moved or written into;
+2. a directory holding anything that neither a run nor evaluate.py beside it (``eval/``)
+   writes (a folder of the user's files, a home directory) is refused, whatever the options:
+   it is never cleared, moved or written into;
 3. ``--resume`` into a directory with a symbolic link anywhere in it is refused: a run
    directory is copied, synced and shared, and a resumed run would append, write or prune
    through the link, outside the directory;
@@ -210,8 +211,12 @@ _START_LEFTOVERS = {"config.yaml", "tb", "history.jsonl", "checkpoints"}
 _RESUMED_CONFIG = re.compile(r"^config\.resume-step\d+\.yaml$")
 
 
+# evaluate.py's results when its output.dir is inside the run (configs/eval_tiny.yaml: runs/tiny/eval)
+_EVALUATION = "eval"
+
+
 def _written_by_a_run(name: str) -> bool:
-    return name in _START_LEFTOVERS or _RESUMED_CONFIG.match(name) is not None
+    return name in _START_LEFTOVERS or name == _EVALUATION or _RESUMED_CONFIG.match(name) is not None
 
 
 def _empty(path: Path) -> bool:

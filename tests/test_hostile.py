@@ -167,6 +167,18 @@ def test_overwrite_never_moves_a_folder_that_holds_no_run(tmp_path):
     assert _snapshot(home) == before and not list(tmp_path.glob("home.replaced-*"))
 
 
+def test_a_run_with_evaluation_results_inside_is_still_a_run(tmp_path):
+    from grpo.rundir import prepare_run_dir
+
+    run = tmp_path / "run"
+    (run / "eval" / "step_1").mkdir(parents=True)  # what configs/eval_tiny.yaml writes into runs/tiny
+    (run / "config.yaml").write_text("run: {}\n")
+    (run / "history.jsonl").write_text('{"step": 1}\n')
+    prepare_run_dir(run, resume=False, overwrite=True).release()
+    [aside] = tmp_path.glob("run.replaced-*")
+    assert (aside / "eval" / "step_1").is_dir()
+
+
 def test_a_run_directory_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
     from grpo.rundir import RunDirError, acquire_lock
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from data.quote import cut
 from data.scoring import extract_answer
 
 
@@ -134,7 +135,7 @@ def _usable_clips(samples: Sequence, batch_idx: Sequence[int], processor, *, tem
             continue
         n = prompt_length(samples[i], len(wave), processor, template=template)
         if max_prompt_tokens is not None and n > max_prompt_tokens:  # prompts are never cut: left out
-            reason = (f"sample {samples[i].id} ({samples[i].audio_path}): its prompt is {n} tokens (text + "
+            reason = (f"sample {cut(samples[i].id)} ({samples[i].audio_path}): its prompt is {n} tokens (text + "
                       f"audio), over the limit of {max_prompt_tokens}")
             if on_error != "skip":
                 raise DataError(f"{reason}. Prompts are never cut; data.on_error=skip leaves such "

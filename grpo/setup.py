@@ -14,6 +14,7 @@ import torch
 from data.audio import AudioError
 from data.collate import prompt_length
 from data.datasets import DataError, Sample, read_dataset
+from data.quote import cut
 from grpo.checkpoint import resolve_resume
 from grpo.cli import same_on_every_rank, user_errors
 from grpo.config import Config, ConfigError
@@ -180,7 +181,9 @@ class PromptLimit:
                      and d.max_prompt_tokens == self.tokens else
                      f"the model's context ({self.context}) minus "
                      f"rollout.max_new_tokens ({self.cfg.rollout.max_new_tokens})")
-            raise DataError(f"sample {sample.id} ({sample.audio_path}): its prompt is {n} tokens (text + audio), "
+            where = f"{sample.source}: " if sample.source else ""
+            raise DataError(f"{where}sample {cut(sample.id)} ({sample.audio_path}): its prompt is {n} tokens "
+                            "(text + audio), "
                             f"over {self.tokens} = {limit}. Prompts are never cut; "
                             "data.on_error=skip leaves such samples out (counted)")
         return False

@@ -65,6 +65,7 @@ class ModelConfig:
     train_decoder: bool = True  # language model (embeddings, layers, head) trainable
     shared_prefix: bool = True  # log-prob passes put each prompt through the decoder once per group (same result)
     audio_real_frames: bool = True  # the audio encoder runs over the clips' real frames, not the whole window (same result)
+    logprob_chunk_rows: int = 1024  # token rows per lm_head + log_softmax chunk: bounds the [rows, V] logits held at once
 
 
 @dataclass
@@ -274,6 +275,7 @@ RANGES = {
     "model.tiny_text_layers": at_least(1),
     "model.tiny_audio_hidden": at_least(1),
     "model.tiny_audio_layers": at_least(1),
+    "model.logprob_chunk_rows": at_least(1),
     "data.eval_every": at_least(0),
     "data.eval_samples": at_least(0),
     "data.max_prompt_tokens": at_least(0),

@@ -185,6 +185,7 @@ class LoraConfig:
 @dataclass
 class DistributionConfig:
     fsdp: str = "auto"  # auto (shard when more than one process), always, never
+    device: str = "auto"  # auto (the GPUs; without CUDA, the CPU for one process only), cuda, cpu
     activation_checkpointing: bool = False  # recompute layer activations in backward
     cpu_offload: bool = False  # keep parameters and optimizer state on the CPU
     reshard_after_forward: bool = True  # ZeRO-3 style; false keeps parameters gathered
@@ -230,6 +231,7 @@ CHOICES = {
     "algorithm.rollout_rs_level": ROLLOUT_CORRECTION_MODES,
     "optimizer.schedule": ("constant", "linear", "cosine"),
     "distribution.fsdp": ("auto", "always", "never"),
+    "distribution.device": ("auto", "cuda", "cpu"),
 }
 
 

@@ -344,3 +344,53 @@ def test_warm_up_targets_take_the_shape_every_rank_agrees_on(tiny_processor):
             assert torch.equal(big_ids[b * 3 + k, :ids.shape[1]], ids[b * K + k])
             assert torch.equal(big_mask[b * 3 + k, :ids.shape[1]], mask[b * K + k])
         assert not big_mask[b * 3 + 2].any()
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A machine where torch sees no GPU (a driver too old for the build, or none), launched
+    as one of two local processes; no process group exists."""
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this test process")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    return monkeypatch
+
+
+def test_no_silent_cpu_fallback_for_several_local_processes(no_cuda):
+    """torchrun with 2 local processes and no CUDA: one line naming the build's CUDA, the driver
+    it needs and the wheels for older drivers, not a run on the CPU."""
+    with pytest.raises(RuntimeError) as err:
+        D.init_distributed()
+    message = str(err.value)
+    assert "\n" not in message and not dist.is_initialized()
+    assert "2 processes" in message and "CUDA 13.0" in message and "driver >= 580" in message
+    assert "download.pytorch.org/whl/cu126" in message and "distribution.device=cpu" in message
+    no_cuda.setattr(torch.version, "cuda", "12.4")
+    with pytest.raises(RuntimeError, match="CUDA 12.4, which needs an NVIDIA driver >= 525"):
+        D.init_distributed(device="auto")
+    no_cuda.setattr(torch.version, "cuda", None)
+    with pytest.raises(RuntimeError, match="CPU-only build"):
+        D.init_distributed()
+
+
+def test_gpus_asked_for_without_cuda_is_refused_even_for_one_process(no_cuda):
+    no_cuda.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match=r"GPUs were asked for \(device cuda\).*driver >= 580"):
+        D.init_distributed(device="cuda")
+
+
+@pytest.mark.parametrize("ask", ["device", "hidden_gpus"])
+def test_the_cpu_when_asked_for(no_cuda, ask):
+    """device="cpu", or every GPU hidden: the CPU (here a one-process group; LOCAL_WORLD_SIZE
+    still says 2, which alone would be refused)."""
+    if ask == "hidden_gpus":
+        no_cuda.setenv("CUDA_VISIBLE_DEVICES", "")
+    info = D.init_distributed(device="cpu" if ask == "device" else None)
+    try:
+        assert info.device == torch.device("cpu")
+    finally:
+        D.cleanup()

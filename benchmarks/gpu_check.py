@@ -22,9 +22,9 @@ and .md, <device> the GPU's name in lower case with '-' for spaces, or 'cpu'):
       lora  configs/r1_aqa_lora_24gb.yaml: 2 prompts (the step's shape per prompt is the
             recipe's: G = 8, 256 new tokens, one prompt generated and trained at a time)
       full  configs/r1_aqa.yaml, the per-GPU share of the 8-GPU step: 2 prompts x G = 8 x 256,
-            micro-batches of 1, the audio encoder trained, but on one device without FSDP
-            (bf16 weights, gradients and AdamW state); with as many of the 32 decoder layers
-            as the plan fits into 90 % of the device (the number is reported)
+            micro-batches of 1, the audio encoder trained, through FSDP2 on one process (fp32
+            master weights and AdamW state, bf16 compute: the path that trains); with as many
+            of the 32 decoder layers as the plan fits into 90 % of the device (the number is reported)
     Completions run to the full length: the end tokens are suppressed while sampling, so a
     random model's step has the recipe's shape.
  3. Decoding: G rows of one prompt, seconds per decoding step (a 64-token generation minus a
@@ -61,7 +61,7 @@ GB = 2**30
 RECIPES = {
     "lora": dict(config="r1_aqa_lora_24gb.yaml", overrides=["rollout.prompts_per_step=2"]),
     "full": dict(config="r1_aqa.yaml", overrides=["rollout.prompts_per_step=2", "rollout.generation_batch_prompts=2",
-                                                   "algorithm.micro_batch_prompts=1", "distribution.fsdp=never"]),
+                                                   "algorithm.micro_batch_prompts=1", "distribution.fsdp=always"]),
 }
 # --shape: the model's layers and the rollout's size (the recipe's own G and T on a GPU)
 SHAPES = {
@@ -210,8 +210,31 @@ def layers_that_fit(recipe, shape, work, data, device, budget_bytes) -> tuple[in
     return -1, plan
 
 
+@contextmanager
+def process_group(device: torch.device):
+    """A one-process group while the block runs (FSDP2 shards over one): what train.py sets up."""
+    import torch.distributed as dist
+
+    from models.distributed import cleanup, init_distributed
+
+    if dist.is_initialized():
+        yield
+        return
+    init_distributed(device=device.type)
+    try:
+        yield
+    finally:
+        cleanup()
+
+
 def run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: torch.device) -> dict:
-    """One warm-up and one measured GRPO step of the recipe through the trainer, per phase."""
+    """One warm-up and one measured GRPO step of the recipe through the trainer, per phase
+    (inside a one-process group: the full recipe shards with FSDP2)."""
+    with process_group(device):
+        return _run_recipe(recipe, model_dir, data, work, device)
+
+
+def _run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: torch.device) -> dict:
     from benchmarks.plan_check import tensor_bytes
     import grpo.step as grpo
     from grpo.memory_plan import plan_memory

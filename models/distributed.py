@@ -433,7 +433,8 @@ def shard_model(
         activation_checkpointing: recompute each layer's activations in backward.
         reshard_after_forward: free unsharded parameters after each unit's forward (ZeRO-3);
             ``False`` keeps them until backward (faster, ZeRO-2-like memory).
-        frozen: the frozen reference policy: no gradients, eval mode.
+        frozen: the frozen reference policy: no gradients, eval mode, resharded after every
+            forward (``reshard_after_forward`` does not apply: it never runs backward).
         grad_reduce: ``"mean"`` (default, stock FSDP2): gradients are averaged over ranks,
             so each rank's loss (its share of the global batch loss) must be multiplied by
             ``world_size``. ``"sum"``: gradients are summed; no ``world_size`` factor.
@@ -455,6 +456,10 @@ def shard_model(
         model.requires_grad_(False)
         model.eval()
         activation_checkpointing = False  # nothing to recompute without a backward
+        # FSDP2 reshards a unit kept gathered after forward in its post-backward, and a frozen
+        # model never runs backward: it would stay gathered for the whole run (15.6 GB per GPU
+        # for the 7B in bf16), so the reference reshards after every forward, whatever was asked
+        reshard_after_forward = True
 
     mesh, device_type = _mesh_and_device_type(mesh, device)
 

@@ -170,6 +170,7 @@ class CheckpointingConfig:
     every: int = 100  # save every N steps (0: only at the end)
     keep_last: int = 2  # full training states kept (exports are kept)
     export: bool = True  # also write a transformers-format model for evaluate.py
+    export_dtype: str = "model"  # the export's weights: model (model.dtype: bfloat16 on GPU, half of fp32), or a dtype
     save_on_signal: bool = True  # SIGTERM and SIGINT save a checkpoint before exit
 
 
@@ -232,6 +233,7 @@ CHOICES = {
     "optimizer.schedule": ("constant", "linear", "cosine"),
     "distribution.fsdp": ("auto", "always", "never"),
     "distribution.device": ("auto", "cuda", "cpu"),
+    "checkpointing.export_dtype": ("model", "float32", "bfloat16", "float16"),
 }
 
 

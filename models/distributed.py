@@ -638,8 +638,10 @@ def export_checkpoint(
 def _write_atomically(state, model, processor, generation_config, out_dir: Path, config, dtype) -> None:
     """Rank 0's part of ``export_checkpoint``: cast, fix the config's dtype, write to a
     temporary sibling directory with ``models.loading.save_checkpoint``, rename into place."""
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if dtype is not None:  # tensor by tensor in the same dict: each full-precision one is freed as it goes
+        for k, v in state.items():
+            if v.is_floating_point():
+                state[k] = v.to(dtype)
     config = copy.deepcopy(config if config is not None else model.config)
     float_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(float_dtypes) == 1:

@@ -152,3 +152,34 @@ def test_a_frozen_model_reshards_after_forward_whatever_was_asked(one_process_gr
     groups = [m._get_fsdp_state()._fsdp_param_group for m in D._fsdp_modules(reference)]
     groups = [g for g in groups if g is not None]
     assert len(groups) > 5 and all(g.is_sharded for g in groups)
+
+
+def test_exports_are_written_in_the_model_dtype_by_default(tiny_model, tiny_checkpoint, tmp_path):
+    """checkpointing.export_dtype=model: the export holds model.dtype's weights (bf16 on a GPU,
+    half the fp32 masters' disk), the config says so; another dtype when named."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from grpo.checkpoint import checkpoint_exports
+    from grpo.config import Config
+    from grpo.trainer import Trainer
+    from models.loading import load_generation_config, load_processor
+
+    cfg = Config()
+    cfg.model.dtype = "auto"
+    on = lambda device: Trainer.export_dtype(SimpleNamespace(cfg=cfg, device=torch.device(device)))  # noqa: E731
+    assert (on("cuda"), on("cpu")) == (torch.bfloat16, torch.float32)
+    cfg.checkpointing.export_dtype = "float32"
+    assert on("cuda") == torch.float32
+
+    export = checkpoint_exports(tiny_model, load_processor(tiny_checkpoint), load_generation_config(tiny_checkpoint),
+                                cfg.lora, export=True, is_main=True, dtype=torch.bfloat16)
+    export(tmp_path / "hf")
+    dtypes = set()
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            dtypes |= {st.get_slice(k).get_dtype() for k in st.keys()}
+    assert dtypes == {"BF16"}
+    assert '"dtype": "bfloat16"' in (tmp_path / "hf" / "config.json").read_text()
+    assert {p.dtype for p in tiny_model.parameters()} == {torch.float32}  # the model itself untouched

@@ -105,7 +105,7 @@ def _train(args, overrides: list[str]) -> int:
 
     quiet_transformers()
 
-    info = init_distributed(timeout_s=cfg.distribution.timeout_minutes * 60)
+    info = init_distributed(device=cfg.distribution.device, timeout_s=cfg.distribution.timeout_minutes * 60)
     # rank 0 tells the story; the other ranks speak only when something is wrong
     logging.basicConfig(level=logging.INFO if info.rank == 0 else logging.ERROR,
                         format=f"%(asctime)s [rank{info.rank}] %(levelname)s %(name)s: %(message)s")

@@ -13,7 +13,8 @@ and .md, <device> the GPU's name in lower case with '-' for spaces, or 'cpu'):
     vocabulary with 1 decoder + 1 encoder layer; --shape tiny is the test model's sizes.
  2. Per recipe, the trainer (grpo.trainer.Trainer, one process, fsdp never) runs one warm-up
     step and one measured step; each phase of the measured step is timed (CUDA synchronised)
-    and its peak tensor memory taken (torch.cuda.max_memory_allocated, reset at each phase
+    and its peak tensor memory taken (torch.cuda.max_memory_allocated, with max_memory_reserved
+    beside it: what fragmentation adds, which the plan's margin must cover; reset at each phase
     start; on the CPU the live-tensor count of benchmarks/plan_check.py plus the tensors held
     between steps), against the plan of the same config at the same shapes
     (grpo.memory_plan.plan_memory: persistent + that phase's part; its 1 GB "CUDA context" is
@@ -22,14 +23,15 @@ and .md, <device> the GPU's name in lower case with '-' for spaces, or 'cpu'):
       lora  configs/r1_aqa_lora_24gb.yaml: 2 prompts (the step's shape per prompt is the
             recipe's: G = 8, 256 new tokens, one prompt generated and trained at a time)
       full  configs/r1_aqa.yaml, the per-GPU share of the 8-GPU step: 2 prompts x G = 8 x 256,
-            micro-batches of 1, the audio encoder trained, but on one device without FSDP
-            (bf16 weights, gradients and AdamW state); with as many of the 32 decoder layers
-            as the plan fits into 90 % of the device (the number is reported)
+            micro-batches of 1, the audio encoder trained, through FSDP2 on one process (fp32
+            master weights and AdamW state, bf16 compute: the path that trains); with as many
+            of the 32 decoder layers as the plan fits into 90 % of the device (the number is reported)
     Completions run to the full length: the end tokens are suppressed while sampling, so a
     random model's step has the recipe's shape.
  3. Decoding: G rows of one prompt, seconds per decoding step (a 64-token generation minus a
     1-token one, over 63), tokens per second, against the floor: every weight the step reads
-    (decoder, lm_head) divided by the device's copy bandwidth (measured here: a 1 GiB
+    (decoder, lm_head) and the KV cache it reads (every row's cached positions, each layer's
+    keys and values) divided by the device's copy bandwidth (measured here: a 1 GiB
     device-to-device copy reads and writes 2 GiB; 0.25 GiB on the CPU).
  4. The sampler/trainer gap in bf16: the trainer's train/sampler_logprob_diff/{mean,max} of
     the measured step, and the same in eval mode (no LoRA dropout) on fresh completions.
@@ -42,6 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import sys
 import tempfile
@@ -61,7 +64,7 @@ GB = 2**30
 RECIPES = {
     "lora": dict(config="r1_aqa_lora_24gb.yaml", overrides=["rollout.prompts_per_step=2"]),
     "full": dict(config="r1_aqa.yaml", overrides=["rollout.prompts_per_step=2", "rollout.generation_batch_prompts=2",
-                                                   "algorithm.micro_batch_prompts=1", "distribution.fsdp=never"]),
+                                                   "algorithm.micro_batch_prompts=1", "distribution.fsdp=always"]),
 }
 # --shape: the model's layers and the rollout's size (the recipe's own G and T on a GPU)
 SHAPES = {
@@ -144,6 +147,8 @@ class PhaseMeter:
             yield
             torch.cuda.synchronize(self.device)
             seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated(self.device)
+            # what the allocator holds from the driver: the allocated peak plus fragmentation
+            reserved = torch.cuda.max_memory_reserved(self.device)
         else:
             from benchmarks.plan_check import LiveTensors
 
@@ -152,9 +157,12 @@ class PhaseMeter:
             with tracker.mode:
                 yield
             seconds, peak = time.perf_counter() - t0, held + tracker.peak
-        entry = self.phases.setdefault(name, {"seconds": 0.0, "peak_bytes": 0, "calls": 0})
+            reserved = None  # the CPU has no caching allocator to ask
+        entry = self.phases.setdefault(name, {"seconds": 0.0, "peak_bytes": 0, "reserved_bytes": None, "calls": 0})
         entry["seconds"] += seconds
         entry["peak_bytes"] = max(entry["peak_bytes"], peak)
+        if reserved is not None:
+            entry["reserved_bytes"] = max(entry["reserved_bytes"] or 0, reserved)
         entry["calls"] += 1
 
 
@@ -210,8 +218,31 @@ def layers_that_fit(recipe, shape, work, data, device, budget_bytes) -> tuple[in
     return -1, plan
 
 
+@contextmanager
+def process_group(device: torch.device):
+    """A one-process group while the block runs (FSDP2 shards over one): what train.py sets up."""
+    import torch.distributed as dist
+
+    from models.distributed import cleanup, init_distributed
+
+    if dist.is_initialized():
+        yield
+        return
+    init_distributed(device=device.type)
+    try:
+        yield
+    finally:
+        cleanup()
+
+
 def run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: torch.device) -> dict:
-    """One warm-up and one measured GRPO step of the recipe through the trainer, per phase."""
+    """One warm-up and one measured GRPO step of the recipe through the trainer, per phase
+    (inside a one-process group: the full recipe shards with FSDP2)."""
+    with process_group(device):
+        return _run_recipe(recipe, model_dir, data, work, device)
+
+
+def _run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: torch.device) -> dict:
     from benchmarks.plan_check import tensor_bytes
     import grpo.step as grpo
     from grpo.memory_plan import plan_memory
@@ -268,6 +299,7 @@ def run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: tor
     for name, entry in meter.phases.items():
         plan_bytes = planned.get(name)
         phases[name] = {"seconds": entry["seconds"], "peak_gb": entry["peak_bytes"] / GB,
+                        "reserved_gb": None if entry["reserved_bytes"] is None else entry["reserved_bytes"] / GB,
                         "plan_gb": None if plan_bytes is None else plan_bytes / GB,
                         "plan_over_measured": None if plan_bytes is None else plan_bytes / entry["peak_bytes"]}
     del trainer
@@ -289,6 +321,15 @@ def run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: tor
 
 def cfg_layers(model_dir: Path) -> int:
     return json.loads((model_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
+
+
+def kv_read_per_step(text_config, *, rows: int, positions: float, element_size: int) -> float:
+    """Bytes of KV cache one decoding step reads: every layer's keys and values at every cached
+    position of every row, rows x positions x layers x 2 x (KV heads x head size) x element size
+    (``positions``: the mean over the timed steps, the prompt plus half the new tokens)."""
+    c = text_config
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return rows * positions * c.num_hidden_layers * 2 * c.num_key_value_heads * head * element_size
 
 
 def decode_speed(trainer, device, tokens: int = 64) -> dict:
@@ -322,10 +363,13 @@ def decode_speed(trainer, device, tokens: int = 64) -> dict:
     lm = model.model.language_model
     read = sum(p.numel() * p.element_size() for p in lm.layers.parameters())
     read += sum(p.numel() * p.element_size() for p in model.lm_head.parameters())
+    kv = kv_read_per_step(model.config.text_config, rows=G, positions=prompts["input_ids"].shape[1] + tokens / 2,
+                          element_size=next(lm.parameters()).element_size())
     bandwidth = copy_bandwidth(device, gib=1.0 if device.type == "cuda" else 0.25)
-    floor = read / bandwidth
+    floor = (read + kv) / bandwidth
     return {"rows": G, "seconds_per_step": per_step, "tokens_per_second": G / per_step,
-            "weights_read_per_step_gb": read / GB, "copy_bandwidth_gb_per_s": bandwidth / GB,
+            "weights_read_per_step_gb": read / GB, "kv_read_per_step_gb": kv / GB,
+            "copy_bandwidth_gb_per_s": bandwidth / GB,
             "floor_seconds_per_step": floor, "floor_tokens_per_second": G / floor,
             "fraction_of_floor": floor / per_step}
 
@@ -351,25 +395,28 @@ def markdown(result: dict) -> str:
     lines = [f"# gpu_check: {result['device_name']}", "",
              f"torch {result['torch']}, transformers {result['transformers']}, {result['date']}; "
              f"shape {result['shape']}; device memory {result['device_memory_gb']:.1f} GB", "",
-             "| recipe | layers | B x G x T (P) | phase | seconds | peak GB (measured) | plan GB | plan / measured |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| recipe | layers | B x G x T (P) | phase | seconds | peak GB (measured) | reserved GB | plan GB "
+             "| plan / measured |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["recipes"].values():
         if "skipped" in r:
-            lines.append(f"| {r['recipe']} | - | - | - | - | - | - | skipped: {r['skipped']} |")
+            lines.append(f"| {r['recipe']} | - | - | - | - | - | - | - | skipped: {r['skipped']} |")
             continue
         sh = r["shape"]
         for name, ph in r["phases"].items():
             plan = "-" if ph["plan_gb"] is None else gb(ph["plan_gb"])
             ratio = "-" if ph["plan_over_measured"] is None else f"{ph['plan_over_measured']:.2f}"
+            reserved = "-" if ph.get("reserved_gb") is None else gb(ph["reserved_gb"])
             lines.append(f"| {r['recipe']} | {r['layers']} | {sh['B']} x {sh['G']} x {sh['T']} ({sh['P']}) | {name} | "
-                         f"{ph['seconds']:.2f} | {gb(ph['peak_gb'])} | {plan} | {ratio} |")
+                         f"{ph['seconds']:.2f} | {gb(ph['peak_gb'])} | {reserved} | {plan} | {ratio} |")
     lines.append("")
     lora = result["recipes"].get("lora", {})
     d = lora.get("decode")
     if d:
         lines.append(f"decode: {d['rows']} rows, {d['seconds_per_step'] * 1e3:.1f} ms per step = "
                      f"{d['tokens_per_second']:.0f} tokens/s; floor {d['floor_seconds_per_step'] * 1e3:.2f} ms "
-                     f"({gb(d['weights_read_per_step_gb'])} GB read at {d['copy_bandwidth_gb_per_s']:.0f} GB/s copy "
+                     f"({gb(d['weights_read_per_step_gb'])} GB of weights + {gb(d['kv_read_per_step_gb'])} GB of KV "
+                     f"cache read at {d['copy_bandwidth_gb_per_s']:.0f} GB/s copy "
                      f"bandwidth) = {d['floor_tokens_per_second']:.0f} tokens/s; {100 * d['fraction_of_floor']:.0f} % "
                      f"of the floor")
     for name, r in result["recipes"].items():
@@ -390,6 +437,9 @@ def main(argv=None) -> int:
     p.add_argument("--memory-budget-gb", type=float, default=None,
                    help="the plan must fit this (default: 90 %% of the GPU's memory; 8 GB on the CPU)")
     args = p.parse_args(argv)
+    # the 24 GB recipe leaves about 2 GB: growable segments keep fragmentation from taking it
+    # (read when CUDA's allocator starts, so before the first allocation; a user's setting wins)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); nothing measured")
         return 2

@@ -85,11 +85,18 @@ def tensor_bytes(trainer) -> int:
     for state in trainer.optimizer.state.values():
         tensors += [v for v in state.values() if torch.is_tensor(v)]
     for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 shard: the storage this rank holds
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         if key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
+
+
+def _plain_cpu(t) -> bool:
+    """A CPU tensor with its own storage: not a tensor subclass such as FSDP2's DTensor, whose
+    storage is its local shard's (seen when the shard's own ops run)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
 
 
 class LiveTensors:
@@ -126,10 +133,9 @@ class LiveTensors:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
                 tracker._prune()  # before registering: a new storage may sit at a freed one's address
-                inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
-                          if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
+                inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if _plain_cpu(t)}
                 for t in tree_leaves(out):
-                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                    if _plain_cpu(t):
                         st = t.untyped_storage()
                         key = st.data_ptr()
                         if key and key not in tracker.live and key not in inputs:

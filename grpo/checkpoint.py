@@ -426,18 +426,19 @@ def newest_complete(run_dir: str | Path) -> str:
     return f"{full[-1]} (step {step_of(full[-1])})" if full else "none (no complete checkpoint yet)"
 
 
-def checkpoint_exports(model, processor, generation_config, lora, *, export: bool, is_main: bool):
+def checkpoint_exports(model, processor, generation_config, lora, *, export: bool, is_main: bool, dtype=None):
     """What ``save_training_state`` writes besides the training state (its ``export_fn``), or
     None for nothing: with ``export``, a plain transformers checkpoint in ``hf/`` (with LoRA,
-    the adapters merged into it); with LoRA (``lora``: the config's lora section), the adapters
-    alone in the step's ``adapter/`` (written by rank 0; every rank takes part in the gathers)."""
+    the adapters merged into it) with its floating weights in ``dtype`` (None: as stored, fp32
+    under FSDP); with LoRA (``lora``: the config's lora section), the adapters alone in the
+    step's ``adapter/`` (written by rank 0; every rank takes part in the gathers)."""
     if not (export or lora.enabled):
         return None
 
     def export_fn(out_dir):
         if export:
             merge = (lambda state: merged_state_dict(state, lora.alpha / lora.rank)) if lora.enabled else None
-            export_checkpoint(model, processor, generation_config, out_dir, transform=merge)
+            export_checkpoint(model, processor, generation_config, out_dir, transform=merge, dtype=dtype)
         if lora.enabled:
             adapters = full_state_dict(model, trainable_only=True)
             if is_main:

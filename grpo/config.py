@@ -66,6 +66,7 @@ class ModelConfig:
     train_decoder: bool = True  # language model (embeddings, layers, head) trainable
     shared_prefix: bool = True  # log-prob passes put each prompt through the decoder once per group (same result)
     audio_real_frames: bool = True  # the audio encoder runs over the clips' real frames, not the whole window (same result)
+    logprob_chunk_rows: int = 1024  # token rows per lm_head + log_softmax chunk: bounds the [rows, V] logits held at once
 
 
 @dataclass
@@ -170,6 +171,7 @@ class CheckpointingConfig:
     every: int = 100  # save every N steps (0: only at the end)
     keep_last: int = 2  # full training states kept (exports are kept)
     export: bool = True  # also write a transformers-format model for evaluate.py
+    export_dtype: str = "model"  # the export's weights: model (model.dtype: bfloat16 on GPU, half of fp32), or a dtype
     save_on_signal: bool = True  # SIGTERM and SIGINT save a checkpoint before exit
 
 
@@ -185,6 +187,7 @@ class LoraConfig:
 @dataclass
 class DistributionConfig:
     fsdp: str = "auto"  # auto (shard when more than one process), always, never
+    device: str = "auto"  # auto (the GPUs; without CUDA, the CPU for one process only), cuda, cpu
     activation_checkpointing: bool = False  # recompute layer activations in backward
     cpu_offload: bool = False  # keep parameters and optimizer state on the CPU
     reshard_after_forward: bool = True  # ZeRO-3 style; false keeps parameters gathered
@@ -230,6 +233,8 @@ CHOICES = {
     "algorithm.rollout_rs_level": ROLLOUT_CORRECTION_MODES,
     "optimizer.schedule": ("constant", "linear", "cosine"),
     "distribution.fsdp": ("auto", "always", "never"),
+    "distribution.device": ("auto", "cuda", "cpu"),
+    "checkpointing.export_dtype": ("model", "float32", "bfloat16", "float16"),
 }
 
 
@@ -275,6 +280,7 @@ RANGES = {
     "model.tiny_text_layers": at_least(1),
     "model.tiny_audio_hidden": at_least(1),
     "model.tiny_audio_layers": at_least(1),
+    "model.logprob_chunk_rows": at_least(1),
     "data.eval_every": at_least(0),
     "data.eval_samples": at_least(0),
     "data.max_prompt_tokens": at_least(0),

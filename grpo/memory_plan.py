@@ -45,7 +45,6 @@ from grpo.config import Config, ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 ARCH_7B = ROOT / "configs" / "qwen2_audio_7b_random.yaml"
 GB = 2**30
-LOGITS_CHUNK = 1024  # rows of the log-softmax chunk (models.policy.token_logprobs' default)
 TEXT_TOKENS = 128  # prompt text around the audio (system line, question, choices, headers): an upper bound
 CUDA_OVERHEAD_GB = 1.0  # CUDA context and library workspaces, outside the tensors counted here
 
@@ -336,11 +335,14 @@ def update_bytes(cfg: Config, config, n: dict, x: Layout) -> dict:
         stem = positions * encoder_stem_bytes(Ha, audio.num_mel_bins, c, positions // micro)
         update["audio encoder activations"] = stem + positions * ((audio.encoder_layers * Ha * c + per) if ckpt
                                                                   else audio.encoder_layers * per)
-    chunk = min(LOGITS_CHUNK, micro * G * T)
+    chunk = min(cfg.model.logprob_chunk_rows, micro * G * T)
     # logits, fp32 log-probs, the entropy's exp and product (no grad), the log-probs' gradient, the logits'
     update["log-softmax chunk (fwd + bwd)"] = chunk * V * (c + 4 + 4 + 4 + 4 + c)
-    if x.fsdp:
+    if x.fsdp and cfg.distribution.reshard_after_forward:  # this unit and the next one's prefetch
         update["FSDP unsharded units"] = 2 * max(n["layer"], n["lm_head"]) * c
+    elif x.fsdp:  # the policy's units stay gathered from their forward to their backward (the
+        # reference reshards after each forward whatever the setting: models.distributed.shard_model)
+        update["FSDP units kept gathered (reshard_after_forward=false)"] = n["total"] * c
     return update
 
 

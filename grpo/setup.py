@@ -119,10 +119,22 @@ def rank_0_first(body, *, is_main: bool, world: int) -> None:
         raise same_on_every_rank(failure)
 
 
+def refused_low_precision_training(cfg: Config, dtype: torch.dtype) -> str:
+    """Why full fine-tuning without FSDP in bf16/fp16 is refused: the weights and AdamW's state
+    would be that dtype, and an update of lr 1e-6 is below bf16's resolution at a weight's
+    usual size (spacing 2^-7 of |w|: about 1.2e-4 at 0.02), so nothing would change. FSDP2
+    keeps fp32 master weights and computes in bf16; LoRA's adapters are fp32 whatever the base."""
+    return (f"distribution.fsdp={cfg.distribution.fsdp} with model.dtype={cfg.model.dtype} ({dtype}) would train "
+            f"{dtype} weights, which an update of lr {cfg.optimizer.lr:g} does not move: use distribution.fsdp=auto "
+            "or always (fp32 master weights, compute in model.dtype), lora.enabled=true, or model.dtype=float32")
+
+
 def load_policy_model(cfg: Config, device: torch.device, *, fsdp: bool, trainable: bool):
     """The policy (``trainable``: LoRA adapters, or the parts model.train_* name) or a frozen
     reference copy, sharded under FSDP (fp32 master weights, compute in model.dtype)."""
     dtype = torch.float32 if fsdp else resolve_dtype(cfg.model.dtype, device)
+    if trainable and not fsdp and not cfg.lora.enabled and dtype != torch.float32:
+        raise ConfigError(refused_low_precision_training(cfg, dtype))
     model = load_model(cfg.model.path, dtype=dtype, device="cpu" if fsdp else device,
                        attn_implementation=cfg.model.attn_implementation)
     if trainable and cfg.lora.enabled:  # only the adapters train; before sharding and checkpoint wrappers

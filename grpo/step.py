@@ -74,10 +74,11 @@ class StepContext:
         return self.cfg.rollout.prompts_per_step // self.world
 
     def pass_options(self, temperature: float | None = None) -> dict:
-        """The log-prob pass's settings: the sampling temperature and the two exact savings."""
+        """The log-prob pass's settings: the sampling temperature, the two exact savings and the
+        lm_head chunk (rows per chunk: with the agreed widths, the same chunk count on every rank)."""
         m = self.cfg.model
         return dict(temperature=self.cfg.rollout.temperature if temperature is None else temperature,
-                    shared_prefix=m.shared_prefix, real_frames=m.audio_real_frames)
+                    shared_prefix=m.shared_prefix, real_frames=m.audio_real_frames, chunk_size=m.logprob_chunk_rows)
 
 
 @dataclass
@@ -215,14 +216,14 @@ def policy_update(ctx: StepContext, counters: Counters, traj: Trajectory) -> Upd
     sums: dict[str, float] = {}  # token-weighted statistics of all passes, this rank
     gap = torch.zeros(3, dtype=torch.float64)  # sampler/trainer |log-prob difference|: [sum, max, tokens]
     losses, norms, trained_tokens = [], [], 0  # [mu] loss share, [mu] global gradient norm
+    parts = micro_batches(B, a.micro_batch_prompts)
+    widths = agreed_widths(traj.mask, [(lo * G, hi * G) for lo, hi in parts], ctx.device)  # one all-reduce
     for k in range(a.mu):
         pass_loss = 0.0
         # 6. micro-batch by micro-batch: log pi_theta, the loss share, backward (gradients accumulate)
-        for lo, hi in micro_batches(B, a.micro_batch_prompts):
+        for (lo, hi), width in zip(parts, widths):
             rows = slice(lo * G, hi * G)  # the n = (hi - lo) * G completions of prompts lo..hi
-            mask = traj.mask[rows]  # [n, T]
-            width = max(int(mask.any(dim=0).nonzero().max().item()) + 1, 1) if mask.any() else 1
-            ids, mask = traj.completion_ids[rows, :width], mask[:, :width]  # [n, T'], padding columns trimmed
+            ids, mask = traj.completion_ids[rows, :width], traj.mask[rows, :width]  # [n, T'], padding trimmed
             logp, entropy = ctx.logprobs(ctx.model, slice_prompts(traj.prompts, lo, hi), ids, with_entropy=True,
                                          **ctx.pass_options())  # [n, T'] each, logp with gradients
             old = traj.old_logp[rows, :width] if traj.old_logp is not None else logp.detach()  # mu = 1: ratio 1
@@ -380,6 +381,23 @@ def group_advantages(a, G: int, all_rewards: torch.Tensor, all_per_reward: torch
 def micro_batches(n_prompts: int, per_micro_batch: int) -> list[tuple[int, int]]:
     """(first, end) prompt indices of each micro-batch."""
     return [(i, min(i + per_micro_batch, n_prompts)) for i in range(0, n_prompts, per_micro_batch)]
+
+
+def agreed_widths(mask: torch.Tensor, row_ranges: list[tuple[int, int]], device: torch.device) -> list[int]:
+    """The columns [T'] each micro-batch keeps: the last loss token of that micro-batch on
+    *any* rank (an all-reduce MAX, one per update), at least 1.
+
+    Trimming the padding columns saves compute, but the width decides how many row chunks
+    ``models.policy.token_logprobs`` sends through ``lm_head``, its own FSDP unit: one
+    all-gather per chunk. A width of this rank's own would let the ranks issue different
+    numbers of collectives (a hang, or, under NCCL, one rank's all-gather paired with another
+    collective of the same size). Every rank's micro-batch j has the same number of rows, so
+    with the same width every rank runs the same chunks; the extra columns are masked out.
+    mask [N, T] bool; row_ranges: (first, end) rows of each micro-batch.
+    """
+    local = [int(mask[lo:hi].any(dim=0).nonzero().max().item()) + 1 if mask[lo:hi].any() else 1
+             for lo, hi in row_ranges]
+    return [int(w) for w in all_reduce(torch.tensor(local), device, "max").tolist()]
 
 
 @contextmanager

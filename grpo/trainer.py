@@ -45,7 +45,7 @@ from grpo.stream import PromptStream
 from grpo.warmup import sft_step
 from models.collectives import all_reduce
 from models.distributed import DistInfo
-from models.loading import load_generation_config, load_processor
+from models.loading import load_generation_config, load_processor, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -234,13 +234,18 @@ class Trainer:
                                    keep_last=self.cfg.checkpointing.keep_last,
                                    export_fn=checkpoint_exports(self.model, self.processor, self.generation_config,
                                                                 self.cfg.lora, export=self.cfg.checkpointing.export,
-                                                                is_main=self.is_main),
+                                                                is_main=self.is_main, dtype=self.export_dtype()),
                                    extra_models=self._saved_models(),
                                    with_frozen=base_changed(self.cfg, self.warmup_steps, self.step))
         self.saved_step = self.step
         if self.is_main:
             logger.info("checkpoint written: %s", path)
         return path
+
+    def export_dtype(self) -> torch.dtype:
+        """The export's dtype: checkpointing.export_dtype, ``model`` being model.dtype on this device."""
+        name = self.cfg.checkpointing.export_dtype
+        return resolve_dtype(self.cfg.model.dtype if name == "model" else name, self.device)
 
     def _saved_models(self) -> dict:
         # After a format warm-up the reference is a snapshot of the policy, not the checkpoint

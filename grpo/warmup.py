@@ -28,18 +28,22 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, total_tokens: int) -> torch
     return -(logp * mask).sum() / max(total_tokens, 1)
 
 
-def sft_targets(tokenizer, answers: list[list[str]], template: int, end_id: int, pad_id: int):
+def sft_targets(tokenizer, answers: list[list[str]], template: int, end_id: int, pad_id: int,
+                agree=lambda shape: shape):
     """The SFT step's targets, K per question (K: the most answers of any question), as groups.
 
     Each target is ``answer_target(answer)`` plus the end token. A question with fewer than K
     answers repeats its first, masked out, so every question is a group of K rows and its
-    prompt goes through the decoder once. Returns ids [B*K, T] (right padded with pad_id),
-    mask [B*K, T] (the real targets' tokens) and K.
+    prompt goes through the decoder once. ``agree`` maps this rank's (K, T) to the one every
+    rank uses (the largest of any rank: the row and column counts decide how many lm_head
+    chunks, so collectives, a micro-batch runs). Returns ids [B*K, T] (right padded with
+    pad_id), mask [B*K, T] (the real targets' tokens) and K.
     """
-    K = max(len(a) for a in answers)
-    rows = [tokenizer(answer_target(x, template), add_special_tokens=False)["input_ids"] + [end_id]
-            for a in answers for x in a + a[:1] * (K - len(a))]
-    ids = pad_right([torch.tensor([r], dtype=torch.long) for r in rows], pad_id)  # [B*K, T]
+    targets = [[tokenizer(answer_target(x, template), add_special_tokens=False)["input_ids"] + [end_id] for x in a]
+               for a in answers]
+    K, T = agree((max(len(a) for a in answers), max(len(r) for a in targets for r in a)))
+    rows = [r for a in targets for r in a + a[:1] * (K - len(a))]
+    ids = pad_right([torch.tensor([r], dtype=torch.long) for r in rows], pad_id, T)  # [B*K, T]
     lengths = torch.tensor([len(r) if i % K < len(answers[i // K]) else 0 for i, r in enumerate(rows)])  # [B*K]
     mask = torch.arange(ids.shape[1]) < lengths[:, None]  # [B*K, T]
     return ids, mask, K
@@ -59,7 +63,9 @@ def sft_step(ctx: StepContext, counters: Counters, label_free: bool, lr: float |
     samples, waves = ctx.stream.take(ctx.local_prompts)
     answers = [s.choices if label_free else [s.answer] for s in samples]  # targets of each question
     ids, mask, K = sft_targets(ctx.processor.tokenizer, answers, cfg.data.prompt_template,
-                               ctx.sampling.end_token_ids[0], ctx.sampling.pad_token_id)  # [B*K, T] each
+                               ctx.sampling.end_token_ids[0], ctx.sampling.pad_token_id,
+                               agree=lambda shape: tuple(all_reduce(torch.tensor(shape), ctx.device, "max").tolist())
+                               )  # [B*K, T] each, K and T the same on every rank
     ids, mask = ids.to(ctx.device), mask.to(ctx.device)
     prompts = prompt_batch(samples, waves, ctx.processor, cfg.data.prompt_template, ctx.device)
     total_tokens = int(all_reduce(mask.sum().reshape(1).cpu(), ctx.device).item())

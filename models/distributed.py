@@ -106,7 +106,11 @@ def init_distributed(
         1. Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (set by torchrun; absent when the
            script is started as a plain single process, which then counts as rank 0 of 1).
         2. Pick the device: ``cuda:LOCAL_RANK`` when CUDA is available (and made current),
-           else the CPU; ``device="cpu"`` forces the CPU even on a GPU machine.
+           else the CPU; ``device="cpu"`` forces the CPU even on a GPU machine. Without
+           CUDA, GPUs asked for (``device="cuda"``) or several processes on this machine
+           (torchrun's ``LOCAL_WORLD_SIZE`` > 1) are a RuntimeError saying why (the build's
+           CUDA version, the driver it needs, a build for older drivers), unless the CPU was
+           asked for (``device="cpu"``, or every GPU hidden: ``CUDA_VISIBLE_DEVICES=""``).
         3. Initialise the default process group unless one exists: NCCL for CUDA tensors
            (plus gloo for CPU tensors) on GPUs, gloo on the CPU. Launched by torchrun, the
            rendezvous is ``MASTER_ADDR``/``MASTER_PORT``; started un-launched, a
@@ -115,7 +119,8 @@ def init_distributed(
            (FSDP2 with one rank still gives bf16 compute over fp32 weights and CPU offload).
 
     Args:
-        device: ``None`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
+        device: ``None`` or ``"auto"`` (CUDA when available, else CPU: one process only),
+            ``"cpu"`` or ``"cuda"``.
         timeout_s: collective timeout; ``None`` keeps torch's default.
 
     Returns:
@@ -126,11 +131,16 @@ def init_distributed(
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     launched = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
-    requested = torch.device(device) if device is not None else None
+    requested = torch.device(device) if device not in (None, "auto") else None
     use_cuda = torch.cuda.is_available() if requested is None else requested.type == "cuda"
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cpu_asked = requested is not None and requested.type == "cpu" or _gpus_hidden()
+    if not torch.cuda.is_available() and (use_cuda or (local_processes > 1 and not cpu_asked)):
+        # several processes on one machine, or GPUs asked for: a CPU run would be a silent
+        # fallback (a 7B on CPUs), so it is one line saying why and what to do
+        why = "GPUs were asked for (device cuda)" if use_cuda else f"{local_processes} processes on this machine"
+        raise RuntimeError(f"{why} but CUDA is not available: {cuda_unavailable_reason()}")
     if use_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("init_distributed(device='cuda') but CUDA is not available")
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         # Make the device current before NCCL creates its communicators on it.
         torch.cuda.set_device(dev)
@@ -158,6 +168,33 @@ def init_distributed(
     return DistInfo(
         rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev
     )
+
+
+# The oldest Linux driver each CUDA major release of a torch build runs on (NVIDIA's CUDA
+# compatibility guide: minor-version compatibility within a major release).
+MIN_DRIVER = {13: 580, 12: 525, 11: 450}
+OLDER_DRIVER_INDEX = "https://download.pytorch.org/whl/cu126"  # CUDA 12.6 wheels: driver >= 525
+
+
+def _gpus_hidden() -> bool:
+    """True when the user hid every GPU (``CUDA_VISIBLE_DEVICES`` set and empty, or -1): CPU asked for."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return value is not None and value.strip() in ("", "-1")
+
+
+def cuda_unavailable_reason() -> str:
+    """Why this torch sees no GPU and what to install, in one line: the build's CUDA version,
+    the driver it needs, the wheel index of a build for older drivers, how to ask for the CPU."""
+    cpu = "or run on the CPU by asking for it (distribution.device=cpu, or CUDA_VISIBLE_DEVICES='')"
+    if torch.version.cuda is None:
+        return (f"torch {torch.__version__} is a CPU-only build; install a CUDA build, e.g. "
+                f"pip install torch=={torch.__version__.split('+')[0]} --index-url {OLDER_DRIVER_INDEX}, {cpu}")
+    major = int(torch.version.cuda.split(".")[0])
+    driver = MIN_DRIVER.get(major)
+    needs = f"an NVIDIA driver >= {driver}" if driver else "a matching NVIDIA driver"
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs {needs} "
+            f"(nvidia-smi shows the installed one); for a driver >= 525 install a CUDA 12.6 or 12.8 build: pip install "
+            f"torch=={torch.__version__.split('+')[0]} --index-url {OLDER_DRIVER_INDEX} (or .../whl/cu128), {cpu}")
 
 
 @contextlib.contextmanager
@@ -396,7 +433,8 @@ def shard_model(
         activation_checkpointing: recompute each layer's activations in backward.
         reshard_after_forward: free unsharded parameters after each unit's forward (ZeRO-3);
             ``False`` keeps them until backward (faster, ZeRO-2-like memory).
-        frozen: the frozen reference policy: no gradients, eval mode.
+        frozen: the frozen reference policy: no gradients, eval mode, resharded after every
+            forward (``reshard_after_forward`` does not apply: it never runs backward).
         grad_reduce: ``"mean"`` (default, stock FSDP2): gradients are averaged over ranks,
             so each rank's loss (its share of the global batch loss) must be multiplied by
             ``world_size``. ``"sum"``: gradients are summed; no ``world_size`` factor.
@@ -418,6 +456,10 @@ def shard_model(
         model.requires_grad_(False)
         model.eval()
         activation_checkpointing = False  # nothing to recompute without a backward
+        # FSDP2 reshards a unit kept gathered after forward in its post-backward, and a frozen
+        # model never runs backward: it would stay gathered for the whole run (15.6 GB per GPU
+        # for the 7B in bf16), so the reference reshards after every forward, whatever was asked
+        reshard_after_forward = True
 
     mesh, device_type = _mesh_and_device_type(mesh, device)
 
@@ -596,8 +638,10 @@ def export_checkpoint(
 def _write_atomically(state, model, processor, generation_config, out_dir: Path, config, dtype) -> None:
     """Rank 0's part of ``export_checkpoint``: cast, fix the config's dtype, write to a
     temporary sibling directory with ``models.loading.save_checkpoint``, rename into place."""
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if dtype is not None:  # tensor by tensor in the same dict: each full-precision one is freed as it goes
+        for k, v in state.items():
+            if v.is_floating_point():
+                state[k] = v.to(dtype)
     config = copy.deepcopy(config if config is not None else model.config)
     float_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(float_dtypes) == 1:

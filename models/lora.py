@@ -179,16 +179,28 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _assign(param: torch.Tensor, full: torch.Tensor, *, add: bool = False) -> None:
-    """param <- full (or += full), for a plain tensor or an FSDP2 DTensor shard of it."""
-    if hasattr(param, "device_mesh"):  # every rank holds the same `full`: take this rank's shard
-        from torch.distributed.tensor import distribute_tensor
+def _local_part(param: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the tensor this rank stores for ``param``, the same part of ``full``).
 
-        full = distribute_tensor(full.to(param.to_local().device), param.device_mesh, param.placements)
-    if add:
-        param.add_(full.to(param.dtype))
-    else:
-        param.copy_(full.to(param.dtype))
+    A plain tensor is its own storage. For an FSDP2 DTensor the storage is this rank's local
+    shard, wherever it lives (the GPU, or the CPU with offload), and the part of ``full`` is
+    cut by the shard's global offset: no full-size tensor moves between devices or through
+    ``distribute_tensor``, whose copy to the mesh's device would meet a CPU-offloaded shard."""
+    if not hasattr(param, "device_mesh"):
+        return param, full
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    local = param.to_local()  # under no_grad: the shard's own storage, written in place below
+    return local, full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
+def _assign(param: torch.Tensor, full: torch.Tensor, *, add: bool = False) -> None:
+    """param <- full (or param + full, summed in fp32 and rounded once to param's dtype), for a
+    plain tensor or this rank's shard of an FSDP2 DTensor (every rank holds the same ``full``)."""
+    target, part = _local_part(param, full)
+    part = part.to(device=target.device, dtype=torch.float32)
+    target.copy_((target.float() + part if add else part).to(target.dtype))
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -156,6 +157,58 @@ class CollectiveCounter:
     def __exit__(self, *exc):
         for name, original in self._originals.items():
             setattr(dist, name, original)
+
+
+class CollectiveLog:
+    """Records every torch.distributed collective this rank issues inside the block, in order:
+    (name, number of elements of its first tensor). Ranks that record different sequences
+    issued different collectives: gloo may fail or hang on that, NCCL may pair one rank's
+    all-gather with another rank's collective of the same size and go on with mixed data.
+    Nested calls (``all_gather_object``'s own all-gathers) are recorded too, the same on
+    every rank. Functional collectives (DTensor's) bypass these names and are not seen."""
+
+    NAMES = ("all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor", "reduce_scatter_single",
+             "all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_to_all_single", "barrier",
+             "all_gather_object", "broadcast_object_list")
+
+    def __init__(self):
+        self.calls: list[tuple[str, int]] = []
+        self._originals = {name: getattr(dist, name) for name in self.NAMES if hasattr(dist, name)}
+
+    @staticmethod
+    def _numel(args) -> int:
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                return a.numel()
+            if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+                return sum(t.numel() for t in a)
+        return -1
+
+    def __enter__(self):
+        def recording(name, original):
+            def call(*args, **kwargs):
+                self.calls.append((name, self._numel(args)))
+                return original(*args, **kwargs)
+            return call
+
+        for name, original in self._originals.items():
+            setattr(dist, name, recording(name, original))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+
+
+def compare_collectives(sequences: list[list]) -> dict:
+    """Every rank's recorded sequence -> {"counts": [per rank], "same": bool, "first_difference": index}."""
+    counts = [len(s) for s in sequences]
+    same = all(list(map(tuple, s)) == list(map(tuple, sequences[0])) for s in sequences)
+    first = None
+    if not same:
+        first = next((i for i in range(max(counts))
+                      if len({tuple(s[i]) if i < len(s) else None for s in sequences}) > 1), None)
+    return {"counts": counts, "same": same, "first_difference": first}
 
 
 class Env:
@@ -377,12 +430,49 @@ def scenario_generation(env: Env) -> dict:
     return {"ranks": gathered}
 
 
+def scenario_update_straddle(env: Env) -> dict:
+    """The real ``grpo.step.policy_update`` on 2 sharded ranks whose loss tokens straddle the
+    lm_head chunk: rank 0's completions end within 2 tokens, rank 1's run all 6, with a chunk
+    of 8 rows and 2 rows per micro-batch (4 rows against 12 if each rank kept its own width:
+    1 chunk against 2, one lm_head all-gather more on rank 1). Two updates; each update's
+    collectives are recorded on every rank and compared on rank 0."""
+    from grpo.config import Config
+    from grpo.step import Counters, StepContext, Trajectory, policy_update
+
+    cfg = Config()
+    cfg.rollout.group_size, cfg.rollout.prompts_per_step = GROUP, PROMPTS_PER_RANK * env.world
+    cfg.algorithm.micro_batch_prompts, cfg.algorithm.mu, cfg.algorithm.beta = 1, 1, 0.0
+    cfg.model.logprob_chunk_rows = 8
+    cfg.optimizer.lr, cfg.optimizer.warmup_steps = 1e-3, 0
+    model = shard_model(env.load())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ctx = StepContext(cfg, model, None, optimizer, processor=None, sampling=None, stream=None,
+                      device=torch.device("cpu"), total_updates=2, rank=env.rank, world=env.world, fsdp=True)
+    T = env.local_ids.shape[1]
+    last = 2 if env.rank == 0 else T  # loss tokens end by column 2 on rank 0, run to T on rank 1
+    mask = (torch.arange(T)[None, :] < torch.tensor([1, last] * PROMPTS_PER_RANK)[:, None])  # [n, T]
+    total = torch.tensor([int(mask.sum())])
+    dist.all_reduce(total)
+    traj = Trajectory([None] * PROMPTS_PER_RANK, env.local_batch, env.local_ids, mask, env.local_adv, None, None,
+                      int(total))
+    steps, counters = [], Counters()
+    for _ in range(2):
+        with CollectiveLog() as log:
+            record = policy_update(ctx, counters, traj)
+        steps.append(log.calls)
+    every = [None] * env.world
+    dist.all_gather_object(every, steps)
+    return {"steps": [compare_collectives([rank_steps[i] for rank_steps in every]) for i in range(len(steps))],
+            "losses_finite": bool(np.isfinite(record.losses).all()), "updates": counters.update}
+
+
 SCENARIOS = {
     "grads": scenario_grads,
     "reference": scenario_reference,
     "optimizer": scenario_optimizer,
     "export": scenario_export,
-    "generation": scenario_generation,  # last: the one that could hang
+    "generation": scenario_generation,  # the one that could hang in decoding
+    "update_straddle": scenario_update_straddle,  # last: the one that fails or hangs if the widths disagree
 }
 
 
@@ -395,7 +485,8 @@ def main() -> None:
     torch.set_num_threads(1)  # two processes share two cores with other work
 
     start = time.perf_counter()
-    info = init_distributed(device="cpu")
+    # a bounded collective timeout: ranks that disagree on a collective fail within it, not in 30 min
+    info = init_distributed(device="cpu", timeout_s=float(os.environ.get("DIST_WORKER_TIMEOUT_S", "90")))
     out = Path(args.out)
     env = Env(args.checkpoint, out)
     if info.rank == 0:
@@ -404,9 +495,18 @@ def main() -> None:
         start = time.perf_counter()
         try:
             torch.manual_seed(0)
-            result = {"ok": True, **SCENARIOS[name](env)}
+            with CollectiveLog() as log:
+                result = {"ok": True, **SCENARIOS[name](env)}
         except Exception:  # report, and let the other scenarios run
             result = {"ok": False, "error": traceback.format_exc()}
+        # the invariant of every scenario: each rank issued the same collectives in the same order
+        try:
+            every = [None] * env.world
+            dist.all_gather_object(every, log.calls if result["ok"] else None)
+            if all(calls is not None for calls in every):
+                result["collectives"] = compare_collectives(every)
+        except Exception:  # the group broke in the scenario: its own error says why
+            result["ok"], result["error"] = False, result.get("error") or traceback.format_exc()
         result["seconds"] = round(time.perf_counter() - start, 2)
         # every rank's failure matters: rank 0 writes the file, the others their own error file
         if info.rank == 0:

@@ -169,13 +169,16 @@ def _check_gpu_check_result(result: dict, recipes: list[str]):
         assert list(r["phases"]) == ["rollout", "reference", "update"]
         for phase in r["phases"].values():
             assert phase["seconds"] > 0 and phase["peak_gb"] > 0
+            assert phase["reserved_gb"] is None  # the CPU has no caching allocator (on a GPU: >= peak_gb)
         for phase in ("rollout", "update"):
             ph = r["phases"][phase]
             assert ph["plan_over_measured"] == pytest.approx(ph["plan_gb"] / ph["peak_gb"])
         assert r["shape"]["T"] == 4  # the end tokens are suppressed: every completion has the full length
         assert 0 <= r["sampler_logprob_diff"]["mean"] <= r["sampler_logprob_diff"]["max"] < 0.05  # bf16
     d = result["recipes"]["lora"]["decode"]
-    assert d["floor_seconds_per_step"] == pytest.approx(d["weights_read_per_step_gb"] / d["copy_bandwidth_gb_per_s"])
+    assert d["kv_read_per_step_gb"] > 0  # the KV cache is read at every step, besides the weights
+    assert d["floor_seconds_per_step"] == pytest.approx(
+        (d["weights_read_per_step_gb"] + d["kv_read_per_step_gb"]) / d["copy_bandwidth_gb_per_s"])
     assert d["tokens_per_second"] == pytest.approx(d["rows"] / d["seconds_per_step"])
 
 
@@ -209,3 +212,14 @@ def test_gpu_check_at_the_7b_widths_on_the_cpu(tmp_path):
     for phase in ("rollout", "update"):
         assert 0.85 <= lora["phases"][phase]["plan_over_measured"] <= 1.15, lora["phases"]
     assert "exceeds" in result["recipes"]["full"]["skipped"]
+
+
+def test_gpu_check_kv_read_is_the_cache_a_decoding_step_reads():
+    """Qwen2-Audio-7B's decoder (32 layers, 32 KV heads of 128) at 8 rows and 350 positions, bf16:
+    8 x 350 x 32 x 2 x 4096 x 2 bytes = 1.47 GB per step, as much as a tenth of the weights."""
+    from types import SimpleNamespace
+
+    from benchmarks.gpu_check import kv_read_per_step
+
+    c = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32)
+    assert kv_read_per_step(c, rows=8, positions=350, element_size=2) == pytest.approx(1.468e9, rel=1e-3)

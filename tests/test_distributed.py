@@ -62,6 +62,9 @@ def result(two_ranks, name: str) -> dict:
     data = json.loads(path.read_text())
     if not data["ok"]:
         pytest.fail(f"scenario {name!r} failed:\n{data['error']}")
+    # every scenario: each rank issued the same collectives, in the same order, with the same sizes
+    assert data["collectives"]["same"], (name, data["collectives"])
+    assert min(data["collectives"]["counts"]) > 0, (name, data["collectives"])
     return data
 
 
@@ -134,6 +137,20 @@ def test_sharded_optimizer_steps_equal_single_process(two_ranks):
         assert r[variant]["norms"] == pytest.approx(r["single_norms"], rel=1e-5), variant
         # lr 1e-2: Adam turns 1e-7 gradient noise on near-zero gradients into larger steps
         assert r[variant]["param_max_abs"] < 1e-4, (variant, r[variant])
+
+
+@pytest.mark.slow
+@both_families
+def test_update_with_loss_tokens_straddling_the_lm_head_chunk_runs_the_same_collectives(two_ranks):
+    """(f) grpo.step.policy_update on 2 ranks whose own loss-token widths would give 1 and 2
+    lm_head chunks: the widths are agreed, so both ranks issue the same collectives in each
+    update (else gloo fails on the mismatch, or the collective timeout ends a hang), and the
+    updates are taken."""
+    r = result(two_ranks, "update_straddle")
+    assert r["updates"] == 2 and r["losses_finite"]
+    for step in r["steps"]:
+        assert step["same"], step
+        assert step["counts"][0] > 0
 
 
 # ----------------------------------------------------------------------------- one process
@@ -294,3 +311,86 @@ def test_failed_export_leaves_nothing_behind(tiny_model, tiny_checkpoint, tmp_pa
     with pytest.raises(Exception):
         D.export_checkpoint(tiny_model, None, load_generation_config(tiny_checkpoint), tmp_path / "export")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_micro_batch_widths_are_the_widest_of_any_rank(monkeypatch):
+    """agreed_widths: each micro-batch's last loss token over every rank (another rank is
+    simulated by the all-reduce), not this rank's own: its own would give another chunk count."""
+    import grpo.step as step
+
+    mask = torch.zeros(4, 10, dtype=torch.bool)  # two micro-batches of 2 rows
+    mask[0, :3] = True  # micro-batch 0 ends at column 3 here
+    # micro-batch 1 has no loss token here
+    assert step.agreed_widths(mask, [(0, 2), (2, 4)], torch.device("cpu")) == [3, 1]  # one process
+    other_rank = torch.tensor([7, 2])
+    monkeypatch.setattr(step, "all_reduce", lambda t, device, op: torch.maximum(t, other_rank))
+    assert step.agreed_widths(mask, [(0, 2), (2, 4)], torch.device("cpu")) == [7, 2]
+
+
+def test_warm_up_targets_take_the_shape_every_rank_agrees_on(tiny_processor):
+    """sft_targets with a larger agreed (K, T): rows and columns padded, the mask unchanged
+    where this rank's targets are, nothing added to it."""
+    from grpo.warmup import sft_targets
+
+    answers = [["cat", "dog"], ["bird"]]
+    ids, mask, K = sft_targets(tiny_processor.tokenizer, answers, 2, end_id=1, pad_id=0)
+    big_ids, big_mask, big_K = sft_targets(tiny_processor.tokenizer, answers, 2, end_id=1, pad_id=0,
+                                           agree=lambda shape: (shape[0] + 1, shape[1] + 3))
+    assert (K, big_K) == (2, 3)
+    assert big_ids.shape == (2 * 3, ids.shape[1] + 3)
+    assert int(big_mask.sum()) == int(mask.sum())
+    for b in range(2):  # question b's real rows: the same tokens, the same mask
+        for k in range(K):
+            assert torch.equal(big_ids[b * 3 + k, :ids.shape[1]], ids[b * K + k])
+            assert torch.equal(big_mask[b * 3 + k, :ids.shape[1]], mask[b * K + k])
+        assert not big_mask[b * 3 + 2].any()
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A machine where torch sees no GPU (a driver too old for the build, or none), launched
+    as one of two local processes; no process group exists."""
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this test process")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    return monkeypatch
+
+
+def test_no_silent_cpu_fallback_for_several_local_processes(no_cuda):
+    """torchrun with 2 local processes and no CUDA: one line naming the build's CUDA, the driver
+    it needs and the wheels for older drivers, not a run on the CPU."""
+    with pytest.raises(RuntimeError) as err:
+        D.init_distributed()
+    message = str(err.value)
+    assert "\n" not in message and not dist.is_initialized()
+    assert "2 processes" in message and "CUDA 13.0" in message and "driver >= 580" in message
+    assert "download.pytorch.org/whl/cu126" in message and "distribution.device=cpu" in message
+    no_cuda.setattr(torch.version, "cuda", "12.4")
+    with pytest.raises(RuntimeError, match="CUDA 12.4, which needs an NVIDIA driver >= 525"):
+        D.init_distributed(device="auto")
+    no_cuda.setattr(torch.version, "cuda", None)
+    with pytest.raises(RuntimeError, match="CPU-only build"):
+        D.init_distributed()
+
+
+def test_gpus_asked_for_without_cuda_is_refused_even_for_one_process(no_cuda):
+    no_cuda.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match=r"GPUs were asked for \(device cuda\).*driver >= 580"):
+        D.init_distributed(device="cuda")
+
+
+@pytest.mark.parametrize("ask", ["device", "hidden_gpus"])
+def test_the_cpu_when_asked_for(no_cuda, ask):
+    """device="cpu", or every GPU hidden: the CPU (here a one-process group; LOCAL_WORLD_SIZE
+    still says 2, which alone would be refused)."""
+    if ask == "hidden_gpus":
+        no_cuda.setenv("CUDA_VISIBLE_DEVICES", "")
+    info = D.init_distributed(device="cpu" if ask == "device" else None)
+    try:
+        assert info.device == torch.device("cpu")
+    finally:
+        D.cleanup()

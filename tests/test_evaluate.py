@@ -313,7 +313,7 @@ def test_two_processes_give_the_same_predictions_as_one(tmp_path, tiny, syntheti
     [one] = ev.run_evaluation(config, [tiny])
     make_config(synthetic, tmp_path / "two")
     yaml_two = tmp_path / "two.yaml"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")  # the CPU, asked for
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "evaluate.py"), "--config", str(yaml_two), "--checkpoint", str(tiny)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)

@@ -63,6 +63,29 @@ def test_sharding_divides_the_persistent_state():
         assert eight.persistent[key] == pytest.approx(one.persistent[key] / 8)
 
 
+def test_keeping_units_gathered_costs_the_policy_once_and_never_the_reference():
+    """reshard_after_forward=false: the update holds the policy's gathered weights (compute
+    dtype); the reference stays sharded (it reshards after every forward whatever the setting)."""
+    from dataclasses import replace
+
+    cfg = load_config(REPO / "configs" / "r1_aqa.yaml")
+    gathered_cfg = replace(cfg, distribution=replace(cfg.distribution, reshard_after_forward=False))
+    resharded, gathered = plan_memory(cfg, world_size=8), plan_memory(gathered_cfg, world_size=8)
+    assert gathered.persistent["reference copy"] == resharded.persistent["reference copy"] > 0
+    kept = gathered.update["FSDP units kept gathered (reshard_after_forward=false)"]
+    assert kept == pytest.approx(resharded.setting["params"] * 2)  # bf16: 2 bytes a parameter
+    assert sum(gathered.update.values()) > sum(resharded.update.values())
+
+
+def test_the_log_softmax_chunk_is_the_configured_one():
+    from dataclasses import replace
+
+    cfg = load_config(REPO / "configs" / "r1_aqa.yaml")
+    small = replace(cfg, model=replace(cfg.model, logprob_chunk_rows=256))
+    key = "log-softmax chunk (fwd + bwd)"
+    assert plan_memory(small, world_size=8).update[key] == pytest.approx(plan_memory(cfg, world_size=8).update[key] / 4)
+
+
 def test_train_py_plan_prints_and_exits_and_explains_evaluation_configs():
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     run = lambda *a: subprocess.run([sys.executable, str(REPO / "train.py"), *a], cwd=REPO, env=env,  # noqa: E731

@@ -100,9 +100,9 @@ import torch.nn.functional as F
 import yaml
 
 from data.datasets import Sample
-from grpo.algorithm import completion_mask, group_advantages, policy_loss
+from grpo.algorithm import LossSpec, completion_mask, group_advantages, policy_loss
 from grpo.step import Counters, Round, StepContext, policy_update, rollout
-from grpo.config import Config, load_config, to_dict
+from grpo.config import Config, advantage_spec, load_config, loss_spec, to_dict
 from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions, slice_prompts
 from models.loading import (enable_activation_checkpointing, end_token_ids, load_generation_config, load_model,
                             load_processor, resolve_dtype)
@@ -532,7 +532,8 @@ def grpo_step(bench, mode, step):
     ctx = StepContext(cfg=cfg, model=model, reference=model if cfg.algorithm.beta > 0 else None,
                       optimizer=optimizer, sampling=s, stream=None, device=device,
                       processor=SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=s.pad_token_id)),
-                      total_updates=10**9, rounds_from=fixed_round, logprobs=logprobs)
+                      total_updates=10**9, loss=loss_spec(cfg), advantage=advantage_spec(cfg),
+                      rounds_from=fixed_round, logprobs=logprobs)
     traj, seen = rollout(ctx, step)  # the reference pass reuses the policy's weights: the same compute
     reset_peak(device)
     update = policy_update(ctx, Counters(), traj)
@@ -615,8 +616,9 @@ def cross_check(bench):
     out = {}
     for mode, (_, logprobs_fn) in MODES.items():
         logp = logprobs_fn(model, prompts, ids, G, s.temperature)
-        loss, _ = policy_loss(logp, old, advantages, mask, loss_type=a.loss_type, max_completion_length=ids.shape[1],
-                              eps_low=a.eps_low, eps_high=a.eps_high, importance_level=a.importance_level)
+        spec = LossSpec(loss_type=a.loss_type, max_completion_length=ids.shape[1], eps_low=a.eps_low,
+                        eps_high=a.eps_high, importance_level=a.importance_level)
+        loss, _ = policy_loss(logp, old, advantages, mask, spec)
         loss.backward()
         out[mode] = (logp.detach().float(), loss.item(), {k: p.grad.detach().float().clone() for k, p in watched.items()})
         model.zero_grad(set_to_none=True)

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from data.datasets import Sample
-from grpo.algorithm import (completion_mask, entropy_threshold, follow_policy_, high_entropy_mask,
-                            multi_reward_advantages, policy_loss, rollout_correction)
+from grpo.algorithm import (AdvantageSpec, LossSpec, completion_mask, entropy_threshold, follow_policy_,
+                            high_entropy_mask, multi_reward_advantages, policy_loss, rollout_correction)
 from grpo.rewards import compute_rewards, soft_overlong_punishment
 from grpo.rollout import (completion_seeds, decode_completions, pad_right, prompt_batch, sample_completions,
                           select_prompts, slice_prompts)
@@ -63,6 +63,8 @@ class StepContext:
     stream: object  # grpo.stream.PromptStream: this rank's questions
     device: torch.device
     total_updates: int  # optimizer updates of the whole run (the learning-rate schedule's length)
+    loss: LossSpec  # the loss (grpo.config.loss_spec: resolved once at set-up)
+    advantage: AdvantageSpec  # rewards -> advantages (grpo.config.advantage_spec)
     rank: int = 0
     world: int = 1
     fsdp: bool = False  # the model is sharded: generation gathers it, ranks decode in lockstep
@@ -181,7 +183,8 @@ def rollout(ctx: StepContext, step: int) -> tuple[Trajectory, RolloutRecord]:
     names = list(batch.per_reward)
     per_reward = torch.tensor([batch.per_reward[k] for k in names], dtype=torch.float32)  # [K, N]
     all_per_reward = all_gather(per_reward.reshape(len(names), len(batch.texts)).T.contiguous())  # [W*N, K]
-    advantages = group_advantages(a, G, all_rewards, all_per_reward, names, ctx.rank, ctx.world)  # [N]
+    weights = torch.tensor([a.overlong_penalty if k == "overlong" else a.rewards[k] for k in names])  # [K]
+    advantages = batch_advantages(ctx.advantage, G, all_rewards, all_per_reward, weights, ctx.rank, ctx.world)  # [N]
 
     # 5. log pi_old (mu > 1: the ratio's denominator; with top-entropy tokens, their entropies) and log pi_ref
     t1 = time.perf_counter()
@@ -209,7 +212,7 @@ def rollout(ctx: StepContext, step: int) -> tuple[Trajectory, RolloutRecord]:
 def policy_update(ctx: StepContext, counters: Counters, traj: Trajectory) -> UpdateRecord:
     """Stages 6-7: mu passes over the batch; in each, micro-batch by micro-batch, log pi_theta,
     the loss (this micro-batch's share of the whole batch's), backward; then one optimizer step."""
-    cfg, a, G = ctx.cfg, ctx.cfg.algorithm, ctx.cfg.rollout.group_size
+    a, G = ctx.cfg.algorithm, ctx.cfg.rollout.group_size
     B = len(traj.samples)
     t0 = time.perf_counter()
     sums: dict[str, float] = {}  # token-weighted statistics of all passes, this rank
@@ -234,17 +237,9 @@ def policy_update(ctx: StepContext, counters: Counters, traj: Trajectory) -> Upd
             weights, correction = rollout_correction(  # the sampler/trainer gap, off unless configured
                 old, sampler, mask, weights, is_level=a.rollout_is_level, is_cap=a.rollout_is_cap,
                 rs_level=a.rollout_rs_level, rs_low=a.rollout_rs_low, rs_high=a.rollout_rs_high)
-            loss, stats = policy_loss(
-                logp, old, traj.advantages[rows], mask, ref_logp=ref, beta=a.beta if ref is not None else 0.0,
-                kl_estimator=a.kl_estimator, eps_low=a.eps_low, eps_high=a.eps_high,
-                importance_level=a.importance_level, loss_type=a.loss_type,
-                max_completion_length=cfg.rollout.max_new_tokens,
-                total_sequences=B * G * ctx.world, total_tokens=traj.total_tokens,
-                policy_loss_type=a.policy_loss_type, clip_ratio_c=a.clip_ratio_c or None,
-                sapo_tau_pos=a.sapo_tau_pos, sapo_tau_neg=a.sapo_tau_neg, token_weights=weights,
-                vespo_shape=(a.vespo_k_pos, a.vespo_lambda_pos, a.vespo_k_neg, a.vespo_lambda_neg),
-                kl_importance_weighted=a.kl_importance_weighted,
-            )
+            loss, stats = policy_loss(logp, old, traj.advantages[rows], mask, ctx.loss, ref_logp=ref,
+                                      token_weights=weights, total_sequences=B * G * ctx.world,
+                                      total_tokens=traj.total_tokens)
             stats.update(correction)  # logged as train/rollout_is/..., train/rollout_rs/...
             # FSDP averages gradients over ranks; the share times world_size makes it a sum
             (loss * ctx.world).backward()
@@ -360,21 +355,18 @@ def loss_mask(ids: torch.Tensor, end_ids: list[int], mask_truncated: bool
     return mask, lengths, ended
 
 
-def group_advantages(a, G: int, all_rewards: torch.Tensor, all_per_reward: torch.Tensor, names: list[str],
-                     rank: int = 0, world: int = 1) -> torch.Tensor:
-    """This rank's slice [N] of the advantages of the global batch's total rewards [W*N] (each
-    reward alone [W*N, K], K = names), under the config's algorithm section ``a``: the sum
-    then normalised, or each reward normalised in its group then summed (``reward_normalization``);
-    the mean or leave-one-out baseline; the sign flipped for the control experiment."""
-    weights = torch.tensor([a.overlong_penalty if k == "overlong" else a.rewards[k] for k in names])  # [K]
-    if a.reward_normalization == "sum_then_normalize":  # the totals, as summed by compute_rewards
+def batch_advantages(spec: AdvantageSpec, G: int, all_rewards: torch.Tensor, all_per_reward: torch.Tensor,
+                     weights: torch.Tensor, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's slice [N] of the advantages of the global batch, from its total rewards [W*N]
+    and each reward alone [W*N, K] with its weight [K]: the sum then normalised, or each reward
+    normalised in its group then summed (``spec.normalization``); the sign flipped for the
+    control experiment (``spec.flip_sign``)."""
+    if spec.normalization == "sum_then_normalize":  # the totals, as summed by compute_rewards
         all_per_reward, weights = all_rewards[:, None], torch.ones(1)
-    advantages = multi_reward_advantages(all_per_reward, weights, G, a.reward_normalization,
-                                         scale=a.advantage_scale, eps=a.advantage_eps,
-                                         baseline=a.advantage_baseline)  # [W*N]
+    advantages = multi_reward_advantages(all_per_reward, weights, G, spec)  # [W*N]
     n_local = all_rewards.numel() // world
     advantages = advantages[rank * n_local : (rank + 1) * n_local]
-    return -advantages if a.flip_advantage_sign else advantages
+    return -advantages if spec.flip_sign else advantages
 
 
 def micro_batches(n_prompts: int, per_micro_batch: int) -> list[tuple[int, int]]:

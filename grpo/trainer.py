@@ -31,7 +31,7 @@ from grpo import step as grpo
 from grpo.checkpoint import (ResumeError, SaveError, checkpoint_exports, load_training_state, resolve_resume,
                              rng_state, save_training_state, set_rng_state)
 from grpo.cli import alike_on_every_rank, same_on_every_rank
-from grpo.config import Config, ConfigError
+from grpo.config import Config, ConfigError, advantage_spec, loss_spec
 from grpo.heldout import greedy_accuracy
 from grpo.metrics import grpo_metrics, peak_memory_gb, sft_metrics
 from grpo.rewards import check_reward_names
@@ -139,6 +139,7 @@ class Trainer:
                                           max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                           top_k=r.top_k, top_p=r.top_p)
         self.fsdp = use_fsdp(cfg, info)
+        self.loss_spec, self.advantage_spec = loss_spec(cfg), advantage_spec(cfg)  # the math's settings, checked
         if cfg.lora.enabled:  # LoRA's dropout draws from the global RNG: seeded, so a LoRA run repeats exactly
             torch.manual_seed(cfg.run.seed + self.rank)
         self.model = load_policy_model(cfg, self.device, fsdp=self.fsdp, trainable=True)
@@ -175,7 +176,8 @@ class Trainer:
         """What a step reads and acts on, from the run's current state."""
         return StepContext(cfg=self.cfg, model=self.model, reference=self.ref_model, optimizer=self.optimizer,
                            processor=self.processor, sampling=self.sampling, stream=self.stream, device=self.device,
-                           total_updates=self.total_updates, rank=self.rank, world=self.world, fsdp=self.fsdp)
+                           total_updates=self.total_updates, loss=self.loss_spec, advantage=self.advantage_spec,
+                           rank=self.rank, world=self.world, fsdp=self.fsdp)
 
     def train_step(self) -> dict:
         """One step: the label-free format warm-up, an SFT step, or a GRPO step; its metrics."""

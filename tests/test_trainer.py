@@ -357,7 +357,7 @@ def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, t
 def test_rollout_adds_the_overlong_punishment_and_normalises_each_reward(world, tmp_path):
     """overlong_buffer adds DAPO's length reward per completion (logged as "overlong"); with
     normalize_each and leave_one_out the advantages are those of multi_reward_advantages."""
-    from grpo.algorithm import multi_reward_advantages
+    from grpo.algorithm import AdvantageSpec, multi_reward_advantages
     from grpo.config import load_config
     from grpo.rewards import soft_overlong_punishment
     from grpo.trainer import Trainer
@@ -381,8 +381,8 @@ def test_rollout_adds_the_overlong_punishment_and_normalises_each_reward(world, 
     names = list(seen["round"].per_reward)
     per_reward = torch.tensor([seen["round"].per_reward[k] for k in names]).T.float()
     weights = torch.tensor([0.5 if k == "overlong" else cfg.algorithm.rewards[k] for k in names])
-    torch.testing.assert_close(traj.advantages, multi_reward_advantages(
-        per_reward, weights, 4, "normalize_each", baseline="leave_one_out"))
+    spec = AdvantageSpec(normalization="normalize_each", baseline="leave_one_out")
+    torch.testing.assert_close(traj.advantages, multi_reward_advantages(per_reward, weights, 4, spec))
     totals = seen["round"].rewards.reshape(-1)
     assert totals.tolist() == pytest.approx([sum(weights[k].item() * per_reward[i, k].item() for k in range(len(names)))
                                              for i in range(len(totals))])

@@ -101,6 +101,7 @@ import yaml
 
 from data.datasets import Sample
 from grpo.algorithm import LossSpec, completion_mask, group_advantages, policy_loss
+from grpo.reference import FrozenCopy, NoReference
 from grpo.step import Counters, Round, StepContext, policy_update, rollout
 from grpo.config import Config, advantage_spec, load_config, loss_spec, to_dict
 from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions, slice_prompts
@@ -247,7 +248,7 @@ def build_setup(model_name, cfg: Config, args, device, dtype, tmp):
         path = build_tiny_checkpoint(Path(tmp) / model_name, seed=0, **BUILT_MODELS[model_name])
         return checkpoint_setup(path, model_name, **common)
     if model_name is None:  # the config's model, built as the trainer builds it when asked to
-        from grpo.trainer import prepare_model
+        from grpo.setup import prepare_model
 
         prepare_model(cfg)
         model_name = cfg.model.path
@@ -529,7 +530,8 @@ def grpo_step(bench, mode, step):
         return out
 
     optimizer = TimedOptimizer(bench.optimizer, device)
-    ctx = StepContext(cfg=cfg, model=model, reference=model if cfg.algorithm.beta > 0 else None,
+    reference = FrozenCopy(model, model) if cfg.algorithm.beta > 0 else NoReference()
+    ctx = StepContext(cfg=cfg, model=model, reference=reference,
                       optimizer=optimizer, sampling=s, stream=None, device=device,
                       processor=SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=s.pad_token_id)),
                       total_updates=10**9, loss=loss_spec(cfg), advantage=advantage_spec(cfg),

@@ -26,22 +26,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from data.datasets import Sample
-from grpo.algorithm import (AdvantageSpec, LossSpec, completion_mask, entropy_threshold, follow_policy_,
-                            high_entropy_mask, multi_reward_advantages, policy_loss, rollout_correction)
+from grpo.algorithm import (AdvantageSpec, LossSpec, completion_mask, entropy_threshold, high_entropy_mask,
+                            multi_reward_advantages, policy_loss, rollout_correction)
+from grpo.reference import NoReference
 from grpo.rewards import compute_rewards, soft_overlong_punishment
 from grpo.rollout import (completion_seeds, decode_completions, pad_right, prompt_batch, sample_completions,
                           select_prompts, slice_prompts)
 from models.collectives import all_gather, all_reduce
 from models.distributed import gathered_params
-from models.lora import adapters_disabled, merge_adapters_
 from models.policy import policy_logprobs
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class StepContext:
 
     cfg: object  # grpo.config.Config
     model: torch.nn.Module  # the policy pi_theta
-    reference: torch.nn.Module | None  # a frozen pi_ref, or None (beta = 0, or LoRA: the adapters off)
+    reference: NoReference  # pi_ref (grpo.reference: none, a frozen copy, or the policy with its adapters off)
     optimizer: torch.optim.Optimizer
     processor: object  # the checkpoint's processor (tokenizer + feature extractor)
     sampling: object  # grpo.rollout.SamplingSettings
@@ -197,7 +197,7 @@ def rollout(ctx: StepContext, step: int) -> tuple[Trajectory, RolloutRecord]:
     elif a.mu > 1:
         old_logp = ctx.logprobs(ctx.model, batch.prompts, ids, **passes)  # [N, T]
     t_old = time.perf_counter() - t1
-    with reference_policy(ctx) as reference:  # None when beta = 0: no KL term
+    with ctx.reference.policy() as reference:  # None when beta = 0: no KL term
         ref_logp = None if reference is None else ctx.logprobs(reference, batch.prompts, ids, **passes)  # [N, T]
     t_ref = time.perf_counter() - t1 - t_old
     ctx.model.train()
@@ -374,20 +374,6 @@ def micro_batches(n_prompts: int, per_micro_batch: int) -> list[tuple[int, int]]
     return [(i, min(i + per_micro_batch, n_prompts)) for i in range(0, n_prompts, per_micro_batch)]
 
 
-@contextmanager
-def reference_policy(ctx: StepContext) -> Iterator[torch.nn.Module | None]:
-    """pi_ref as a model, inside the block: the frozen copy loaded at start (refreshed after the
-    format warm-up), or with LoRA the policy itself with its adapters switched off; None when
-    beta = 0 (no KL term, no reference pass)."""
-    if ctx.reference is not None:
-        yield ctx.reference
-    elif ctx.cfg.lora.enabled and ctx.cfg.algorithm.beta > 0:
-        with adapters_disabled(ctx.model):
-            yield ctx.model
-    else:
-        yield None
-
-
 def high_entropy_weights(entropy: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
     """[N, T] 0/1: this rank's loss tokens among the top ``fraction`` of the whole batch's (all
     ranks) by entropy under pi_old: one threshold for the batch, so the selection does not
@@ -434,31 +420,3 @@ def lr_at(update: int, total_updates: int, cfg) -> float:
         return cfg.lr * max(0.0, 1.0 - progress)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # cosine
 
-
-@torch.no_grad()
-def snapshot_reference(ctx: StepContext) -> None:
-    """pi_ref <- pi_theta (after the format warm-up: the KL anchors GRPO to the model that
-    formats, as R1-AQA's reference is the instruction-tuned model it starts from).
-
-    With LoRA the warm-up's adapters are merged into the base weights and fresh adapters
-    start (B = 0): the model computes the same, and "adapters off" (the reference) is
-    now the warmed-up model; GRPO's adapters start again from B A = 0.
-    """
-    if ctx.cfg.lora.enabled:
-        merge_adapters_(ctx.model, seed=ctx.cfg.run.seed)
-        return
-    for ref_p, p in zip(ctx.reference.parameters(), ctx.model.parameters()):
-        ref_p.copy_(p)
-
-
-@torch.no_grad()
-def sync_reference(ctx: StepContext) -> None:
-    """The reference follows the policy (``follow_policy_``): pi_ref <- alpha pi_theta +
-    (1 - alpha) pi_ref. With LoRA the adapters are merged into the base and start again
-    (alpha is 1): "adapters off" is then the current policy; their AdamW moments, which
-    belonged to the merged adapters, are cleared."""
-    if ctx.cfg.lora.enabled:
-        merge_adapters_(ctx.model, seed=ctx.cfg.run.seed)
-        ctx.optimizer.state.clear()
-        return
-    follow_policy_(ctx.reference.parameters(), ctx.model.parameters(), ctx.cfg.algorithm.ref_sync_alpha)

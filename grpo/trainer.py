@@ -1,7 +1,7 @@
 """The run around the GRPO step: set-up, the loop, held-out evaluation, checkpoints, signals, logging.
 
 The step itself is grpo/step.py (one page: sample, score, advantages, log-probs, loss,
-backward, optimizer step); the supervised step and the format warm-up are grpo/warmup.py;
+backward, optimizer step); the supervised step and the format warm-up are grpo/sft.py;
 the logged metrics are computed from what a step returns in grpo/metrics.py. ``Trainer``
 holds what lives between steps (the model, the reference, the optimizer, the data stream,
 the counters) and runs them:
@@ -16,7 +16,6 @@ the counters) and runs them:
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
@@ -27,49 +26,27 @@ import torch
 
 from data.audio import AudioLoader
 from data.datasets import Sample
-from grpo import step as grpo
-from grpo.checkpoint import (ResumeError, SaveError, checkpoint_exports, load_training_state, resolve_resume,
-                             rng_state, save_training_state, set_rng_state)
-from grpo.cli import alike_on_every_rank, same_on_every_rank
+from grpo.checkpoint import (SaveError, checkpoint_exports, load_training_state, resolve_resume, rng_state,
+                             save_training_state, set_rng_state)
+from grpo.cli import alike_on_every_rank
 from grpo.config import Config, ConfigError, advantage_spec, loss_spec
 from grpo.heldout import greedy_accuracy
 from grpo.metrics import grpo_metrics, peak_memory_gb, sft_metrics
+from grpo.reference import choose_reference
 from grpo.rewards import check_reward_names
 from grpo.rollout import sampling_settings
 from grpo.runlog import RunLog
 from grpo.rundir import prepare_run_dir, record_config, truncate_history
-from grpo.setup import (PromptLimit, check_inputs, load_policy_model, prepare_data, prepare_model,  # noqa: F401
-                        rank_0_first, read_datasets, usable_eval_samples, use_fsdp)
-from grpo.step import Counters, StepContext, lr_at  # noqa: F401  (re-exported: train.py, benchmarks, tests)
+from grpo.setup import (PromptLimit, load_policy_model, prepare_data, prepare_model, rank_0_first, read_datasets,
+                        usable_eval_samples, use_fsdp)
+from grpo.step import Counters, StepContext, grpo_step
 from grpo.stream import PromptStream
-from grpo.warmup import sft_step
+from grpo.sft import sft_step
 from models.collectives import all_reduce
 from models.distributed import DistInfo
 from models.loading import load_generation_config, load_processor
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- set-up
-
-
-# --------------------------------------------------------------------------- what the schedule decides
-
-
-def reference_sync_due(cfg: Config, warmup_steps: int, step: int) -> bool:
-    """Whether the reference follows the policy after ``step`` (every ref_sync_every GRPO steps)."""
-    every, grpo_steps = cfg.algorithm.ref_sync_every, step - warmup_steps
-    has_reference = cfg.algorithm.beta > 0 or cfg.lora.enabled
-    return cfg.algorithm.name == "grpo" and every > 0 and grpo_steps > 0 and grpo_steps % every == 0 and has_reference
-
-
-def base_changed(cfg: Config, warmup_steps: int, step: int) -> bool:
-    """Whether the weights besides the trainable ones differ from model.path at ``step``, so a
-    checkpoint must hold them: always without LoRA (everything trains); with LoRA, once the
-    format warm-up's adapters (or, with a reference that follows the policy, GRPO's) were
-    merged into the base."""
-    every = cfg.algorithm.ref_sync_every
-    return not cfg.lora.enabled or 0 < warmup_steps <= step or (every > 0 and warmup_steps + every <= step)
 
 
 # --------------------------------------------------------------------------- the run
@@ -142,17 +119,17 @@ class Trainer:
         self.loss_spec, self.advantage_spec = loss_spec(cfg), advantage_spec(cfg)  # the math's settings, checked
         if cfg.lora.enabled:  # LoRA's dropout draws from the global RNG: seeded, so a LoRA run repeats exactly
             torch.manual_seed(cfg.run.seed + self.rank)
+        self.format_warmup_steps = cfg.algorithm.format_warmup_steps if cfg.algorithm.name == "grpo" else 0
+        self.total_steps = self.format_warmup_steps + cfg.run.steps
+        self.total_updates = cfg.run.steps * (cfg.algorithm.mu if cfg.algorithm.name == "grpo" else 1)
         self.model = load_policy_model(cfg, self.device, fsdp=self.fsdp, trainable=True)
-        self.ref_model = None
-        if cfg.algorithm.name == "grpo" and cfg.algorithm.beta > 0 and not cfg.lora.enabled:
-            self.ref_model = load_policy_model(cfg, self.device, fsdp=self.fsdp, trainable=False)
+        self.reference = choose_reference(
+            cfg, self.model, lambda: load_policy_model(cfg, self.device, fsdp=self.fsdp, trainable=False),
+            self.format_warmup_steps)
         fits = PromptLimit(cfg, self.processor, self.model.config.text_config.max_position_embeddings)
         o = cfg.optimizer  # AdamW over what is trainable; the learning rate is set per update
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
                                            betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay)
-        self.warmup_steps = cfg.algorithm.format_warmup_steps if cfg.algorithm.name == "grpo" else 0
-        self.total_steps = self.warmup_steps + cfg.run.steps
-        self.total_updates = cfg.run.steps * (cfg.algorithm.mu if cfg.algorithm.name == "grpo" else 1)
         d = cfg.data
         self.load_audio = AudioLoader(max_seconds=self.processor.feature_extractor.chunk_length,
                                       channel=d.audio_channel)
@@ -174,7 +151,7 @@ class Trainer:
 
     def context(self) -> StepContext:
         """What a step reads and acts on, from the run's current state."""
-        return StepContext(cfg=self.cfg, model=self.model, reference=self.ref_model, optimizer=self.optimizer,
+        return StepContext(cfg=self.cfg, model=self.model, reference=self.reference, optimizer=self.optimizer,
                            processor=self.processor, sampling=self.sampling, stream=self.stream, device=self.device,
                            total_updates=self.total_updates, loss=self.loss_spec, advantage=self.advantage_spec,
                            rank=self.rank, world=self.world, fsdp=self.fsdp)
@@ -184,19 +161,19 @@ class Trainer:
         a = self.cfg.algorithm
         if a.name == "sft":
             return self.sft_step(label_free=False)
-        if self.step < self.warmup_steps:
+        if self.step < self.format_warmup_steps:
             return self.sft_step(label_free=True, lr=a.format_warmup_lr or self.cfg.optimizer.lr)
         return self.grpo_step()
 
     def grpo_step(self) -> dict:
         """One GRPO step (grpo/step.py) on this rank's questions; its metrics."""
-        record = grpo.grpo_step(self.context(), self.counters, self.step)
+        record = grpo_step(self.context(), self.counters, self.step)
         self.last_samples = (record.trajectory.samples, record.rollout.batch.texts)
         return grpo_metrics(record, self.tasks, self.cfg.rollout.group_size, self.optimizer.param_groups[0]["lr"],
                             self.device)
 
     def sft_step(self, label_free: bool, lr: float | None = None) -> dict:
-        """One supervised step (grpo/warmup.py): SFT, or the label-free format warm-up; its metrics."""
+        """One supervised step (grpo/sft.py): SFT, or the label-free format warm-up; its metrics."""
         loss, grad_norm, seconds = sft_step(self.context(), self.counters, label_free, lr)
         return sft_metrics(loss, grad_norm, self.optimizer.param_groups[0]["lr"], seconds, self.device)
 
@@ -207,12 +184,11 @@ class Trainer:
     def _between_steps(self) -> None:
         """After a step: GRPO starts from the warmed-up model (fresh AdamW moments, the
         reference a snapshot of it); a reference that follows the policy is synced when due."""
-        if self.step == self.warmup_steps:
+        if self.step == self.format_warmup_steps:
             self.optimizer.state.clear()
-            if self.ref_model is not None or self.cfg.lora.enabled:
-                grpo.snapshot_reference(self.context())
-        elif reference_sync_due(self.cfg, self.warmup_steps, self.step):
-            grpo.sync_reference(self.context())
+            self.reference.after_format_warmup()
+        elif self.reference.sync_due(self.step):
+            self.reference.follow(self.optimizer)
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -225,7 +201,7 @@ class Trainer:
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
-        self.model = self.ref_model = self.optimizer = None
+        self.model = self.reference = self.optimizer = None
 
     def save(self) -> Path:
         """The full training state, and the exports checkpointing.export and LoRA ask for."""
@@ -237,29 +213,18 @@ class Trainer:
                                    export_fn=checkpoint_exports(self.model, self.processor, self.generation_config,
                                                                 self.cfg.lora, export=self.cfg.checkpointing.export,
                                                                 is_main=self.is_main),
-                                   extra_models=self._saved_models(),
-                                   with_frozen=base_changed(self.cfg, self.warmup_steps, self.step))
+                                   extra_models=self.reference.saved_models(),
+                                   with_frozen=self.reference.base_changed(self.step))
         self.saved_step = self.step
         if self.is_main:
             logger.info("checkpoint written: %s", path)
         return path
 
-    def _saved_models(self) -> dict:
-        # After a format warm-up the reference is a snapshot of the policy, not the checkpoint
-        # on disk, so it must be saved with the run to be restored; so is one that follows the policy.
-        moved = self.warmup_steps or self.cfg.algorithm.ref_sync_every
-        return {"reference": self.ref_model} if self.ref_model is not None and moved else {}
-
     def _resume(self, path: Path) -> None:
-        saved_step = json.loads((path / "trainer_state.json").read_text())["step"]
         trainer_state, rank_state = load_training_state(path, self.model, self.optimizer, rank=self.rank,
-                                                        extra_models=self._saved_models(),
-                                                        with_frozen=base_changed(self.cfg, self.warmup_steps,
-                                                                                 saved_step),
+                                                        extra_models=self.reference.saved_models(),
+                                                        with_frozen=self.reference.base_changed,  # at the saved step
                                                         verify=False)  # resolve_resume verified it
-        if trainer_state.get("world_size", self.world) != self.world:
-            raise same_on_every_rank(ResumeError(f"{path} was saved by {trainer_state['world_size']} processes; "
-                                                 f"resume it with the same number (now {self.world})"))
         self.step, self.counters.update = trainer_state["step"], trainer_state["update"]
         self.saved_step = self.step
         self.counters.nonfinite_total = trainer_state.get("nonfinite_total", 0)
@@ -277,7 +242,7 @@ class Trainer:
         is on disk before the final evaluation runs), and a single-process run that fails
         saves the last completed step on the way out (``_save_after_failure``).
         """
-        bar = self.log.progress_bar(self.step, self.warmup_steps, self.total_steps)
+        bar = self.log.progress_bar(self.step, self.format_warmup_steps, self.total_steps)
         last: dict = {}
         before = pending = None  # the state before the running step; a completed step's unwritten metrics
         redirect = nullcontext()
@@ -299,7 +264,7 @@ class Trainer:
                 last = metrics
                 self.log.history(self.step, metrics)
                 pending = None
-                bar = self.log.advance(bar, self.step, self.warmup_steps, self.total_steps, metrics)
+                bar = self.log.advance(bar, self.step, self.format_warmup_steps, self.total_steps, metrics)
                 if signum:
                     self.stopped_by_signal = signum
                     logger.warning("stopped by signal %d at step %d; continue with --resume", signum, self.step)
@@ -322,7 +287,7 @@ class Trainer:
         cfg = self.cfg
         metrics["timing/step"] = seconds
         metrics["perf/peak_memory_gb"] = peak_memory_gb(self.device)
-        metrics["train/phase"] = 0.0 if self.step <= self.warmup_steps and cfg.algorithm.name == "grpo" else 1.0
+        metrics["train/phase"] = 0.0 if self.step <= self.format_warmup_steps and cfg.algorithm.name == "grpo" else 1.0
         signum = int(all_reduce(torch.tensor([float(self.signal_received)]), self.device, "max").item())
         every = cfg.checkpointing.every
         if signum or self.step == self.total_steps or (every and self.step % every == 0):

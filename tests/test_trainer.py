@@ -183,7 +183,7 @@ def test_missing_checkpoint_directory_is_named(tmp_path):
 
 def test_learning_rate_schedules():
     from grpo.config import OptimizerConfig
-    from grpo.trainer import lr_at
+    from grpo.step import lr_at
 
     linear = OptimizerConfig(lr=1.0, warmup_steps=2, schedule="linear")
     assert [lr_at(u, 6, linear) for u in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
@@ -456,12 +456,10 @@ def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lo
         "algorithm.format_warmup_steps=0", "run.steps=4", "algorithm.ref_sync_every=2",
         "rollout.max_new_tokens=4", "checkpointing.every=0", *extra])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    import grpo.step
-
-    synced, sync_reference = [], grpo.step.sync_reference
+    synced, follow = [], trainer.reference.follow
 
     def sync():
-        sync_reference(trainer.context())
+        follow(trainer.optimizer)
     ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
 
     def logits(adapters: bool) -> torch.Tensor:
@@ -484,22 +482,22 @@ def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lo
             if not synced:  # the hand-moved adapters (later ones may not have learned anything)
                 assert not torch.allclose(reference_before, policy, atol=1e-5)
         else:
-            ref_before = [p.detach().clone() for p in trainer.ref_model.parameters()]
+            ref_before = [p.detach().clone() for p in trainer.reference.copy.parameters()]
             sync()
-            for r, b, p in zip(trainer.ref_model.parameters(), ref_before, trainer.model.parameters()):
+            for r, b, p in zip(trainer.reference.copy.parameters(), ref_before, trainer.model.parameters()):
                 torch.testing.assert_close(r, 0.5 * p.detach() + 0.5 * b)
             if not synced:
-                assert any(not torch.equal(r, b) for r, b in zip(trainer.ref_model.parameters(), ref_before))
+                assert any(not torch.equal(r, b) for r, b in zip(trainer.reference.copy.parameters(), ref_before))
         synced.append(trainer.step)
 
     # an untrained model may earn no reward in 4 steps (zero advantages, no update): set the
     # policy and its reference apart by hand so that the sync has something to do
     with torch.no_grad():
         moved = [p for n, p in trainer.model.named_parameters() if "lora_B" in n] if lora else \
-            list(trainer.ref_model.parameters())
+            list(trainer.reference.copy.parameters())
         for p in moved:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    monkeypatch.setattr(grpo.step, "sync_reference", lambda ctx: record())
+    monkeypatch.setattr(trainer.reference, "follow", lambda optimizer: record())
     trainer.train()
     trainer.close()
     assert synced == [2, 4]

@@ -28,7 +28,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +44,13 @@ from models.collectives import all_gather, all_reduce
 from models.distributed import gathered_params
 from models.policy import policy_logprobs
 
+if TYPE_CHECKING:  # the types of StepContext's fields
+    from transformers import ProcessorMixin
+
+    from grpo.config import Config
+    from grpo.rollout import SamplingSettings
+    from grpo.stream import PromptStream
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,16 +58,17 @@ logger = logging.getLogger(__name__)
 class StepContext:
     """What one step reads and acts on. The trainer builds one per step; tests and the
     benchmark build their own. ``logprobs`` and ``rounds_from`` are the pieces the benchmark
-    swaps (a naive log-prob pass; its fixed prompts sampled the naive way); everything else is
-    the run's state."""
+    swaps (a naive log-prob pass; its fixed prompts sampled the naive way) so that it times
+    this same code: two fields with the production pieces as defaults are a smaller seam than
+    patching the module's globals; everything else is the run's state."""
 
-    cfg: object  # grpo.config.Config
+    cfg: Config  # the step reads rollout, algorithm (beyond the specs), optimizer, data.prompt_template, run.seed
     model: torch.nn.Module  # the policy pi_theta
     reference: NoReference  # pi_ref (grpo.reference: none, a frozen copy, or the policy with its adapters off)
     optimizer: torch.optim.Optimizer
-    processor: object  # the checkpoint's processor (tokenizer + feature extractor)
-    sampling: object  # grpo.rollout.SamplingSettings
-    stream: object  # grpo.stream.PromptStream: this rank's questions
+    processor: ProcessorMixin  # the checkpoint's processor (tokenizer + feature extractor)
+    sampling: SamplingSettings
+    stream: PromptStream | None  # this rank's questions (None: the benchmark's rounds_from supplies them)
     device: torch.device
     total_updates: int  # optimizer updates of the whole run (the learning-rate schedule's length)
     loss: LossSpec  # the loss (grpo.config.loss_spec: resolved once at set-up)

@@ -103,7 +103,7 @@ from data.datasets import Sample
 from grpo.algorithm import LossSpec, completion_mask, group_advantages, policy_loss
 from grpo.reference import FrozenCopy, NoReference
 from grpo.step import Counters, Round, StepContext, policy_update, rollout
-from grpo.config import Config, advantage_spec, load_config, loss_spec, to_dict
+from grpo.config import Config, advantage_spec, correction_spec, load_config, loss_spec, to_dict
 from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions, slice_prompts
 from models.loading import (enable_activation_checkpointing, end_token_ids, load_generation_config, load_model,
                             load_processor, resolve_dtype)
@@ -535,6 +535,7 @@ def grpo_step(bench, mode, step):
                       optimizer=optimizer, sampling=s, stream=None, device=device,
                       processor=SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=s.pad_token_id)),
                       total_updates=10**9, loss=loss_spec(cfg), advantage=advantage_spec(cfg),
+                      correction=correction_spec(cfg),
                       rounds_from=fixed_round, logprobs=logprobs)
     traj, seen = rollout(ctx, step)  # the reference pass reuses the policy's weights: the same compute
     reset_peak(device)

@@ -223,9 +223,9 @@ def multi_reward_advantages(per_reward: torch.Tensor, weights: torch.Tensor, gro
         "sum_then_normalize" (GRPO):  A = adv(sum_k w_k r_k)
         "normalize_each":             A = sum_k w_k adv(r_k)
 
-    (spec.normalization), adv is `group_advantages` (spec's scale, eps, baseline). Normalising each reward on its own keeps
-    a reward whose values spread widely (or a rare one) from drowning the others' signal
-    within the group; the two agree when K = 1, or when scale is "none" (adv is then linear).
+    (spec.normalization); adv is `group_advantages` (spec's scale, eps, baseline). Normalising
+    each reward on its own keeps a reward whose values spread widely (or a rare one) from
+    drowning the others' signal within the group; the two agree when K = 1, or when scale is "none" (adv is then linear).
     per_reward: [N, K]; weights: [K]. Returns [N].
     """
     if per_reward.dim() != 2 or weights.shape != per_reward.shape[1:]:
@@ -325,11 +325,31 @@ def rollout_rejection_mask(logp: torch.Tensor, sampler_logp: torch.Tensor, mask:
     return keep, stats
 
 
+@dataclass(frozen=True)
+class CorrectionSpec:
+    """The sampler/trainer gap's correction (`rollout_correction`), checked once when built:
+    is_level / rs_level: "none" (off), "token", "sequence" or "geometric"; is_cap: the
+    importance weight's cap C (> 0); [rs_low, rs_high]: the band a kept token's weight lies in."""
+
+    is_level: str = "none"
+    is_cap: float = 2.0
+    rs_level: str = "none"
+    rs_low: float = 0.5
+    rs_high: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_choice("rollout importance-sampling level", self.is_level, ROLLOUT_CORRECTION_MODES)
+        _check_choice("rollout rejection level", self.rs_level, ROLLOUT_CORRECTION_MODES)
+        if self.is_cap <= 0:
+            raise ValueError(f"cap must be > 0, got {self.is_cap}")
+        if not 0 <= self.rs_low <= self.rs_high:
+            raise ValueError(f"need 0 <= low <= high, got {self.rs_low}, {self.rs_high}")
+
+
 def rollout_correction(logp: torch.Tensor, sampler_logp: torch.Tensor | None, mask: torch.Tensor,
-                       token_weights: torch.Tensor | None = None, *, is_level: str = "none", is_cap: float = 2.0,
-                       rs_level: str = "none", rs_low: float = 0.5, rs_high: float = 2.0,
+                       token_weights: torch.Tensor | None = None, spec: CorrectionSpec = CorrectionSpec(),
                        ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """The token weights `policy_loss` gets once the sampler/trainer gap is corrected:
+    """The token weights `policy_loss` gets once the sampler/trainer gap is corrected (`spec`):
 
         w_it = token_weights_it * min(pi_old / pi_sampler, is_cap)      (is_level != "none")
                                 * 1[rs_low <= pi_old / pi_sampler <= rs_high]  (rs_level != "none")
@@ -341,21 +361,21 @@ def rollout_correction(logp: torch.Tensor, sampler_logp: torch.Tensor | None, ma
     "rollout_is/truncated_frac" with is_level on, "rollout_rs/rejected_frac" with rs_level on.
     logp: the trainer's log pi_old [B, T]; sampler_logp: the sampler's log-probs [B, T].
     """
-    _check_choice("rollout importance-sampling level", is_level, ROLLOUT_CORRECTION_MODES)
-    _check_choice("rollout rejection level", rs_level, ROLLOUT_CORRECTION_MODES)
     stats: dict[str, torch.Tensor] = {}
-    if is_level == "none" and rs_level == "none":
+    if spec.is_level == "none" and spec.rs_level == "none":
         return token_weights, stats
     if sampler_logp is None:
         raise ValueError("rollout correction needs the sampler's log-probs (sampler_logp), got None")
     weights = mask.to(logp.dtype) if token_weights is None else token_weights.detach().to(logp.dtype)  # [B, T]
-    if is_level != "none":
-        truncated, is_stats = rollout_importance_weights(logp, sampler_logp, mask, cap=is_cap, level=is_level)
+    if spec.is_level != "none":
+        truncated, is_stats = rollout_importance_weights(logp, sampler_logp, mask, cap=spec.is_cap,
+                                                         level=spec.is_level)
         weights = weights * truncated
         stats["rollout_is/mean"] = is_stats["rollout_is/mean"]
         stats["rollout_is/truncated_frac"] = is_stats["rollout_is/truncated_frac"]
-    if rs_level != "none":
-        keep, rs_stats = rollout_rejection_mask(logp, sampler_logp, mask, low=rs_low, high=rs_high, level=rs_level)
+    if spec.rs_level != "none":
+        keep, rs_stats = rollout_rejection_mask(logp, sampler_logp, mask, low=spec.rs_low, high=spec.rs_high,
+                                                level=spec.rs_level)
         weights = weights * keep.to(weights.dtype)
         stats["rollout_rs/rejected_frac"] = rs_stats["rollout_is/rejected_frac"]
     return weights, stats

@@ -30,7 +30,7 @@ from data.prompts import TEMPLATES
 from data.synthetic import DIFFICULTY_CHOICES
 from grpo.algorithm import (ADVANTAGE_BASELINES, ADVANTAGE_SCALES, IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES,
                             POLICY_LOSS_TYPES, REWARD_NORMALIZATIONS, ROLLOUT_CORRECTION_MODES)
-from grpo.algorithm import AdvantageSpec, LossSpec
+from grpo.algorithm import AdvantageSpec, CorrectionSpec, LossSpec
 
 
 class ConfigError(ValueError):
@@ -575,3 +575,10 @@ def advantage_spec(config: Config) -> AdvantageSpec:
     a = config.algorithm
     return AdvantageSpec(scale=a.advantage_scale, baseline=a.advantage_baseline, eps=a.advantage_eps,
                          normalization=a.reward_normalization, flip_sign=a.flip_advantage_sign)
+
+
+def correction_spec(config: Config) -> CorrectionSpec:
+    """The sampler/trainer gap's correction the algorithm section asks for (``grpo.algorithm.CorrectionSpec``)."""
+    a = config.algorithm
+    return CorrectionSpec(is_level=a.rollout_is_level, is_cap=a.rollout_is_cap, rs_level=a.rollout_rs_level,
+                          rs_low=a.rollout_rs_low, rs_high=a.rollout_rs_high)

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from data.datasets import Sample
-from grpo.algorithm import (AdvantageSpec, LossSpec, completion_mask, entropy_threshold, high_entropy_mask,
-                            multi_reward_advantages, policy_loss, rollout_correction)
+from grpo.algorithm import (AdvantageSpec, CorrectionSpec, LossSpec, completion_mask, entropy_threshold,
+                            high_entropy_mask, multi_reward_advantages, policy_loss, rollout_correction)
 from grpo.reference import NoReference
 from grpo.rewards import compute_rewards, soft_overlong_punishment
 from grpo.rollout import (completion_seeds, decode_completions, pad_right, prompt_batch, sample_completions,
@@ -73,6 +73,7 @@ class StepContext:
     total_updates: int  # optimizer updates of the whole run (the learning-rate schedule's length)
     loss: LossSpec  # the loss (grpo.config.loss_spec: resolved once at set-up)
     advantage: AdvantageSpec  # rewards -> advantages (grpo.config.advantage_spec)
+    correction: CorrectionSpec  # the sampler/trainer gap's correction (grpo.config.correction_spec)
     rank: int = 0
     world: int = 1
     fsdp: bool = False  # the model is sharded: generation gathers it, ranks decode in lockstep
@@ -242,9 +243,8 @@ def policy_update(ctx: StepContext, counters: Counters, traj: Trajectory) -> Upd
             sampler = traj.sampler_logp[rows, :width] if traj.sampler_logp is not None else None
             if k == 0 and sampler is not None and mask.any():
                 add_sampler_gap(gap, sampler, old, mask)
-            weights, correction = rollout_correction(  # the sampler/trainer gap, off unless configured
-                old, sampler, mask, weights, is_level=a.rollout_is_level, is_cap=a.rollout_is_cap,
-                rs_level=a.rollout_rs_level, rs_low=a.rollout_rs_low, rs_high=a.rollout_rs_high)
+            # the sampler/trainer gap, off unless configured
+            weights, correction = rollout_correction(old, sampler, mask, weights, ctx.correction)
             loss, stats = policy_loss(logp, old, traj.advantages[rows], mask, ctx.loss, ref_logp=ref,
                                       token_weights=weights, total_sequences=B * G * ctx.world,
                                       total_tokens=traj.total_tokens)

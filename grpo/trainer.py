@@ -29,7 +29,7 @@ from data.audio import AudioLoader
 from data.datasets import Sample
 from grpo.checkpoint import SaveError, checkpoint_exports, load_training_state, resolve_resume, save_training_state
 from grpo.cli import alike_on_every_rank
-from grpo.config import Config, ConfigError, advantage_spec, loss_spec
+from grpo.config import Config, ConfigError, advantage_spec, correction_spec, loss_spec
 from grpo.heldout import greedy_accuracy
 from grpo.metrics import grpo_metrics, peak_memory_gb, sft_metrics
 from grpo.reference import choose_reference
@@ -107,6 +107,7 @@ class Trainer:
                                           top_k=r.top_k, top_p=r.top_p)
         self.fsdp = use_fsdp(cfg, info)
         self.loss_spec, self.advantage_spec = loss_spec(cfg), advantage_spec(cfg)
+        self.correction_spec = correction_spec(cfg)
         if cfg.lora.enabled:  # LoRA's dropout draws from the global RNG: seeded, so a LoRA run repeats exactly
             torch.manual_seed(cfg.run.seed + info.rank)
         grpo = cfg.algorithm.name == "grpo"
@@ -145,6 +146,7 @@ class Trainer:
         return StepContext(cfg=self.cfg, model=self.model, reference=self.reference, optimizer=self.optimizer,
                            processor=self.processor, sampling=self.sampling, stream=self.stream, device=self.device,
                            total_updates=self.total_updates, loss=self.loss_spec, advantage=self.advantage_spec,
+                           correction=self.correction_spec,
                            rank=self.info.rank, world=self.info.world_size, fsdp=self.fsdp)
 
     def train_step(self) -> dict:

@@ -397,6 +397,7 @@ def test_rollout_correction_scales_the_gradient_by_the_sampler_weight(world, tmp
     weights given as token weights, and not the uncorrected one. The weights' statistics are logged."""
     from dataclasses import replace
 
+    from grpo.config import correction_spec
     from grpo.metrics import update_metrics
     from grpo.step import policy_update
 
@@ -414,7 +415,8 @@ def test_rollout_correction_scales_the_gradient_by_the_sampler_weight(world, tmp
     def gradient(trajectory, **keys):
         algorithm = replace(cfg.algorithm, **{"rollout_is_level": "none", "rollout_rs_level": "none", **keys})
         optimizer = Capture(trainer.model.parameters(), lr=0.0)
-        ctx = replace(trainer.context(), optimizer=optimizer, cfg=replace(cfg, algorithm=algorithm))
+        correction = correction_spec(replace(cfg, algorithm=algorithm))
+        ctx = replace(trainer.context(), optimizer=optimizer, correction=correction)
         seen = policy_update(ctx, trainer.counters, trajectory)
         return optimizer.captured, update_metrics(seen, 0.0, trainer.device)
 

@@ -17,6 +17,7 @@ import torch
 
 from grpo.algorithm import (
     AdvantageSpec,
+    CorrectionSpec,
     LossSpec,
     entropy_threshold,
     group_advantages,
@@ -590,8 +591,8 @@ def test_rollout_correction_is_the_product_of_its_factors(is_level, rs_level):
     logp, old_logp, _, entropy_weights, adv, mask = random_batch(13)
     trainer = old_logp.nan_to_num(0.0)
     sampler = trainer + 0.4 * torch.randn(B, T, generator=torch.Generator().manual_seed(4), dtype=DTYPE)
-    weights, stats = rollout_correction(trainer, sampler, mask, entropy_weights, is_level=is_level, is_cap=1.3,
-                                        rs_level=rs_level, rs_low=0.6, rs_high=1.6)
+    spec = CorrectionSpec(is_level=is_level, is_cap=1.3, rs_level=rs_level, rs_low=0.6, rs_high=1.6)
+    weights, stats = rollout_correction(trainer, sampler, mask, entropy_weights, spec)
     lists = trainer.tolist(), sampler.tolist(), mask.tolist()
     is_logs = naive_log_weights(*lists, is_level) if is_level != "none" else None
     rs_logs = naive_log_weights(*lists, rs_level) if rs_level != "none" else None
@@ -621,9 +622,9 @@ def test_rollout_correction_off_is_the_identity_and_needs_the_sampler():
     assert rollout_correction(old_logp, None, mask, weights) == (weights, {})
     assert rollout_correction(old_logp, None, mask) == (None, {})
     with pytest.raises(ValueError, match="sampler"):
-        rollout_correction(old_logp, None, mask, is_level="token")
+        rollout_correction(old_logp, None, mask, spec=CorrectionSpec(is_level="token"))
     with pytest.raises(ValueError, match="importance-sampling level"):
-        rollout_correction(old_logp, old_logp, mask, is_level="tokens")
+        rollout_correction(old_logp, old_logp, mask, spec=CorrectionSpec(is_level="tokens"))
 
 
 # ----------------------------------------------------------------------------------------

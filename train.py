@@ -94,7 +94,7 @@ def _plan(args, overrides: list[str]) -> int:
 
 def _train(args, overrides: list[str]) -> int:
     from grpo.cli import alike_on_every_rank
-    from grpo.trainer import check_inputs
+    from grpo.setup import check_inputs
 
     with alike_on_every_rank():  # before the process group: every rank stops alike, one reports it
         cfg = load_config(args.config, overrides, require_paths=True)

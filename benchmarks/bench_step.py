@@ -100,9 +100,10 @@ import torch.nn.functional as F
 import yaml
 
 from data.datasets import Sample
-from grpo.algorithm import completion_mask, group_advantages, policy_loss
+from grpo.algorithm import LossSpec, completion_mask, group_advantages, policy_loss
+from grpo.reference import FrozenCopy, NoReference
 from grpo.step import Counters, Round, StepContext, policy_update, rollout
-from grpo.config import Config, load_config, to_dict
+from grpo.config import Config, advantage_spec, correction_spec, load_config, loss_spec, to_dict
 from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions, slice_prompts
 from models.loading import (enable_activation_checkpointing, end_token_ids, load_generation_config, load_model,
                             load_processor, resolve_dtype)
@@ -247,7 +248,7 @@ def build_setup(model_name, cfg: Config, args, device, dtype, tmp):
         path = build_tiny_checkpoint(Path(tmp) / model_name, seed=0, **BUILT_MODELS[model_name])
         return checkpoint_setup(path, model_name, **common)
     if model_name is None:  # the config's model, built as the trainer builds it when asked to
-        from grpo.trainer import prepare_model
+        from grpo.setup import prepare_model
 
         prepare_model(cfg)
         model_name = cfg.model.path
@@ -529,10 +530,13 @@ def grpo_step(bench, mode, step):
         return out
 
     optimizer = TimedOptimizer(bench.optimizer, device)
-    ctx = StepContext(cfg=cfg, model=model, reference=model if cfg.algorithm.beta > 0 else None,
+    reference = FrozenCopy(model, model) if cfg.algorithm.beta > 0 else NoReference()
+    ctx = StepContext(cfg=cfg, model=model, reference=reference,
                       optimizer=optimizer, sampling=s, stream=None, device=device,
                       processor=SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=s.pad_token_id)),
-                      total_updates=10**9, rounds_from=fixed_round, logprobs=logprobs)
+                      total_updates=10**9, loss=loss_spec(cfg), advantage=advantage_spec(cfg),
+                      correction=correction_spec(cfg),
+                      rounds_from=fixed_round, logprobs=logprobs)
     traj, seen = rollout(ctx, step)  # the reference pass reuses the policy's weights: the same compute
     reset_peak(device)
     update = policy_update(ctx, Counters(), traj)
@@ -615,8 +619,9 @@ def cross_check(bench):
     out = {}
     for mode, (_, logprobs_fn) in MODES.items():
         logp = logprobs_fn(model, prompts, ids, G, s.temperature)
-        loss, _ = policy_loss(logp, old, advantages, mask, loss_type=a.loss_type, max_completion_length=ids.shape[1],
-                              eps_low=a.eps_low, eps_high=a.eps_high, importance_level=a.importance_level)
+        spec = LossSpec(loss_type=a.loss_type, max_completion_length=ids.shape[1], eps_low=a.eps_low,
+                        eps_high=a.eps_high, importance_level=a.importance_level)
+        loss, _ = policy_loss(logp, old, advantages, mask, spec)
         loss.backward()
         out[mode] = (logp.detach().float(), loss.item(), {k: p.grad.detach().float().clone() for k, p in watched.items()})
         model.zero_grad(set_to_none=True)

@@ -257,7 +257,8 @@ def _run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: to
     trainer.sampling.suppress_token_ids = sorted(set(trainer.sampling.suppress_token_ids) | set(ends))
     meter = PhaseMeter(device, held=lambda: tensor_bytes(trainer))
     shapes = []
-    originals = {name: getattr(grpo, name) for name in ("sample_round", "reference_policy", "policy_update")}
+    originals = {name: getattr(grpo, name) for name in ("sample_round", "policy_update")}
+    reference_policy = trainer.reference.policy
 
     def sample_round(ctx, step, round_):
         r = originals["sample_round"](ctx, step, round_)
@@ -266,8 +267,8 @@ def _run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: to
         return r
 
     @contextmanager
-    def timed_reference(ctx):  # the block of the step that runs the reference pass
-        with meter.span("reference"), originals["reference_policy"](ctx) as reference:
+    def timed_reference():  # the block of the step that runs the reference pass
+        with meter.span("reference"), reference_policy() as reference:
             yield reference
 
     try:
@@ -275,13 +276,14 @@ def _run_recipe(recipe: str, model_dir: Path, data: Path, work: Path, device: to
         trainer.step += 1
         # the step's own stages, timed where the step calls them
         grpo.sample_round = meter.wrap("rollout", sample_round)
-        grpo.reference_policy = lambda ctx: timed_reference(ctx)
+        trainer.reference.policy = timed_reference  # this object only: its class keeps its own
         grpo.policy_update = meter.wrap("update", originals["policy_update"])
         try:
             metrics = trainer.grpo_step()
         finally:
             for name, fn in originals.items():
                 setattr(grpo, name, fn)
+            del trainer.reference.policy
         trainer.step += 1
         eval_gap = decode = None
         if recipe == "lora":

@@ -78,10 +78,12 @@ def rss_gb() -> float:
 
 def tensor_bytes(trainer) -> int:
     """Bytes of the tensors the trainer holds between steps (weights, reference, AdamW state)."""
+    from grpo.reference import FrozenCopy
+
     seen, total = set(), 0
     tensors = list(trainer.model.parameters()) + list(trainer.model.buffers())
-    if trainer.ref_model is not None:
-        tensors += list(trainer.ref_model.parameters()) + list(trainer.ref_model.buffers())
+    if isinstance(trainer.reference, FrozenCopy):
+        tensors += list(trainer.reference.copy.parameters()) + list(trainer.reference.copy.buffers())
     for state in trainer.optimizer.state.values():
         tensors += [v for v in state.values() if torch.is_tensor(v)]
     for t in tensors:

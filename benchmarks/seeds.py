@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.chdir(REPO)
     from grpo.config import load_config
-    from grpo.trainer import prepare_data, prepare_model
+    from grpo.setup import prepare_data, prepare_model
 
     cfg = load_config(args.config, args.overrides)
     prepare_model(cfg)  # once, before the runs: concurrent runs must not build the same files

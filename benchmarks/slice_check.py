@@ -116,7 +116,7 @@ def sampler_gap(model, prompts, settings, G: int, seed: int = 0) -> tuple[torch.
 def loss_and_grads(model, prompts, ids, settings, beta: float = 0.04):
     """log-probs [N, T], the GRPO loss (advantages alternating +1 / -1, k3 KL to the adapters-off
     reference, the recipe's normalisation) and the adapters' gradients (fp32, by name)."""
-    from grpo.algorithm import completion_mask, policy_loss
+    from grpo.algorithm import LossSpec, completion_mask, policy_loss
     from models.lora import adapters_disabled
     from models.policy import policy_logprobs
 
@@ -127,8 +127,8 @@ def loss_and_grads(model, prompts, ids, settings, beta: float = 0.04):
         ref = policy_logprobs(model, prompts, ids, temperature=settings.temperature)
     model.zero_grad(set_to_none=True)
     logp = policy_logprobs(model, prompts, ids, temperature=settings.temperature)
-    loss, _ = policy_loss(logp, logp.detach(), advantages, mask, ref_logp=ref, beta=beta, loss_type="grpo",
-                          max_completion_length=settings.max_new_tokens, total_sequences=N,
+    spec = LossSpec(beta=beta, loss_type="grpo", max_completion_length=settings.max_new_tokens)
+    loss, _ = policy_loss(logp, logp.detach(), advantages, mask, spec, ref_logp=ref, total_sequences=N,
                           total_tokens=int(mask.sum()))
     loss.backward()
     grads = {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -32,7 +32,7 @@ def build_demo_inputs(work: Path) -> tuple[Path, Path, Path]:
     """The tiny model and the synthetic train/held-out sets, as configs/tiny.yaml builds them."""
     sys.path.insert(0, str(REPO))
     from grpo.config import load_config
-    from grpo.trainer import prepare_data, prepare_model
+    from grpo.setup import prepare_data, prepare_model
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"model.path={work / 'model'}", f"data.train_path={work / 'data' / 'train.jsonl'}",

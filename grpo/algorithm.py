@@ -48,7 +48,9 @@ near 0, but grad rho = grad log pi_theta, so learning goes on.
 Variants
 --------
 Each replaces one piece of the equation above; all go through the same `aggregate_loss`,
-so every one keeps the micro-batch and rank invariance.
+so every one keeps the micro-batch and rank invariance. Each is a field of `LossSpec` (the
+loss) or `AdvantageSpec` (the advantages), checked once when the spec is built; a new
+variant is one field there and one branch in the function that reads it.
 
 policy_loss_type (the per-token policy term p_it; l_it = p_it + beta k_it):
   clip   p = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)          GRPO / PPO
@@ -98,6 +100,7 @@ Reference: `follow_policy_` moves pi_ref towards pi_theta (TR-DPO, arXiv:2404.09
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -119,6 +122,17 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
 
 
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x with 0 off the mask (bool), so whatever padding holds (even inf / NaN) never reaches a
+    sum, an exp or a gradient."""
+    return torch.where(mask, x, torch.zeros_like(x))
+
+
+def _log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi_theta - log pi_old per token [B, T] (with logp's gradient), 0 off the mask (bool)."""
+    return _masked(logp - old_logp, mask)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """mean of x over the positions where mask is true: sum(x * m) / max(sum(m), 1).
 
@@ -126,14 +140,38 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     even when they are inf or NaN.
     """
     mask = mask.bool()
-    x = torch.where(mask, x, torch.zeros_like(x))  # drop masked entries (even inf / NaN)
+    x = _masked(x, mask)  # drop masked entries (even inf / NaN)
     if dim is None:
         return x.sum() / mask.sum().clamp(min=1)
     return x.sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
-                     eps: float = 1e-4, baseline: str = "mean") -> torch.Tensor:
+@dataclass(frozen=True)
+class AdvantageSpec:
+    """How rewards become advantages (`group_advantages`, `multi_reward_advantages`); checked
+    once, when built. A new variant is a field here and a branch in the function that reads it.
+
+    scale: "group" | "batch" | "none"; baseline: "mean" | "leave_one_out"; eps: added to the
+    std; normalization: "sum_then_normalize" | "normalize_each" (several rewards);
+    flip_sign: A -> -A (the control experiment: train against the reward; applied by the caller).
+    """
+
+    scale: str = "group"
+    baseline: str = "mean"
+    eps: float = 1e-4
+    normalization: str = "sum_then_normalize"
+    flip_sign: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("advantage scale", self.scale, ADVANTAGE_SCALES)
+        _check_choice("advantage baseline", self.baseline, ADVANTAGE_BASELINES)
+        _check_choice("reward normalization", self.normalization, REWARD_NORMALIZATIONS)
+        if self.eps < 0:
+            raise ValueError(f"advantage eps must be >= 0, got {self.eps}")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int,
+                     spec: AdvantageSpec = AdvantageSpec()) -> torch.Tensor:
     """A_i from the rewards, centred within each group of G completions of one prompt.
 
         "group" (R1-AQA):   A_i = (r_i - b_i) / (std_g(r) + eps)
@@ -149,10 +187,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
     rewards: [N] ordered group by group (completions 0..G-1 belong to prompt 0, ...);
     for "batch", the std is over these N (pass every rank's rewards for a global one).
+    spec: `AdvantageSpec` (scale, baseline, eps; its normalization is not read here).
     Returns [N], float.
     """
-    _check_choice("advantage scale", scale, ADVANTAGE_SCALES)
-    _check_choice("advantage baseline", baseline, ADVANTAGE_BASELINES)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
     if not isinstance(group_size, int) or group_size < 1:
@@ -170,37 +207,35 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
     r = rewards.view(-1, group_size)  # [P, G]
     centred = r - r.mean(dim=1, keepdim=True)  # [P, G]
-    if baseline == "leave_one_out":
+    if spec.baseline == "leave_one_out":
         centred = centred * (group_size / (group_size - 1)) if group_size > 1 else torch.zeros_like(r)
-    if scale == "group":
-        centred = centred / (bessel_std(r, 1) + eps)  # [P, G] / [P, 1]
-    elif scale == "batch":
-        centred = centred / (bessel_std(rewards, None) + eps)  # [P, G] / []
+    if spec.scale == "group":
+        centred = centred / (bessel_std(r, 1) + spec.eps)  # [P, G] / [P, 1]
+    elif spec.scale == "batch":
+        centred = centred / (bessel_std(rewards, None) + spec.eps)  # [P, G] / []
     return centred.reshape(-1)  # [N]
 
 
 def multi_reward_advantages(per_reward: torch.Tensor, weights: torch.Tensor, group_size: int,
-                            normalization: str = "sum_then_normalize", scale: str = "group",
-                            eps: float = 1e-4, baseline: str = "mean") -> torch.Tensor:
+                            spec: AdvantageSpec = AdvantageSpec()) -> torch.Tensor:
     """A_i from K rewards per completion, weighted by w_k.
 
         "sum_then_normalize" (GRPO):  A = adv(sum_k w_k r_k)
         "normalize_each":             A = sum_k w_k adv(r_k)
 
-    adv is `group_advantages` (scale, eps, baseline). Normalising each reward on its own keeps
-    a reward whose values spread widely (or a rare one) from drowning the others' signal
-    within the group; the two agree when K = 1, or when scale is "none" (adv is then linear).
+    (spec.normalization); adv is `group_advantages` (spec's scale, eps, baseline). Normalising
+    each reward on its own keeps a reward whose values spread widely (or a rare one) from
+    drowning the others' signal within the group; the two agree when K = 1, or when scale is "none" (adv is then linear).
     per_reward: [N, K]; weights: [K]. Returns [N].
     """
-    _check_choice("reward normalization", normalization, REWARD_NORMALIZATIONS)
     if per_reward.dim() != 2 or weights.shape != per_reward.shape[1:]:
         raise ValueError(f"per_reward must be [N, K] and weights [K], got {tuple(per_reward.shape)} "
                          f"and {tuple(weights.shape)}")
     per_reward = per_reward.to(torch.promote_types(per_reward.dtype, torch.float32))
     weights = weights.to(per_reward.dtype)
-    if normalization == "sum_then_normalize":
-        return group_advantages((per_reward * weights).sum(dim=1), group_size, scale, eps, baseline)
-    columns = [weights[k] * group_advantages(per_reward[:, k], group_size, scale, eps, baseline)
+    if spec.normalization == "sum_then_normalize":
+        return group_advantages((per_reward * weights).sum(dim=1), group_size, spec)
+    columns = [weights[k] * group_advantages(per_reward[:, k], group_size, spec)
                for k in range(per_reward.shape[1])]  # K x [N]
     return torch.stack(columns, dim=1).sum(dim=1) if columns else per_reward.new_zeros(per_reward.shape[0])
 
@@ -236,7 +271,7 @@ def _rollout_log_weight(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: to
     """log pi_old / pi_sampler per token [B, T], at the requested level (masked tokens 0)."""
     _check_choice("rollout correction level", level, ROLLOUT_CORRECTION_LEVELS)
     mask = mask.bool()
-    log_w = torch.where(mask, logp.detach() - sampler_logp.detach(), torch.zeros_like(logp))  # [B, T]
+    log_w = _log_ratio(logp.detach(), sampler_logp.detach(), mask)  # [B, T]
     if level == "token":
         return log_w
     per_seq = log_w.sum(dim=1, keepdim=True)  # [B, 1] log of the product of the token ratios
@@ -268,7 +303,7 @@ def rollout_importance_weights(logp: torch.Tensor, sampler_logp: torch.Tensor, m
     mask = mask.bool()
     log_w = _rollout_log_weight(logp, sampler_logp, mask, level)  # [B, T]
     raw = torch.exp(log_w.clamp(max=80.0))  # [B, T]; a ratio of e^80 is as truncated as any
-    weights = torch.where(mask, raw.clamp(max=cap), torch.zeros_like(raw))
+    weights = _masked(raw.clamp(max=cap), mask)
     stats = _weight_stats(raw, mask)
     stats["rollout_is/truncated_frac"] = masked_mean((raw > cap).to(raw.dtype), mask)
     return weights, stats
@@ -290,11 +325,31 @@ def rollout_rejection_mask(logp: torch.Tensor, sampler_logp: torch.Tensor, mask:
     return keep, stats
 
 
+@dataclass(frozen=True)
+class CorrectionSpec:
+    """The sampler/trainer gap's correction (`rollout_correction`), checked once when built:
+    is_level / rs_level: "none" (off), "token", "sequence" or "geometric"; is_cap: the
+    importance weight's cap C (> 0); [rs_low, rs_high]: the band a kept token's weight lies in."""
+
+    is_level: str = "none"
+    is_cap: float = 2.0
+    rs_level: str = "none"
+    rs_low: float = 0.5
+    rs_high: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_choice("rollout importance-sampling level", self.is_level, ROLLOUT_CORRECTION_MODES)
+        _check_choice("rollout rejection level", self.rs_level, ROLLOUT_CORRECTION_MODES)
+        if self.is_cap <= 0:
+            raise ValueError(f"cap must be > 0, got {self.is_cap}")
+        if not 0 <= self.rs_low <= self.rs_high:
+            raise ValueError(f"need 0 <= low <= high, got {self.rs_low}, {self.rs_high}")
+
+
 def rollout_correction(logp: torch.Tensor, sampler_logp: torch.Tensor | None, mask: torch.Tensor,
-                       token_weights: torch.Tensor | None = None, *, is_level: str = "none", is_cap: float = 2.0,
-                       rs_level: str = "none", rs_low: float = 0.5, rs_high: float = 2.0,
+                       token_weights: torch.Tensor | None = None, spec: CorrectionSpec = CorrectionSpec(),
                        ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """The token weights `policy_loss` gets once the sampler/trainer gap is corrected:
+    """The token weights `policy_loss` gets once the sampler/trainer gap is corrected (`spec`):
 
         w_it = token_weights_it * min(pi_old / pi_sampler, is_cap)      (is_level != "none")
                                 * 1[rs_low <= pi_old / pi_sampler <= rs_high]  (rs_level != "none")
@@ -306,21 +361,21 @@ def rollout_correction(logp: torch.Tensor, sampler_logp: torch.Tensor | None, ma
     "rollout_is/truncated_frac" with is_level on, "rollout_rs/rejected_frac" with rs_level on.
     logp: the trainer's log pi_old [B, T]; sampler_logp: the sampler's log-probs [B, T].
     """
-    _check_choice("rollout importance-sampling level", is_level, ROLLOUT_CORRECTION_MODES)
-    _check_choice("rollout rejection level", rs_level, ROLLOUT_CORRECTION_MODES)
     stats: dict[str, torch.Tensor] = {}
-    if is_level == "none" and rs_level == "none":
+    if spec.is_level == "none" and spec.rs_level == "none":
         return token_weights, stats
     if sampler_logp is None:
         raise ValueError("rollout correction needs the sampler's log-probs (sampler_logp), got None")
     weights = mask.to(logp.dtype) if token_weights is None else token_weights.detach().to(logp.dtype)  # [B, T]
-    if is_level != "none":
-        truncated, is_stats = rollout_importance_weights(logp, sampler_logp, mask, cap=is_cap, level=is_level)
+    if spec.is_level != "none":
+        truncated, is_stats = rollout_importance_weights(logp, sampler_logp, mask, cap=spec.is_cap,
+                                                         level=spec.is_level)
         weights = weights * truncated
         stats["rollout_is/mean"] = is_stats["rollout_is/mean"]
         stats["rollout_is/truncated_frac"] = is_stats["rollout_is/truncated_frac"]
-    if rs_level != "none":
-        keep, rs_stats = rollout_rejection_mask(logp, sampler_logp, mask, low=rs_low, high=rs_high, level=rs_level)
+    if spec.rs_level != "none":
+        keep, rs_stats = rollout_rejection_mask(logp, sampler_logp, mask, low=spec.rs_low, high=spec.rs_high,
+                                                level=spec.rs_level)
         weights = weights * keep.to(weights.dtype)
         stats["rollout_rs/rejected_frac"] = rs_stats["rollout_is/rejected_frac"]
     return weights, stats
@@ -430,11 +485,11 @@ def importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Ten
     """
     _check_choice("importance level", level, IMPORTANCE_LEVELS)
     mask = mask.bool()
-    log_ratio = torch.where(mask, logp - old_logp, torch.zeros_like(logp))  # [B, T]
+    log_ratio = _log_ratio(logp, old_logp, mask)  # [B, T]
     if level == "token":
         return torch.exp(log_ratio)
     seq_log_ratio = masked_mean(log_ratio, mask, dim=1).unsqueeze(1)  # [B, 1], |o_i| clamped >= 1
-    token_logp = torch.where(mask, logp, torch.zeros_like(logp))  # [B, T]
+    token_logp = _masked(logp, mask)  # [B, T]
     return torch.exp(seq_log_ratio.detach() + token_logp - token_logp.detach())  # [B, T]
 
 
@@ -455,7 +510,7 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, 
     """
     _check_choice("loss type", loss_type, LOSS_TYPES)
     mask = mask.bool()
-    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))  # [B, T]
+    per_token = _masked(per_token, mask)  # [B, T]
     if loss_type == "grpo":
         per_sequence = per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B]
         return per_sequence.sum() / total_sequences
@@ -467,11 +522,6 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, 
         raise ValueError("loss_type 'dr_grpo' needs max_completion_length (the configured "
                          f"max new tokens) >= 1, got {max_completion_length!r}")
     return per_token.sum() / (total_sequences * max_completion_length)
-
-
-def _masked(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """logp with 0 off the mask, so whatever padding holds never reaches a sum (or a gradient)."""
-    return torch.where(mask, logp, torch.zeros_like(logp))
 
 
 def vespo_weights(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -487,7 +537,7 @@ def vespo_weights(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     """
     k_pos, lambda_pos, k_neg, lambda_neg = shape
     mask = mask.bool()
-    log_w = torch.where(mask, logp.detach() - old_logp, torch.zeros_like(logp)).sum(dim=1, keepdim=True)  # [B, 1]
+    log_w = _log_ratio(logp.detach(), old_logp, mask).sum(dim=1, keepdim=True)  # [B, 1]
     positive = advantages.detach().unsqueeze(1) >= 0  # [B, 1]
     k = torch.where(positive, log_w.new_tensor(k_pos), log_w.new_tensor(k_neg))  # [B, 1]
     lam = torch.where(positive, log_w.new_tensor(lambda_pos), log_w.new_tensor(lambda_neg))  # [B, 1]
@@ -496,53 +546,109 @@ def vespo_weights(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     return torch.exp(k * log_w + lam * (1.0 - w))  # [B, 1]
 
 
-def policy_term(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                policy_loss_type: str = "clip", eps_low: float = 0.2, eps_high: float = 0.2,
-                importance_level: str = "token", clip_ratio_c: float | None = None,
-                sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
-                vespo_shape: tuple[float, float, float, float] = VESPO_SHAPE) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-token policy term p_it [B, T] of the chosen policy_loss_type (module docstring,
+@dataclass(frozen=True)
+class LossSpec:
+    """Which loss `policy_loss` computes: the settings of the equations in the module docstring,
+    checked once, when built (the trainer builds one at set-up from the config).
+
+    Adding a variant is a field here (its check in `__post_init__`) and a branch where it
+    acts: `policy_term` (the per-token policy term), `add_kl_term` (the KL term) or
+    `aggregate_loss` (the reduction).
+
+    policy_loss_type  clip | cispo | gmpo | sapo | vespo           ("Variants")
+    eps_low/eps_high  the clip range [1 - eps_low, 1 + eps_high]   (DAPO clip-higher: eps_high 0.28)
+    importance_level  token | sequence (GSPO)
+    clip_ratio_c      the dual clip's c (> 1, clip only), None: off
+    sapo_tau_pos/neg  SAPO's gate temperatures (> 0)
+    vespo_shape       VESPO's (k_pos, lambda_pos, k_neg, lambda_neg): k >= 0, lambda > 0
+    loss_type         grpo | token_mean | dr_grpo | luspo           (AGG)
+    max_completion_length  L of dr_grpo (the configured max new tokens)
+    beta              the KL coefficient (>= 0; > 0 needs ref_logp)
+    kl_estimator      k1 | k2 | k3
+    kl_importance_weighted  k -> rho k
+    """
+
+    policy_loss_type: str = "clip"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    importance_level: str = "token"
+    clip_ratio_c: float | None = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    vespo_shape: tuple[float, float, float, float] = VESPO_SHAPE
+    loss_type: str = "grpo"
+    max_completion_length: int | None = None
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    kl_importance_weighted: bool = False
+
+    def __post_init__(self) -> None:
+        """Raise ValueError, naming the setting, where the settings disagree."""
+        _check_choice("policy loss type", self.policy_loss_type, POLICY_LOSS_TYPES)
+        _check_choice("importance level", self.importance_level, IMPORTANCE_LEVELS)
+        _check_choice("loss type", self.loss_type, LOSS_TYPES)
+        _check_choice("kl estimator", self.kl_estimator, KL_ESTIMATORS)
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.eps_low < 0 or self.eps_high < 0:
+            raise ValueError(f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
+        c = self.clip_ratio_c
+        if c is not None and (self.policy_loss_type != "clip" or not c > 1.0):
+            raise ValueError(f"clip_ratio_c (the dual clip) needs policy_loss_type 'clip' and a value > 1, "
+                             f"got {c!r} with {self.policy_loss_type!r}")
+        if self.sapo_tau_pos <= 0 or self.sapo_tau_neg <= 0:
+            raise ValueError(f"sapo temperatures must be > 0, got {self.sapo_tau_pos}, {self.sapo_tau_neg}")
+        v = self.vespo_shape
+        if len(v) != 4 or v[0] < 0 or v[2] < 0 or v[1] <= 0 or v[3] <= 0:
+            raise ValueError(f"vespo_shape (k_pos, lambda_pos, k_neg, lambda_neg) needs k >= 0 and lambda > 0, "
+                             f"got {v!r}")
+        if self.loss_type == "dr_grpo" and (self.max_completion_length is None or self.max_completion_length < 1):
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_length (the configured "
+                             f"max new tokens) >= 1, got {self.max_completion_length!r}")
+
+
+def policy_term(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token policy term p_it [B, T] of spec.policy_loss_type (module docstring,
     "Variants"), and the importance weight rho [B, T] it was built from (for statistics).
-    vespo_shape: VESPO's (k_pos, lambda_pos, k_neg, lambda_neg).
     logp (with gradient), old_logp, mask: [B, T]; advantages: [B]."""
-    _check_choice("policy loss type", policy_loss_type, POLICY_LOSS_TYPES)
     mask = mask.bool()
-    rho = importance_ratio(logp, old_logp, mask, importance_level)  # [B, T]
+    rho = importance_ratio(logp, old_logp, mask, spec.importance_level)  # [B, T]
     adv = advantages.to(rho.dtype).unsqueeze(1)  # [B, 1]
-    if policy_loss_type == "clip":
+    kind = spec.policy_loss_type
+    if kind == "clip":
         # The min picks the pessimistic term: once rho has moved past the clip range in the
         # direction the advantage pushes, the gradient is 0.
-        clipped_rho = rho.clamp(1.0 - eps_low, 1.0 + eps_high)  # [B, T]
+        clipped_rho = rho.clamp(1.0 - spec.eps_low, 1.0 + spec.eps_high)  # [B, T]
         per_token = -torch.minimum(rho * adv, clipped_rho * adv)  # [B, T]
-        if clip_ratio_c is not None:
+        if spec.clip_ratio_c is not None:
             # Dual clip: with A < 0 the term -rho A grows without bound as rho does; cap it at -c A.
-            per_token = torch.where(adv < 0, torch.minimum(per_token, -clip_ratio_c * adv), per_token)
+            per_token = torch.where(adv < 0, torch.minimum(per_token, -spec.clip_ratio_c * adv), per_token)
         return per_token, rho
-    if policy_loss_type == "cispo":
-        weight = rho.detach().clamp(1.0 - eps_low, 1.0 + eps_high)  # [B, T] constant
+    if kind == "cispo":
+        weight = rho.detach().clamp(1.0 - spec.eps_low, 1.0 + spec.eps_high)  # [B, T] constant
         return -weight * adv * _masked(logp, mask), rho
-    if policy_loss_type == "vespo":
-        return -vespo_weights(logp, old_logp, advantages, mask, vespo_shape) * adv * _masked(logp, mask), rho
-    if policy_loss_type == "sapo":
-        tau = torch.where(adv > 0, torch.full_like(adv, sapo_tau_pos), torch.full_like(adv, sapo_tau_neg))  # [B, 1]
+    if kind == "vespo":
+        phi = vespo_weights(logp, old_logp, advantages, mask, spec.vespo_shape)  # [B, 1] constant
+        return -phi * adv * _masked(logp, mask), rho
+    if kind == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(adv, spec.sapo_tau_pos),
+                          torch.full_like(adv, spec.sapo_tau_neg))  # [B, 1]
         return -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * adv, rho
     # gmpo: the geometric mean of the token ratios, each clipped in log space on the side the
     # advantage pushes (sgn(A) min(sgn(A) x, sgn(A) clip(x)) = the pessimistic of the two).
-    log_ratio = torch.where(mask, logp - old_logp, torch.zeros_like(logp))  # [B, T]
+    log_ratio = _log_ratio(logp, old_logp, mask)  # [B, T]
     sign = torch.where(adv < 0, -torch.ones_like(adv), torch.ones_like(adv))  # [B, 1]; A = 0 adds 0 anyway
-    clipped = log_ratio.clamp(-eps_low, eps_high)
+    clipped = log_ratio.clamp(-spec.eps_low, spec.eps_high)
     pessimistic = sign * torch.minimum(sign * log_ratio, sign * clipped)  # [B, T]
     seq_ratio = torch.exp(masked_mean(pessimistic, mask, dim=1)).unsqueeze(1)  # [B, 1]
     return (-adv * seq_ratio).expand_as(logp), rho
 
 
-def _check_policy_loss_args(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                            mask: torch.Tensor, *, ref_logp: torch.Tensor | None, beta: float,
-                            kl_estimator: str, eps_low: float, eps_high: float, loss_type: str,
-                            policy_loss_type: str, clip_ratio_c: float | None, sapo_tau_pos: float,
-                            sapo_tau_neg: float, vespo_shape: tuple[float, float, float, float],
-                            token_weights: torch.Tensor | None) -> None:
-    """Raise ValueError, naming the argument, where `policy_loss`'s shapes or settings disagree."""
+def _check_shapes(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                  ref_logp: torch.Tensor | None, token_weights: torch.Tensor | None, beta: float) -> None:
+    """Raise ValueError, naming the argument, where `policy_loss`'s tensors disagree in shape,
+    or the spec asks for a KL term without ref_logp."""
     if not (logp.shape == old_logp.shape == mask.shape) or logp.dim() != 2:
         raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
                          f"{tuple(mask.shape)} must share one [B, T] shape")
@@ -552,30 +658,15 @@ def _check_policy_loss_args(logp: torch.Tensor, old_logp: torch.Tensor, advantag
         raise ValueError(f"ref_logp {tuple(ref_logp.shape)} must have shape {tuple(logp.shape)}")
     if token_weights is not None and token_weights.shape != logp.shape:
         raise ValueError(f"token_weights {tuple(token_weights.shape)} must have shape {tuple(logp.shape)}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probabilities)")
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
-    if clip_ratio_c is not None and (policy_loss_type != "clip" or not clip_ratio_c > 1.0):
-        raise ValueError(f"clip_ratio_c (the dual clip) needs policy_loss_type 'clip' and a value > 1, "
-                         f"got {clip_ratio_c!r} with {policy_loss_type!r}")
-    if sapo_tau_pos <= 0 or sapo_tau_neg <= 0:
-        raise ValueError(f"sapo temperatures must be > 0, got {sapo_tau_pos}, {sapo_tau_neg}")
-    if len(vespo_shape) != 4 or vespo_shape[0] < 0 or vespo_shape[2] < 0 or vespo_shape[1] <= 0 or vespo_shape[3] <= 0:
-        raise ValueError(f"vespo_shape (k_pos, lambda_pos, k_neg, lambda_neg) needs k >= 0 and lambda > 0, "
-                         f"got {vespo_shape!r}")
-    _check_choice("kl estimator", kl_estimator, KL_ESTIMATORS)
-    _check_choice("loss type", loss_type, LOSS_TYPES)
 
 
 def masked_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str) -> torch.Tensor:
     """The per-token KL estimate k_it [B, T] to the reference (`kl_penalty`), 0 at masked positions.
     logp, ref_logp: [B, T]; mask: [B, T] bool."""
     # Masked positions get d = 0 (so k = 0): whatever padding holds never reaches exp.
-    zero = torch.zeros_like(logp)
-    return kl_penalty(torch.where(mask, logp, zero), torch.where(mask, ref_logp, zero), estimator)  # [B, T]
+    return kl_penalty(_masked(logp, mask), _masked(ref_logp, mask), estimator)  # [B, T]
 
 
 def add_kl_term(per_token: torch.Tensor, kl: torch.Tensor, logp: torch.Tensor, old_logp: torch.Tensor,
@@ -583,20 +674,21 @@ def add_kl_term(per_token: torch.Tensor, kl: torch.Tensor, logp: torch.Tensor, o
     """per_token + beta * k, or with importance_weighted per_token + beta * rho * k, where rho is
     the token ratio exp(logp - old_logp) (with gradient; 1 at masked positions). All [B, T]."""
     if importance_weighted:
-        token_rho = torch.exp(torch.where(mask, logp - old_logp, torch.zeros_like(logp)))  # [B, T], with gradient
+        token_rho = torch.exp(_log_ratio(logp, old_logp, mask))  # [B, T], with gradient
         return per_token + beta * token_rho * kl
     return per_token + beta * kl
 
 
 @torch.no_grad()
-def policy_loss_stats(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, *,
-                      eps_low: float, eps_high: float, clip_ratio_c: float | None) -> dict[str, torch.Tensor]:
+def policy_loss_stats(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None,
+                      spec: LossSpec) -> dict[str, torch.Tensor]:
     """`policy_loss`'s statistics (its docstring names them): detached scalars over the unmasked
     tokens. rho, mask (bool), kl: [B, T]; advantages: [B]."""
     adv = advantages.to(rho.dtype).unsqueeze(1)  # [B, 1]
-    low = (rho < 1.0 - eps_low) & (adv < 0)  # [B, T]
-    high = (rho > 1.0 + eps_high) & (adv > 0)  # [B, T]
-    dual = (rho > clip_ratio_c) & (adv < 0) if clip_ratio_c is not None else torch.zeros_like(low)
+    low = (rho < 1.0 - spec.eps_low) & (adv < 0)  # [B, T]
+    high = (rho > 1.0 + spec.eps_high) & (adv > 0)  # [B, T]
+    c = spec.clip_ratio_c
+    dual = (rho > c) & (adv < 0) if c is not None else torch.zeros_like(low)
     stats = {
         "kl": masked_mean(kl, mask) if kl is not None else rho.new_zeros(()),
         "ratio_mean": masked_mean(rho, mask),
@@ -609,41 +701,22 @@ def policy_loss_stats(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.T
     return {k: v.detach() for k, v in stats.items()}
 
 
-def policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    importance_level: str = "token",
-    loss_type: str = "grpo",
-    max_completion_length: int | None = None,
-    total_sequences: float | None = None,
-    total_tokens: float | None = None,
-    policy_loss_type: str = "clip",
-    clip_ratio_c: float | None = None,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
-    vespo_shape: tuple[float, float, float, float] = VESPO_SHAPE,
-    token_weights: torch.Tensor | None = None,
-    kl_importance_weighted: bool = False,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                spec: LossSpec = LossSpec(), *, ref_logp: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None, total_sequences: float | None = None,
+                total_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the GRPO loss, and its statistics.
 
         l_it = w_it p_it + beta * k_it,   p_it = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i)
 
-    for policy_loss_type "clip"; the other types (cispo, gmpo, sapo, vespo), the dual clip
-    (clip_ratio_c, > 1), token_weights w (constant, [B, T]; 1 when None) and
-    kl_importance_weighted (k -> rho k) are in the module docstring, "Variants".
+    for policy_loss_type "clip"; `spec` (a `LossSpec`) chooses the variant: the other policy
+    terms (cispo, gmpo, sapo, vespo), the dual clip, the KL estimator and its weighting,
+    the aggregation (module docstring, "Variants"). token_weights w (constant, [B, T]; 1 when
+    None): the high-entropy selection and the rollout correction.
     p and rho from `policy_term` (rho token level, or GSPO's sequence level), k from
     `masked_kl`, beta * k from `add_kl_term`, the reduction from `aggregate_loss`, the
-    statistics from `policy_loss_stats`. total_sequences / total_tokens
-    default to this call's own counts (B and mask.sum()): right only when the call
+    statistics from `policy_loss_stats`. total_sequences / total_tokens (the whole optimizer
+    batch's) default to this call's own counts (B and mask.sum()): right only when the call
     sees the whole optimizer batch.
 
     logp (with gradient), old_logp, ref_logp, mask: [B, T]; advantages: [B].
@@ -653,34 +726,25 @@ def policy_loss(
     "clip_ratio/region_mean" (either), "clip_ratio/dual_mean" (rho > c with A < 0: the dual
     clip holds), and "tokens" (the count, to weight means across calls).
     """
-    _check_policy_loss_args(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta,
-                            kl_estimator=kl_estimator, eps_low=eps_low, eps_high=eps_high, loss_type=loss_type,
-                            policy_loss_type=policy_loss_type, clip_ratio_c=clip_ratio_c,
-                            sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, vespo_shape=vespo_shape,
-                            token_weights=token_weights)
+    _check_shapes(logp, old_logp, advantages, mask, ref_logp, token_weights, spec.beta)
     mask = mask.bool()
 
-    per_token, rho = policy_term(logp, old_logp, advantages, mask, policy_loss_type=policy_loss_type,
-                                 eps_low=eps_low, eps_high=eps_high, importance_level=importance_level,
-                                 clip_ratio_c=clip_ratio_c, sapo_tau_pos=sapo_tau_pos,
-                                 sapo_tau_neg=sapo_tau_neg, vespo_shape=vespo_shape)  # [B, T], [B, T]
+    per_token, rho = policy_term(logp, old_logp, advantages, mask, spec)  # [B, T], [B, T]
     if token_weights is not None:
         per_token = per_token * token_weights.detach().to(per_token.dtype)
 
     # KL to the reference, per token inside the loss (not in the reward).
-    kl = masked_kl(logp, ref_logp, mask, kl_estimator) if ref_logp is not None else None  # [B, T]
-    if kl is not None and beta > 0:
-        per_token = add_kl_term(per_token, kl, logp, old_logp, mask, beta,
-                                importance_weighted=kl_importance_weighted)
+    kl = masked_kl(logp, ref_logp, mask, spec.kl_estimator) if ref_logp is not None else None  # [B, T]
+    if kl is not None and spec.beta > 0:
+        per_token = add_kl_term(per_token, kl, logp, old_logp, mask, spec.beta,
+                                importance_weighted=spec.kl_importance_weighted)
 
     if total_sequences is None:
         total_sequences = logp.shape[0]
     if total_tokens is None:
         total_tokens = mask.sum()
-    loss = aggregate_loss(per_token, mask, loss_type,
+    loss = aggregate_loss(per_token, mask, spec.loss_type,
                           total_sequences=max(float(total_sequences), 1.0),
                           total_tokens=max(float(total_tokens), 1.0),
-                          max_completion_length=max_completion_length)
-    stats = policy_loss_stats(rho, advantages, mask, kl, eps_low=eps_low, eps_high=eps_high,
-                              clip_ratio_c=clip_ratio_c)
-    return loss, stats
+                          max_completion_length=spec.max_completion_length)
+    return loss, policy_loss_stats(rho, advantages, mask, kl, spec)

@@ -42,6 +42,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -575,11 +576,12 @@ def _options(with_frozen: bool) -> StateDictOptions | None:
 
 
 def load_training_state(path: str | Path, model, optimizer, *, rank: int, extra_models: dict | None = None,
-                    with_frozen: bool = True, verify: bool = True) -> tuple[dict, dict]:
+                    with_frozen: bool | Callable[[int], bool] = True, verify: bool = True) -> tuple[dict, dict]:
     """Load model, optimizer (and ``extra_models``) in place; return (trainer_state, this rank's state).
 
     The run must have as many ranks as the one that saved it: data positions and RNG
-    states are per rank. ``with_frozen``: as given to ``save_training_state``. ``verify=False``
+    states are per rank. ``with_frozen``: as given to ``save_training_state``, or a function of the
+    saved step that says what it was then. ``verify=False``
     skips the manifest check when the caller has just done it (``resolve_resume``).
     Everything that could be refused is read before the model or optimizer changes: the
     manifest check, this rank's state, the metadata and the non-tensor values. (A tensor
@@ -595,6 +597,8 @@ def load_training_state(path: str | Path, model, optimizer, *, rank: int, extra_
         raise ResumeError(f"{path / COMPLETE} cannot be read ({_first_line(err)})") from None
     if not isinstance(trainer_state, dict) or type(trainer_state.get("step")) is not int:
         raise ResumeError(f"{path / COMPLETE} has no step")
+    if callable(with_frozen):
+        with_frozen = with_frozen(trainer_state["step"])
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     saved_world = trainer_state.get("world_size", world)
     if saved_world != world:  # said by every rank alike, before any of them waits in a collective

@@ -31,6 +31,7 @@ from data.prompts import TEMPLATES
 from data.synthetic import DIFFICULTY_CHOICES
 from grpo.algorithm import (ADVANTAGE_BASELINES, ADVANTAGE_SCALES, IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES,
                             POLICY_LOSS_TYPES, REWARD_NORMALIZATIONS, ROLLOUT_CORRECTION_MODES)
+from grpo.algorithm import AdvantageSpec, CorrectionSpec, LossSpec
 
 
 class ConfigError(ValueError):
@@ -616,3 +617,31 @@ def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved configuration (defaults filled in) as YAML."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- the math's settings, resolved once
+
+
+def loss_spec(config: Config) -> LossSpec:
+    """The loss the algorithm section asks for (``grpo.algorithm.LossSpec``), built once at set-up."""
+    a = config.algorithm
+    return LossSpec(policy_loss_type=a.policy_loss_type, eps_low=a.eps_low, eps_high=a.eps_high,
+                    importance_level=a.importance_level, clip_ratio_c=a.clip_ratio_c or None,
+                    sapo_tau_pos=a.sapo_tau_pos, sapo_tau_neg=a.sapo_tau_neg,
+                    vespo_shape=(a.vespo_k_pos, a.vespo_lambda_pos, a.vespo_k_neg, a.vespo_lambda_neg),
+                    loss_type=a.loss_type, max_completion_length=config.rollout.max_new_tokens,
+                    beta=a.beta, kl_estimator=a.kl_estimator, kl_importance_weighted=a.kl_importance_weighted)
+
+
+def advantage_spec(config: Config) -> AdvantageSpec:
+    """How the algorithm section turns rewards into advantages (``grpo.algorithm.AdvantageSpec``)."""
+    a = config.algorithm
+    return AdvantageSpec(scale=a.advantage_scale, baseline=a.advantage_baseline, eps=a.advantage_eps,
+                         normalization=a.reward_normalization, flip_sign=a.flip_advantage_sign)
+
+
+def correction_spec(config: Config) -> CorrectionSpec:
+    """The sampler/trainer gap's correction the algorithm section asks for (``grpo.algorithm.CorrectionSpec``)."""
+    a = config.algorithm
+    return CorrectionSpec(is_level=a.rollout_is_level, is_cap=a.rollout_is_cap, rs_level=a.rollout_rs_level,
+                          rs_low=a.rollout_rs_low, rs_high=a.rollout_rs_high)

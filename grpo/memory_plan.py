@@ -16,7 +16,8 @@ What is counted (bytes per GPU), as the trainer does it:
                  with cpu_offload), else model.dtype; LoRA adapters are fp32
     gradients    one per trainable parameter, in its stored dtype (sharded under FSDP2)
     optimizer    AdamW: 2 states per trainable parameter, in its stored dtype
-    reference    a frozen copy when beta > 0 without LoRA (with LoRA: none, adapters off)
+    reference    a frozen copy when beta > 0 without LoRA (with LoRA: none, adapters off;
+                 grpo.reference.reference_kind decides)
     rollout      under FSDP2 the full weights gathered in the compute dtype (gathered_params),
                  the KV cache of generation_batch_prompts x G rows of P + T positions, the
                  [rows, V] fp32 logits of one decoding step (with top-p's sort)
@@ -41,6 +42,7 @@ import torch
 import yaml
 
 from grpo.config import Config, ConfigError
+from grpo.reference import reference_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH_7B = ROOT / "configs" / "qwen2_audio_7b_random.yaml"
@@ -287,7 +289,7 @@ def persistent_bytes(cfg: Config, n: dict, x: Layout) -> dict:
         "weights (policy)": x.on_gpu * (frozen * x.stored + x.train_bytes) / x.shard,
         "optimizer state (AdamW: 2 per trainable)": x.on_gpu * 2 * x.train_bytes / x.shard,
     }
-    if cfg.algorithm.name == "grpo" and cfg.algorithm.beta > 0 and not cfg.lora.enabled:
+    if reference_kind(cfg) == "copy":
         persistent["reference copy"] = x.on_gpu * n["total"] * x.stored / x.shard
     else:
         persistent["reference copy"] = 0.0
@@ -357,7 +359,7 @@ def plan_notes(cfg: Config, n: dict, x: Layout, described: str, prompt_tokens: i
     if x.offload:
         notes.append("cpu_offload: weights, gradients and optimizer state live in host memory "
                      f"({(n['total'] * 4 + 3 * x.train_bytes) / x.shard / GB:.1f} GB per rank)")
-    if cfg.lora.enabled and cfg.algorithm.beta > 0 and cfg.algorithm.name == "grpo":
+    if reference_kind(cfg) == "adapters_off":
         notes.append("reference = the same weights with the adapters off: no copy")
     return notes
 

@@ -49,25 +49,26 @@ class RunLog:
             with os.fdopen(fd, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def progress_bar(self, step: int, warmup_steps: int, total_steps: int):
+    def progress_bar(self, step: int, format_warmup_steps: int, total_steps: int):
         """Rank 0's bar for the current phase (the format warm-up, then GRPO or SFT), or None."""
         if not (self.is_main and self.cfg.logging.progress_bar):
             return None
         from tqdm import tqdm
 
-        if step < warmup_steps:
-            return tqdm(total=warmup_steps, initial=step, desc="format warm-up", dynamic_ncols=True)
+        if step < format_warmup_steps:
+            return tqdm(total=format_warmup_steps, initial=step, desc="format warm-up", dynamic_ncols=True)
         name = "SFT" if self.cfg.algorithm.name == "sft" else "GRPO"
-        return tqdm(total=total_steps - warmup_steps, initial=step - warmup_steps, desc=name, dynamic_ncols=True)
+        return tqdm(total=total_steps - format_warmup_steps, initial=step - format_warmup_steps, desc=name,
+                    dynamic_ncols=True)
 
-    def advance(self, bar, step: int, warmup_steps: int, total_steps: int, metrics: dict):
+    def advance(self, bar, step: int, format_warmup_steps: int, total_steps: int, metrics: dict):
         """The bar one step on, showing the main metrics; a new bar when GRPO starts."""
         if bar is None:
             return None
         bar.update(1)
-        if step == warmup_steps < total_steps:  # GRPO's steps take longer: its own ETA
+        if step == format_warmup_steps < total_steps:  # GRPO's steps take longer: its own ETA
             bar.close()
-            bar = self.progress_bar(step, warmup_steps, total_steps)
+            bar = self.progress_bar(step, format_warmup_steps, total_steps)
         shown = ("train/reward", "train/kl", "train/loss", "eval/greedy_accuracy")
         bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in shown if k in metrics})
         return bar

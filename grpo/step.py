@@ -26,23 +26,30 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from data.datasets import Sample
-from grpo.algorithm import (completion_mask, entropy_threshold, follow_policy_, high_entropy_mask,
-                            multi_reward_advantages, policy_loss, rollout_correction)
+from grpo.algorithm import (AdvantageSpec, CorrectionSpec, LossSpec, completion_mask, entropy_threshold,
+                            high_entropy_mask, multi_reward_advantages, policy_loss, rollout_correction)
+from grpo.reference import NoReference
 from grpo.rewards import compute_rewards, soft_overlong_punishment
 from grpo.rollout import (completion_seeds, decode_completions, pad_right, prompt_batch, sample_completions,
                           select_prompts, slice_prompts)
 from models.collectives import all_gather, all_reduce
 from models.distributed import gathered_params
-from models.lora import adapters_disabled, merge_adapters_
 from models.policy import policy_logprobs
+
+if TYPE_CHECKING:  # the types of StepContext's fields
+    from transformers import ProcessorMixin
+
+    from grpo.config import Config
+    from grpo.rollout import SamplingSettings
+    from grpo.stream import PromptStream
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +58,22 @@ logger = logging.getLogger(__name__)
 class StepContext:
     """What one step reads and acts on. The trainer builds one per step; tests and the
     benchmark build their own. ``logprobs`` and ``rounds_from`` are the pieces the benchmark
-    swaps (a naive log-prob pass; its fixed prompts sampled the naive way); everything else is
-    the run's state."""
+    swaps (a naive log-prob pass; its fixed prompts sampled the naive way) so that it times
+    this same code: two fields with the production pieces as defaults are a smaller seam than
+    patching the module's globals; everything else is the run's state."""
 
-    cfg: object  # grpo.config.Config
+    cfg: Config  # the step reads rollout, algorithm (beyond the specs), optimizer, data.prompt_template, run.seed
     model: torch.nn.Module  # the policy pi_theta
-    reference: torch.nn.Module | None  # a frozen pi_ref, or None (beta = 0, or LoRA: the adapters off)
+    reference: NoReference  # pi_ref (grpo.reference: none, a frozen copy, or the policy with its adapters off)
     optimizer: torch.optim.Optimizer
-    processor: object  # the checkpoint's processor (tokenizer + feature extractor)
-    sampling: object  # grpo.rollout.SamplingSettings
-    stream: object  # grpo.stream.PromptStream: this rank's questions
+    processor: ProcessorMixin  # the checkpoint's processor (tokenizer + feature extractor)
+    sampling: SamplingSettings
+    stream: PromptStream | None  # this rank's questions (None: the benchmark's rounds_from supplies them)
     device: torch.device
     total_updates: int  # optimizer updates of the whole run (the learning-rate schedule's length)
+    loss: LossSpec  # the loss (grpo.config.loss_spec: resolved once at set-up)
+    advantage: AdvantageSpec  # rewards -> advantages (grpo.config.advantage_spec)
+    correction: CorrectionSpec  # the sampler/trainer gap's correction (grpo.config.correction_spec)
     rank: int = 0
     world: int = 1
     fsdp: bool = False  # the model is sharded: generation gathers it, ranks decode in lockstep
@@ -182,7 +193,8 @@ def rollout(ctx: StepContext, step: int) -> tuple[Trajectory, RolloutRecord]:
     names = list(batch.per_reward)
     per_reward = torch.tensor([batch.per_reward[k] for k in names], dtype=torch.float32)  # [K, N]
     all_per_reward = all_gather(per_reward.reshape(len(names), len(batch.texts)).T.contiguous())  # [W*N, K]
-    advantages = group_advantages(a, G, all_rewards, all_per_reward, names, ctx.rank, ctx.world)  # [N]
+    weights = torch.tensor([a.overlong_penalty if k == "overlong" else a.rewards[k] for k in names])  # [K]
+    advantages = batch_advantages(ctx.advantage, G, all_rewards, all_per_reward, weights, ctx.rank, ctx.world)  # [N]
 
     # 5. log pi_old (mu > 1: the ratio's denominator; with top-entropy tokens, their entropies) and log pi_ref
     t1 = time.perf_counter()
@@ -195,7 +207,7 @@ def rollout(ctx: StepContext, step: int) -> tuple[Trajectory, RolloutRecord]:
     elif a.mu > 1:
         old_logp = ctx.logprobs(ctx.model, batch.prompts, ids, **passes)  # [N, T]
     t_old = time.perf_counter() - t1
-    with reference_policy(ctx) as reference:  # None when beta = 0: no KL term
+    with ctx.reference.policy() as reference:  # None when beta = 0: no KL term
         ref_logp = None if reference is None else ctx.logprobs(reference, batch.prompts, ids, **passes)  # [N, T]
     t_ref = time.perf_counter() - t1 - t_old
     ctx.model.train()
@@ -210,7 +222,7 @@ def rollout(ctx: StepContext, step: int) -> tuple[Trajectory, RolloutRecord]:
 def policy_update(ctx: StepContext, counters: Counters, traj: Trajectory) -> UpdateRecord:
     """Stages 6-7: mu passes over the batch; in each, micro-batch by micro-batch, log pi_theta,
     the loss (this micro-batch's share of the whole batch's), backward; then one optimizer step."""
-    cfg, a, G = ctx.cfg, ctx.cfg.algorithm, ctx.cfg.rollout.group_size
+    a, G = ctx.cfg.algorithm, ctx.cfg.rollout.group_size
     B = len(traj.samples)
     t0 = time.perf_counter()
     sums: dict[str, float] = {}  # token-weighted statistics of all passes, this rank
@@ -232,20 +244,11 @@ def policy_update(ctx: StepContext, counters: Counters, traj: Trajectory) -> Upd
             sampler = traj.sampler_logp[rows, :width] if traj.sampler_logp is not None else None
             if k == 0 and sampler is not None and mask.any():
                 add_sampler_gap(gap, sampler, old, mask)
-            weights, correction = rollout_correction(  # the sampler/trainer gap, off unless configured
-                old, sampler, mask, weights, is_level=a.rollout_is_level, is_cap=a.rollout_is_cap,
-                rs_level=a.rollout_rs_level, rs_low=a.rollout_rs_low, rs_high=a.rollout_rs_high)
-            loss, stats = policy_loss(
-                logp, old, traj.advantages[rows], mask, ref_logp=ref, beta=a.beta if ref is not None else 0.0,
-                kl_estimator=a.kl_estimator, eps_low=a.eps_low, eps_high=a.eps_high,
-                importance_level=a.importance_level, loss_type=a.loss_type,
-                max_completion_length=cfg.rollout.max_new_tokens,
-                total_sequences=B * G * ctx.world, total_tokens=traj.total_tokens,
-                policy_loss_type=a.policy_loss_type, clip_ratio_c=a.clip_ratio_c or None,
-                sapo_tau_pos=a.sapo_tau_pos, sapo_tau_neg=a.sapo_tau_neg, token_weights=weights,
-                vespo_shape=(a.vespo_k_pos, a.vespo_lambda_pos, a.vespo_k_neg, a.vespo_lambda_neg),
-                kl_importance_weighted=a.kl_importance_weighted,
-            )
+            # the sampler/trainer gap, off unless configured
+            weights, correction = rollout_correction(old, sampler, mask, weights, ctx.correction)
+            loss, stats = policy_loss(logp, old, traj.advantages[rows], mask, ctx.loss, ref_logp=ref,
+                                      token_weights=weights, total_sequences=B * G * ctx.world,
+                                      total_tokens=traj.total_tokens)
             stats.update(correction)  # logged as train/rollout_is/..., train/rollout_rs/...
             # FSDP averages gradients over ranks; the share times world_size makes it a sum
             (loss * ctx.world).backward()
@@ -361,21 +364,18 @@ def loss_mask(ids: torch.Tensor, end_ids: list[int], mask_truncated: bool
     return mask, lengths, ended
 
 
-def group_advantages(a, G: int, all_rewards: torch.Tensor, all_per_reward: torch.Tensor, names: list[str],
-                     rank: int = 0, world: int = 1) -> torch.Tensor:
-    """This rank's slice [N] of the advantages of the global batch's total rewards [W*N] (each
-    reward alone [W*N, K], K = names), under the config's algorithm section ``a``: the sum
-    then normalised, or each reward normalised in its group then summed (``reward_normalization``);
-    the mean or leave-one-out baseline; the sign flipped for the control experiment."""
-    weights = torch.tensor([a.overlong_penalty if k == "overlong" else a.rewards[k] for k in names])  # [K]
-    if a.reward_normalization == "sum_then_normalize":  # the totals, as summed by compute_rewards
+def batch_advantages(spec: AdvantageSpec, G: int, all_rewards: torch.Tensor, all_per_reward: torch.Tensor,
+                     weights: torch.Tensor, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's slice [N] of the advantages of the global batch, from its total rewards [W*N]
+    and each reward alone [W*N, K] with its weight [K]: the sum then normalised, or each reward
+    normalised in its group then summed (``spec.normalization``); the sign flipped for the
+    control experiment (``spec.flip_sign``)."""
+    if spec.normalization == "sum_then_normalize":  # the totals, as summed by compute_rewards
         all_per_reward, weights = all_rewards[:, None], torch.ones(1)
-    advantages = multi_reward_advantages(all_per_reward, weights, G, a.reward_normalization,
-                                         scale=a.advantage_scale, eps=a.advantage_eps,
-                                         baseline=a.advantage_baseline)  # [W*N]
+    advantages = multi_reward_advantages(all_per_reward, weights, G, spec)  # [W*N]
     n_local = all_rewards.numel() // world
     advantages = advantages[rank * n_local : (rank + 1) * n_local]
-    return -advantages if a.flip_advantage_sign else advantages
+    return -advantages if spec.flip_sign else advantages
 
 
 def micro_batches(n_prompts: int, per_micro_batch: int) -> list[tuple[int, int]]:
@@ -398,20 +398,6 @@ def agreed_widths(mask: torch.Tensor, row_ranges: list[tuple[int, int]], device:
     local = [int(mask[lo:hi].any(dim=0).nonzero().max().item()) + 1 if mask[lo:hi].any() else 1
              for lo, hi in row_ranges]
     return [int(w) for w in all_reduce(torch.tensor(local), device, "max").tolist()]
-
-
-@contextmanager
-def reference_policy(ctx: StepContext) -> Iterator[torch.nn.Module | None]:
-    """pi_ref as a model, inside the block: the frozen copy loaded at start (refreshed after the
-    format warm-up), or with LoRA the policy itself with its adapters switched off; None when
-    beta = 0 (no KL term, no reference pass)."""
-    if ctx.reference is not None:
-        yield ctx.reference
-    elif ctx.cfg.lora.enabled and ctx.cfg.algorithm.beta > 0:
-        with adapters_disabled(ctx.model):
-            yield ctx.model
-    else:
-        yield None
 
 
 def high_entropy_weights(entropy: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -460,31 +446,3 @@ def lr_at(update: int, total_updates: int, cfg) -> float:
         return cfg.lr * max(0.0, 1.0 - progress)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # cosine
 
-
-@torch.no_grad()
-def snapshot_reference(ctx: StepContext) -> None:
-    """pi_ref <- pi_theta (after the format warm-up: the KL anchors GRPO to the model that
-    formats, as R1-AQA's reference is the instruction-tuned model it starts from).
-
-    With LoRA the warm-up's adapters are merged into the base weights and fresh adapters
-    start (B = 0): the model computes the same, and "adapters off" (the reference) is
-    now the warmed-up model; GRPO's adapters start again from B A = 0.
-    """
-    if ctx.cfg.lora.enabled:
-        merge_adapters_(ctx.model, seed=ctx.cfg.run.seed)
-        return
-    for ref_p, p in zip(ctx.reference.parameters(), ctx.model.parameters()):
-        ref_p.copy_(p)
-
-
-@torch.no_grad()
-def sync_reference(ctx: StepContext) -> None:
-    """The reference follows the policy (``follow_policy_``): pi_ref <- alpha pi_theta +
-    (1 - alpha) pi_ref. With LoRA the adapters are merged into the base and start again
-    (alpha is 1): "adapters off" is then the current policy; their AdamW moments, which
-    belonged to the merged adapters, are cleared."""
-    if ctx.cfg.lora.enabled:
-        merge_adapters_(ctx.model, seed=ctx.cfg.run.seed)
-        ctx.optimizer.state.clear()
-        return
-    follow_policy_(ctx.reference.parameters(), ctx.model.parameters(), ctx.cfg.algorithm.ref_sync_alpha)

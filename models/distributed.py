@@ -4,8 +4,8 @@ The trainer runs one process per device (``torchrun --nproc_per_node N train.py`
 ``python train.py`` for a single process). This module owns everything that depends on that:
 
 - ``init_distributed()`` / ``cleanup()``: the process group, from torchrun's environment.
-- ``shard_model(model)``: FSDP2 (``torch.distributed.fsdp.fully_shard``) over Qwen2-Audio,
-  one FSDP unit per encoder layer and per decoder layer, plus one per module that
+- ``shard_model(model)``: FSDP2 (``torch.distributed.fsdp.fully_shard``) over either family
+  (Qwen2-Audio, Qwen2.5-Omni's thinker), one FSDP unit per encoder layer and per decoder layer, plus one per module that
   ``models.policy`` calls directly (it never calls ``model.forward``). The same call with
   ``frozen=True`` shards the frozen reference policy.
 - ``gathered_params(model)``: keep all parameters unsharded for a rollout phase, so that
@@ -419,7 +419,7 @@ def shard_model(
            module runs forward first (the policy never calls the root's forward).
 
     Args:
-        model: a ``Qwen2AudioForConditionalGeneration`` (any device; FSDP moves the shards
+        model: a ``Qwen2AudioForConditionalGeneration`` or a Qwen2.5-Omni thinker (any device; FSDP moves the shards
             to the mesh's device, or keeps them on the CPU with ``cpu_offload``).
         device: the device to shard onto (only its type matters: each rank uses its current
             CUDA device); default: CUDA under NCCL, else the CPU.

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from grpo.algorithm import (
+    AdvantageSpec,
+    LossSpec,
     completion_mask,
     group_advantages,
     kl_penalty,
@@ -164,12 +166,12 @@ def test_policy_loss_matches_naive_reference(scale, estimator, level, loss_type,
     options = dict(beta=beta, kl_estimator=estimator, eps_low=eps[0], eps_high=eps[1],
                    importance_level=level, loss_type=loss_type, max_completion_length=MAX_LEN)
 
-    adv_fast = group_advantages(rewards, G, scale=scale)
+    adv_fast = group_advantages(rewards, G, AdvantageSpec(scale=scale))
     adv_naive = naive_advantages(rewards.tolist(), G, scale)
     assert adv_fast.tolist() == pytest.approx(adv_naive, rel=1e-12, abs=1e-12)
 
     leaf_fast = logp.clone().requires_grad_(True)
-    loss_fast, stats_fast = policy_loss(leaf_fast, old_logp, adv_fast, mask, ref_logp=ref_logp, **options)
+    loss_fast, stats_fast = policy_loss(leaf_fast, old_logp, adv_fast, mask, LossSpec(**options), ref_logp=ref_logp)
     loss_fast.backward()
 
     leaf_naive = logp.clone().requires_grad_(True)
@@ -201,13 +203,13 @@ def test_advantages_hand_computed():
     # one group [1, 0, 0, 0]: mean 1/4, Bessel variance (9/16 + 3/16) / 3 = 1/4, std 1/2
     a = group_advantages(torch.tensor([1.0, 0, 0, 0]), 4)
     assert a.tolist() == pytest.approx([0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001])
-    a = group_advantages(torch.tensor([1.0, 0, 0, 0]), 4, scale="none")
+    a = group_advantages(torch.tensor([1.0, 0, 0, 0]), 4, AdvantageSpec(scale="none"))
     assert a.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
-    a = group_advantages(torch.tensor([1.0, 0, 0, 0]), 4, eps=0.0)
+    a = group_advantages(torch.tensor([1.0, 0, 0, 0]), 4, AdvantageSpec(eps=0.0))
     assert a.tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5])
     # two groups [1, 1, 0, 0] [2, 0, 0, 0] with scale "batch": centred per group, one std
     # for all 8 values: mean 1/2, squared deviations 7 * 1/4 + 9/4 = 4, Bessel std sqrt(4/7)
-    a = group_advantages(torch.tensor([1.0, 1, 0, 0, 2, 0, 0, 0]), 4, scale="batch", eps=0.0)
+    a = group_advantages(torch.tensor([1.0, 1, 0, 0, 2, 0, 0, 0]), 4, AdvantageSpec(scale="batch", eps=0.0))
     std = math.sqrt(4 / 7)
     expected = [0.5, 0.5, -0.5, -0.5, 1.5, -0.5, -0.5, -0.5]
     assert a.tolist() == pytest.approx([x / std for x in expected])
@@ -216,34 +218,35 @@ def test_advantages_hand_computed():
 @pytest.mark.parametrize("scale", SCALES)
 def test_all_equal_group_has_zero_advantage(scale):
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])  # group 0 all equal, group 1 not
-    a = group_advantages(rewards, 3, scale=scale)
+    a = group_advantages(rewards, 3, AdvantageSpec(scale=scale))
     assert a[:3].tolist() == [0.0, 0.0, 0.0]
     assert a[3:].abs().sum() > 0
 
 
 @pytest.mark.parametrize("scale", SCALES)
 def test_group_size_one_gives_zero_advantage(scale):
-    a = group_advantages(torch.tensor([0.0, 1.0, 3.0]), 1, scale=scale)
+    a = group_advantages(torch.tensor([0.0, 1.0, 3.0]), 1, AdvantageSpec(scale=scale))
     assert a.tolist() == [0.0, 0.0, 0.0]
-    assert group_advantages(torch.tensor([2.0]), 1, scale=scale).tolist() == [0.0]
+    assert group_advantages(torch.tensor([2.0]), 1, AdvantageSpec(scale=scale)).tolist() == [0.0]
 
 
 @pytest.mark.parametrize("scale,group_size", list(product(SCALES, (2, 3, 6))))
 def test_advantages_match_naive_on_random_rewards(scale, group_size):
     rewards = torch.randn(12, generator=torch.Generator().manual_seed(group_size), dtype=DTYPE)
     expected = naive_advantages(rewards.tolist(), group_size, scale)
-    assert group_advantages(rewards, group_size, scale=scale).tolist() == pytest.approx(expected, rel=1e-12)
+    got = group_advantages(rewards, group_size, AdvantageSpec(scale=scale))
+    assert got.tolist() == pytest.approx(expected, rel=1e-12)
 
 
 def test_integer_rewards_are_accepted():
-    assert group_advantages(torch.tensor([1, 0]), 2, scale="none").tolist() == [0.5, -0.5]
+    assert group_advantages(torch.tensor([1, 0]), 2, AdvantageSpec(scale="none")).tolist() == [0.5, -0.5]
 
 
 def test_advantages_bad_arguments():
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(torch.zeros(6), 4)
     with pytest.raises(ValueError, match="scale"):
-        group_advantages(torch.zeros(4), 2, scale="global")
+        group_advantages(torch.zeros(4), 2, AdvantageSpec(scale="global"))
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(torch.zeros(4), 0)
     with pytest.raises(ValueError, match="1-D"):
@@ -258,7 +261,7 @@ def test_advantages_bad_arguments():
 def one_token_grad(rho: float, advantage: float, eps_low=0.2, eps_high=0.2):
     logp = torch.tensor([[math.log(rho)]], dtype=DTYPE, requires_grad=True)
     loss, stats = policy_loss(logp, torch.zeros(1, 1, dtype=DTYPE), torch.tensor([advantage], dtype=DTYPE),
-                              torch.ones(1, 1, dtype=torch.bool), eps_low=eps_low, eps_high=eps_high)
+                              torch.ones(1, 1, dtype=torch.bool), LossSpec(eps_low=eps_low, eps_high=eps_high))
     loss.backward()
     return loss.item(), logp.grad.item(), stats
 
@@ -324,8 +327,8 @@ def test_on_policy_gradient_is_the_closed_form(level, loss_type):
     advantages = group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 0], dtype=DTYPE), G)
 
     logp = torch.log_softmax(x @ W.T, dim=-1).gather(-1, ids[..., None]).squeeze(-1)  # [B, T]
-    loss, stats = policy_loss(logp, logp.detach(), advantages, mask, importance_level=level,
-                              loss_type=loss_type, max_completion_length=MAX_LEN)
+    loss, stats = policy_loss(logp, logp.detach(), advantages, mask,
+                              LossSpec(importance_level=level, loss_type=loss_type, max_completion_length=MAX_LEN))
     loss.backward()
 
     probs = torch.softmax(x @ W.detach().T, dim=-1)  # [B, T, V]
@@ -395,8 +398,8 @@ def test_k3_is_never_negative(dtype):
 def test_kl_enters_the_loss_and_stats():
     logp, old_logp, ref_logp, rewards, mask = random_batch(3)
     advantages = torch.zeros(B, dtype=DTYPE)  # only the KL term is left
-    loss, stats = policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=0.5,
-                              loss_type="token_mean")
+    loss, stats = policy_loss(logp, old_logp, advantages, mask, LossSpec(beta=0.5, loss_type="token_mean"),
+                              ref_logp=ref_logp)
     expected = masked_mean(kl_penalty(logp, ref_logp), mask)
     assert loss.item() == pytest.approx(0.5 * expected.item(), rel=1e-12)
     assert stats["kl"].item() == pytest.approx(expected.item(), rel=1e-12)
@@ -408,7 +411,7 @@ def test_no_reference_model():
     loss, stats = policy_loss(logp, old_logp, adv, mask)  # beta = 0, ref_logp = None
     assert torch.isfinite(loss) and stats["kl"].item() == 0.0
     with pytest.raises(ValueError, match="ref_logp"):
-        policy_loss(logp, old_logp, adv, mask, beta=0.04)
+        policy_loss(logp, old_logp, adv, mask, LossSpec(beta=0.04))
 
 
 # ----------------------------------------------------------------------------------------
@@ -476,9 +479,9 @@ def test_mask_bad_shape():
 def test_empty_completions_give_no_nan(level, loss_type):
     logp = torch.randn(2, 3, dtype=DTYPE, requires_grad=True)
     mask = torch.zeros(2, 3, dtype=torch.bool)
-    loss, stats = policy_loss(logp, logp.detach() + 1, torch.tensor([1.0, -1.0], dtype=DTYPE), mask,
-                              ref_logp=torch.zeros(2, 3, dtype=DTYPE), beta=0.1, importance_level=level,
-                              loss_type=loss_type, max_completion_length=4)
+    spec = LossSpec(beta=0.1, importance_level=level, loss_type=loss_type, max_completion_length=4)
+    loss, stats = policy_loss(logp, logp.detach() + 1, torch.tensor([1.0, -1.0], dtype=DTYPE), mask, spec,
+                              ref_logp=torch.zeros(2, 3, dtype=DTYPE))
     loss.backward()
     assert loss.item() == 0.0 and (logp.grad == 0).all()
     assert all(torch.isfinite(v) for v in stats.values()) and stats["tokens"].item() == 0
@@ -488,11 +491,11 @@ def test_stats_are_detached_scalars_and_mask_may_be_numeric():
     logp, old_logp, ref_logp, rewards, mask = random_batch(5)
     logp.requires_grad_(True)
     adv = group_advantages(rewards, G)
-    loss_bool, stats = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, beta=0.04)
+    loss_bool, stats = policy_loss(logp, old_logp, adv, mask, LossSpec(beta=0.04), ref_logp=ref_logp)
     for value in stats.values():
         assert value.dim() == 0 and not value.requires_grad
     assert stats["tokens"].item() == mask.sum().item()
-    loss_float, _ = policy_loss(logp, old_logp, adv, mask.to(DTYPE), ref_logp=ref_logp, beta=0.04)
+    loss_float, _ = policy_loss(logp, old_logp, adv, mask.to(DTYPE), LossSpec(beta=0.04), ref_logp=ref_logp)
     assert loss_float.item() == loss_bool.item()
 
 
@@ -501,8 +504,8 @@ def test_default_totals_are_this_calls_counts():
     adv = group_advantages(rewards, G)
     for loss_type in LOSS_TYPES:
         options = dict(loss_type=loss_type, max_completion_length=MAX_LEN)
-        default, _ = policy_loss(logp, old_logp, adv, mask, **options)
-        explicit, _ = policy_loss(logp, old_logp, adv, mask, **options,
+        default, _ = policy_loss(logp, old_logp, adv, mask, LossSpec(**options))
+        explicit, _ = policy_loss(logp, old_logp, adv, mask, LossSpec(**options),
                                   total_sequences=B, total_tokens=int(mask.sum()))
         assert default.item() == explicit.item()
     whole, _ = policy_loss(logp, old_logp, adv, mask)
@@ -523,7 +526,7 @@ def test_default_totals_are_this_calls_counts():
 def test_policy_loss_bad_arguments(kwargs, match):
     logp, old_logp, _, rewards, mask = random_batch(7)
     with pytest.raises(ValueError, match=match):
-        policy_loss(logp, old_logp, group_advantages(rewards, G), mask, **kwargs)
+        policy_loss(logp, old_logp, group_advantages(rewards, G), mask, LossSpec(**kwargs))
 
 
 def test_policy_loss_bad_shapes():
@@ -534,4 +537,4 @@ def test_policy_loss_bad_shapes():
     with pytest.raises(ValueError, match="shape"):
         policy_loss(logp, old_logp[:, :-1], adv, mask)
     with pytest.raises(ValueError, match="ref_logp"):
-        policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp[:-1], beta=0.1)
+        policy_loss(logp, old_logp, adv, mask, LossSpec(beta=0.1), ref_logp=ref_logp[:-1])

@@ -330,7 +330,7 @@ def test_micro_batch_widths_are_the_widest_of_any_rank(monkeypatch):
 def test_warm_up_targets_take_the_shape_every_rank_agrees_on(tiny_processor):
     """sft_targets with a larger agreed (K, T): rows and columns padded, the mask unchanged
     where this rank's targets are, nothing added to it."""
-    from grpo.warmup import sft_targets
+    from grpo.sft import sft_targets
 
     answers = [["cat", "dog"], ["bird"]]
     ids, mask, K = sft_targets(tiny_processor.tokenizer, answers, 2, end_id=1, pad_id=0)

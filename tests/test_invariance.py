@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from grpo.algorithm import group_advantages, policy_loss
+from grpo.algorithm import LossSpec, group_advantages, policy_loss
 
 DTYPE = torch.float64
 V, D, T = 11, 6, 7  # vocabulary, feature size, completion width
@@ -75,13 +75,10 @@ def loss_share(W, batch, rows: slice, loss_type, level, variant: str | None = No
     logp = token_logp(W, batch["x"][rows], batch["ids"][rows])
     options = dict(eps_low=0.2, eps_high=0.28)
     options.update(VARIANTS[variant] if variant else {})
-    if options.pop("token_weights", False):
-        options["token_weights"] = batch["weights"][rows]
-    loss, _ = policy_loss(
-        logp, batch["old_logp"][rows], batch["advantages"][rows], batch["mask"][rows],
-        ref_logp=batch["ref_logp"][rows], beta=0.04,
-        importance_level=level, loss_type=loss_type, max_completion_length=MAX_LEN, **options, **totals,
-    )
+    weights = batch["weights"][rows] if options.pop("token_weights", False) else None
+    spec = LossSpec(beta=0.04, importance_level=level, loss_type=loss_type, max_completion_length=MAX_LEN, **options)
+    loss, _ = policy_loss(logp, batch["old_logp"][rows], batch["advantages"][rows], batch["mask"][rows], spec,
+                          ref_logp=batch["ref_logp"][rows], token_weights=weights, **totals)
     return loss
 
 

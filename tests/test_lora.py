@@ -199,7 +199,6 @@ def lora_run(world, out: Path, *extra: str) -> list[str]:
 def test_the_trainer_reference_is_the_base_with_adapters_off(world, tmp_path):
     """The step's reference with LoRA: no reference copy is built, and log pi_ref is the
     separately loaded base model's (before the warm-up merged anything)."""
-    from grpo.step import reference_policy
     from grpo.config import load_config
     from grpo.rollout import prompt_batch
     from grpo.trainer import Trainer
@@ -209,7 +208,7 @@ def test_the_trainer_reference_is_the_base_with_adapters_off(world, tmp_path):
     cfg = load_config(TINY, lora_run(world, tmp_path / "run")[2:] + ["algorithm.format_warmup_steps=0"])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     try:
-        assert trainer.ref_model is None
+        assert trainer.reference.kind == "adapters_off"  # no copy
         with torch.no_grad():
             for m in lora_modules(trainer.model):  # adapters that matter, as after some training
                 m.lora_B.normal_(std=0.05)
@@ -219,7 +218,7 @@ def test_the_trainer_reference_is_the_base_with_adapters_off(world, tmp_path):
         ids = torch.randint(0, 300, (2 * 4, 5), generator=torch.Generator().manual_seed(0))
         trainer.model.eval()
         with torch.no_grad():
-            with reference_policy(trainer.context()) as reference:
+            with trainer.reference.policy() as reference:
                 assert reference is trainer.model
                 ref = policy_logprobs(reference, inputs, ids)
             base = policy_logprobs(load_model(world["model"]).eval(), inputs, ids)
@@ -238,9 +237,7 @@ def test_without_kl_there_is_no_reference_pass(world, tmp_path):
     cfg = load_config(TINY, lora_run(world, tmp_path / "run")[2:] + ["algorithm.beta=0"])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     try:
-        from grpo.step import reference_policy
-
-        with reference_policy(trainer.context()) as reference:
+        with trainer.reference.policy() as reference:
             assert reference is None
     finally:
         trainer.close()

@@ -183,7 +183,7 @@ def test_missing_checkpoint_directory_is_named(tmp_path):
 
 def test_learning_rate_schedules():
     from grpo.config import OptimizerConfig
-    from grpo.trainer import lr_at
+    from grpo.step import lr_at
 
     linear = OptimizerConfig(lr=1.0, warmup_steps=2, schedule="linear")
     assert [lr_at(u, 6, linear) for u in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
@@ -357,7 +357,7 @@ def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, t
 def test_rollout_adds_the_overlong_punishment_and_normalises_each_reward(world, tmp_path):
     """overlong_buffer adds DAPO's length reward per completion (logged as "overlong"); with
     normalize_each and leave_one_out the advantages are those of multi_reward_advantages."""
-    from grpo.algorithm import multi_reward_advantages
+    from grpo.algorithm import AdvantageSpec, multi_reward_advantages
     from grpo.config import load_config
     from grpo.rewards import soft_overlong_punishment
     from grpo.trainer import Trainer
@@ -381,8 +381,8 @@ def test_rollout_adds_the_overlong_punishment_and_normalises_each_reward(world, 
     names = list(seen["round"].per_reward)
     per_reward = torch.tensor([seen["round"].per_reward[k] for k in names]).T.float()
     weights = torch.tensor([0.5 if k == "overlong" else cfg.algorithm.rewards[k] for k in names])
-    torch.testing.assert_close(traj.advantages, multi_reward_advantages(
-        per_reward, weights, 4, "normalize_each", baseline="leave_one_out"))
+    spec = AdvantageSpec(normalization="normalize_each", baseline="leave_one_out")
+    torch.testing.assert_close(traj.advantages, multi_reward_advantages(per_reward, weights, 4, spec))
     totals = seen["round"].rewards.reshape(-1)
     assert totals.tolist() == pytest.approx([sum(weights[k].item() * per_reward[i, k].item() for k in range(len(names)))
                                              for i in range(len(totals))])
@@ -397,6 +397,7 @@ def test_rollout_correction_scales_the_gradient_by_the_sampler_weight(world, tmp
     weights given as token weights, and not the uncorrected one. The weights' statistics are logged."""
     from dataclasses import replace
 
+    from grpo.config import correction_spec
     from grpo.metrics import update_metrics
     from grpo.step import policy_update
 
@@ -414,7 +415,8 @@ def test_rollout_correction_scales_the_gradient_by_the_sampler_weight(world, tmp
     def gradient(trajectory, **keys):
         algorithm = replace(cfg.algorithm, **{"rollout_is_level": "none", "rollout_rs_level": "none", **keys})
         optimizer = Capture(trainer.model.parameters(), lr=0.0)
-        ctx = replace(trainer.context(), optimizer=optimizer, cfg=replace(cfg, algorithm=algorithm))
+        correction = correction_spec(replace(cfg, algorithm=algorithm))
+        ctx = replace(trainer.context(), optimizer=optimizer, correction=correction)
         seen = policy_update(ctx, trainer.counters, trajectory)
         return optimizer.captured, update_metrics(seen, 0.0, trainer.device)
 
@@ -456,12 +458,10 @@ def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lo
         "algorithm.format_warmup_steps=0", "run.steps=4", "algorithm.ref_sync_every=2",
         "rollout.max_new_tokens=4", "checkpointing.every=0", *extra])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    import grpo.step
-
-    synced, sync_reference = [], grpo.step.sync_reference
+    synced, follow = [], trainer.reference.follow
 
     def sync():
-        sync_reference(trainer.context())
+        follow(trainer.optimizer)
     ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
 
     def logits(adapters: bool) -> torch.Tensor:
@@ -484,22 +484,22 @@ def test_the_reference_follows_the_policy_every_n_grpo_steps(world, tmp_path, lo
             if not synced:  # the hand-moved adapters (later ones may not have learned anything)
                 assert not torch.allclose(reference_before, policy, atol=1e-5)
         else:
-            ref_before = [p.detach().clone() for p in trainer.ref_model.parameters()]
+            ref_before = [p.detach().clone() for p in trainer.reference.copy.parameters()]
             sync()
-            for r, b, p in zip(trainer.ref_model.parameters(), ref_before, trainer.model.parameters()):
+            for r, b, p in zip(trainer.reference.copy.parameters(), ref_before, trainer.model.parameters()):
                 torch.testing.assert_close(r, 0.5 * p.detach() + 0.5 * b)
             if not synced:
-                assert any(not torch.equal(r, b) for r, b in zip(trainer.ref_model.parameters(), ref_before))
+                assert any(not torch.equal(r, b) for r, b in zip(trainer.reference.copy.parameters(), ref_before))
         synced.append(trainer.step)
 
     # an untrained model may earn no reward in 4 steps (zero advantages, no update): set the
     # policy and its reference apart by hand so that the sync has something to do
     with torch.no_grad():
         moved = [p for n, p in trainer.model.named_parameters() if "lora_B" in n] if lora else \
-            list(trainer.ref_model.parameters())
+            list(trainer.reference.copy.parameters())
         for p in moved:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    monkeypatch.setattr(grpo.step, "sync_reference", lambda ctx: record())
+    monkeypatch.setattr(trainer.reference, "follow", lambda optimizer: record())
     trainer.train()
     trainer.close()
     assert synced == [2, 4]

@@ -16,6 +16,9 @@ import pytest
 import torch
 
 from grpo.algorithm import (
+    AdvantageSpec,
+    CorrectionSpec,
+    LossSpec,
     entropy_threshold,
     group_advantages,
     high_entropy_mask,
@@ -170,8 +173,9 @@ def test_variant_matches_naive_reference(variant, level, loss_type):
     logp, old_logp, ref_logp, weights, adv, mask = random_batch(CASES.index((variant, level, loss_type)))
     fast_kw, naive_kw = split_kwargs(VARIANTS[variant], weights)
     leaf = logp.clone().requires_grad_(True)
-    loss, stats = policy_loss(leaf, old_logp, adv, mask, ref_logp=ref_logp, importance_level=level,
-                              loss_type=loss_type, max_completion_length=MAX_LEN, **fast_kw)
+    weights_kw = {"token_weights": fast_kw.pop("token_weights")} if "token_weights" in fast_kw else {}
+    spec = LossSpec(importance_level=level, loss_type=loss_type, max_completion_length=MAX_LEN, **fast_kw)
+    loss, stats = policy_loss(leaf, old_logp, adv, mask, spec, ref_logp=ref_logp, **weights_kw)
     loss.backward()
     leaf_naive = logp.clone().requires_grad_(True)
     expected = naive_loss(leaf_naive, old_logp.tolist(), ref_logp.tolist(), adv.tolist(), mask.tolist(),
@@ -188,7 +192,7 @@ def test_dual_clip_case_is_exercised_and_changes_the_loss():
     clip changes the loss; the stat counts them."""
     logp, old_logp, _, _, adv, mask = random_batch(3)
     plain, _ = policy_loss(logp, old_logp, adv, mask)
-    dual, stats = policy_loss(logp, old_logp, adv, mask, clip_ratio_c=1.5)
+    dual, stats = policy_loss(logp, old_logp, adv, mask, LossSpec(clip_ratio_c=1.5))
     assert stats["clip_ratio/dual_mean"] > 0
     assert dual < plain
 
@@ -197,7 +201,7 @@ def test_dual_clip_holds_the_gradient_at_zero_past_c():
     logp = torch.tensor([[math.log(3.0)]], dtype=DTYPE, requires_grad=True)  # rho = 3 > c = 2
     old, mask = torch.zeros(1, 1, dtype=DTYPE), torch.ones(1, 1, dtype=torch.bool)
     adv = torch.tensor([-1.0], dtype=DTYPE)
-    loss, _ = policy_loss(logp, old, adv, mask, clip_ratio_c=2.0)
+    loss, _ = policy_loss(logp, old, adv, mask, LossSpec(clip_ratio_c=2.0))
     loss.backward()
     assert loss.item() == pytest.approx(2.0) and logp.grad.item() == 0.0
     logp.grad = None
@@ -217,7 +221,8 @@ def test_on_policy_gradient_equals_grpo(kind, loss_type):
     grads = []
     for policy_loss_type in ("clip", kind):
         leaf = logp.clone().requires_grad_(True)
-        loss, _ = policy_loss(leaf, leaf.detach(), adv, mask, loss_type=loss_type, policy_loss_type=policy_loss_type)
+        loss, _ = policy_loss(leaf, leaf.detach(), adv, mask,
+                              LossSpec(loss_type=loss_type, policy_loss_type=policy_loss_type))
         loss.backward()
         grads.append(leaf.grad)
     if kind == "gmpo":  # the gradient is spread evenly over the tokens of o_i: compare per completion
@@ -234,7 +239,7 @@ def test_cispo_keeps_the_gradient_of_clipped_tokens():
     adv = torch.tensor([1.0], dtype=DTYPE)
     for kind, expected in (("clip", 0.0), ("cispo", -1.28)):
         logp.grad = None
-        loss, _ = policy_loss(logp, old, adv, mask, eps_high=0.28, policy_loss_type=kind)
+        loss, _ = policy_loss(logp, old, adv, mask, LossSpec(eps_high=0.28, policy_loss_type=kind))
         loss.backward()
         assert logp.grad.item() == pytest.approx(expected)
 
@@ -245,7 +250,7 @@ def test_sapo_gate_is_soft():
     logp = torch.log(rho).requires_grad_(True)
     mask = torch.ones_like(rho, dtype=torch.bool)
     loss, _ = policy_loss(logp, torch.zeros_like(rho), torch.tensor([1.0], dtype=DTYPE), mask,
-                          policy_loss_type="sapo", loss_type="token_mean", sapo_tau_pos=2.0)
+                          LossSpec(policy_loss_type="sapo", loss_type="token_mean", sapo_tau_pos=2.0))
     loss.backward()
     slope = -logp.grad[0] * rho.shape[1] / rho[0]  # d gate / d rho per token
     assert (slope > 0).all() and slope[2].item() == pytest.approx(1.0)
@@ -269,8 +274,9 @@ def test_importance_weighted_kl_gradient_is_the_kl_gradient():
     for v in range(V):
         one = torch.zeros(V, 1, dtype=torch.bool)
         one[v] = True
-        lv, _ = policy_loss(ids_logp, old.view(V, 1), torch.zeros(V, dtype=DTYPE), one, ref_logp=ref.view(V, 1),
-                            beta=1.0, kl_importance_weighted=True, loss_type="token_mean", total_tokens=1)
+        lv, _ = policy_loss(ids_logp, old.view(V, 1), torch.zeros(V, dtype=DTYPE), one,
+                            LossSpec(beta=1.0, kl_importance_weighted=True, loss_type="token_mean"),
+                            ref_logp=ref.view(V, 1), total_tokens=1)
         got = got + old[v].exp() * torch.autograd.grad(lv, theta, retain_graph=True)[0]
     torch.testing.assert_close(got, expected_grad, rtol=1e-12, atol=1e-14)
     # and without the importance weight the same expectation is not the KL's gradient
@@ -278,8 +284,8 @@ def test_importance_weighted_kl_gradient_is_the_kl_gradient():
     for v in range(V):
         one = torch.zeros(V, 1, dtype=torch.bool)
         one[v] = True
-        lv, _ = policy_loss(ids_logp, old.view(V, 1), torch.zeros(V, dtype=DTYPE), one, ref_logp=ref.view(V, 1),
-                            beta=1.0, loss_type="token_mean", total_tokens=1)
+        lv, _ = policy_loss(ids_logp, old.view(V, 1), torch.zeros(V, dtype=DTYPE), one,
+                            LossSpec(beta=1.0, loss_type="token_mean"), ref_logp=ref.view(V, 1), total_tokens=1)
         plain = plain + old[v].exp() * torch.autograd.grad(lv, theta, retain_graph=True)[0]
     assert not torch.allclose(plain, expected_grad, rtol=1e-3)
 
@@ -315,8 +321,8 @@ def test_vespo_damps_the_gradient_of_an_off_policy_completion():
     run to 4: the second's gradient is phi(4) = 4^2 e^(3 (1 - 4)) of the first's."""
     logp = torch.tensor([[0.0, 0.0], [math.log(2.0), math.log(2.0)]], dtype=DTYPE, requires_grad=True)
     old, mask = torch.zeros(2, 2, dtype=DTYPE), torch.ones(2, 2, dtype=torch.bool)
-    loss, _ = policy_loss(logp, old, torch.tensor([1.0, 1.0], dtype=DTYPE), mask, policy_loss_type="vespo",
-                          loss_type="token_mean")
+    loss, _ = policy_loss(logp, old, torch.tensor([1.0, 1.0], dtype=DTYPE), mask,
+                          LossSpec(policy_loss_type="vespo", loss_type="token_mean"))
     loss.backward()
     assert (logp.grad[1] / logp.grad[0]).tolist() == pytest.approx([16 * math.exp(-9)] * 2, rel=1e-12)
 
@@ -328,7 +334,7 @@ def test_luspo_weighs_each_completion_by_its_length():
     grads = {}
     for loss_type in ("grpo", "luspo"):
         leaf = logp.clone().requires_grad_(True)
-        loss, _ = policy_loss(leaf, old_logp, adv, mask, importance_level="sequence", loss_type=loss_type)
+        loss, _ = policy_loss(leaf, old_logp, adv, mask, LossSpec(importance_level="sequence", loss_type=loss_type))
         loss.backward()
         grads[loss_type] = leaf.grad
     lengths = mask.sum(dim=1, keepdim=True).to(DTYPE)
@@ -375,8 +381,8 @@ def test_equals_trl_formula(kind, beta):
     options = (dict(loss_type="luspo", importance_level="sequence") if kind == "luspo"
                else dict(policy_loss_type="vespo", loss_type="token_mean"))
     ours_leaf, peer_leaf = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
-    ours, _ = policy_loss(ours_leaf, old_logp, adv, mask, ref_logp=ref_logp, beta=beta, eps_low=0.2,
-                          eps_high=0.28, **options)
+    ours, _ = policy_loss(ours_leaf, old_logp, adv, mask, LossSpec(beta=beta, eps_low=0.2, eps_high=0.28, **options),
+                          ref_logp=ref_logp)
     peer = trl_style_loss(peer_leaf, old_logp, ref_logp, adv, mask, kind, beta)
     ours.backward()
     peer.backward()
@@ -387,19 +393,21 @@ def test_equals_trl_formula(kind, beta):
 def test_variant_arguments_are_checked():
     logp, old_logp, _, _, adv, mask = random_batch(0)
     with pytest.raises(ValueError, match="policy loss type"):
-        policy_loss(logp, old_logp, adv, mask, policy_loss_type="ppo2")
+        policy_loss(logp, old_logp, adv, mask, LossSpec(policy_loss_type="ppo2"))
     with pytest.raises(ValueError, match="clip_ratio_c"):
-        policy_loss(logp, old_logp, adv, mask, clip_ratio_c=1.0)
+        policy_loss(logp, old_logp, adv, mask, LossSpec(clip_ratio_c=1.0))
     with pytest.raises(ValueError, match="clip_ratio_c"):
-        policy_loss(logp, old_logp, adv, mask, clip_ratio_c=3.0, policy_loss_type="cispo")
+        policy_loss(logp, old_logp, adv, mask, LossSpec(clip_ratio_c=3.0, policy_loss_type="cispo"))
     with pytest.raises(ValueError, match="sapo"):
-        policy_loss(logp, old_logp, adv, mask, policy_loss_type="sapo", sapo_tau_neg=0.0)
+        policy_loss(logp, old_logp, adv, mask, LossSpec(policy_loss_type="sapo", sapo_tau_neg=0.0))
     with pytest.raises(ValueError, match="token_weights"):
         policy_loss(logp, old_logp, adv, mask, token_weights=torch.ones(B, T + 1))
     with pytest.raises(ValueError, match="vespo_shape"):
-        policy_loss(logp, old_logp, adv, mask, policy_loss_type="vespo", vespo_shape=(2.0, 0.0, 3.0, 2.0))
+        policy_loss(logp, old_logp, adv, mask,
+                    LossSpec(policy_loss_type="vespo", vespo_shape=(2.0, 0.0, 3.0, 2.0)))
     with pytest.raises(ValueError, match="vespo_shape"):
-        policy_loss(logp, old_logp, adv, mask, policy_loss_type="vespo", vespo_shape=(-1.0, 3.0, 3.0, 2.0))
+        policy_loss(logp, old_logp, adv, mask,
+                    LossSpec(policy_loss_type="vespo", vespo_shape=(-1.0, 3.0, 3.0, 2.0)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -434,11 +442,11 @@ def naive_adv(rewards, group, scale, baseline, eps=1e-4):
 @pytest.mark.parametrize("scale,group", list(product(("group", "batch", "none"), (1, 2, 4))))
 def test_leave_one_out_matches_naive(scale, group):
     rewards = torch.randint(0, 4, (4 * group,), generator=torch.Generator().manual_seed(group)).to(DTYPE)
-    got = group_advantages(rewards, group, scale=scale, baseline="leave_one_out")
+    got = group_advantages(rewards, group, AdvantageSpec(scale=scale, baseline="leave_one_out"))
     expected = naive_adv(rewards.tolist(), group, scale, "leave_one_out")
     assert got.tolist() == pytest.approx(expected, rel=1e-12, abs=1e-12)
     if group > 1 and scale == "none":
-        assert not torch.allclose(got, group_advantages(rewards, group, scale=scale))
+        assert not torch.allclose(got, group_advantages(rewards, group, AdvantageSpec(scale=scale)))
 
 
 @pytest.mark.parametrize("normalization,scale,baseline",
@@ -449,7 +457,8 @@ def test_multi_reward_advantages_match_naive(normalization, scale, baseline):
     per_reward = torch.stack([torch.randint(0, 2, (12,), generator=g), torch.randint(0, 5, (12,), generator=g)],
                              dim=1).to(DTYPE)  # [N, K=2]: a 0/1 reward and a wider one
     weights = torch.tensor([1.0, 0.5], dtype=DTYPE)
-    got = multi_reward_advantages(per_reward, weights, 4, normalization, scale=scale, baseline=baseline)
+    spec = AdvantageSpec(normalization=normalization, scale=scale, baseline=baseline)
+    got = multi_reward_advantages(per_reward, weights, 4, spec)
     cols = per_reward.T.tolist()
     if normalization == "sum_then_normalize":
         expected = naive_adv([1.0 * a + 0.5 * b for a, b in zip(*cols)], 4, scale, baseline)
@@ -464,14 +473,16 @@ def test_normalising_each_reward_differs_and_agrees_where_it_should():
     per_reward = torch.stack([torch.randint(0, 2, (12,), generator=g), torch.randint(0, 5, (12,), generator=g)],
                              dim=1).to(DTYPE)
     w = torch.tensor([1.0, 1.0], dtype=DTYPE)
-    each = multi_reward_advantages(per_reward, w, 4, "normalize_each")
-    summed = multi_reward_advantages(per_reward, w, 4, "sum_then_normalize")
+    each = multi_reward_advantages(per_reward, w, 4, AdvantageSpec(normalization="normalize_each"))
+    summed = multi_reward_advantages(per_reward, w, 4, AdvantageSpec(normalization="sum_then_normalize"))
     assert not torch.allclose(each, summed)
-    torch.testing.assert_close(multi_reward_advantages(per_reward, w, 4, "normalize_each", scale="none"),
-                               multi_reward_advantages(per_reward, w, 4, "sum_then_normalize", scale="none"))
+    torch.testing.assert_close(
+        multi_reward_advantages(per_reward, w, 4, AdvantageSpec(normalization="normalize_each", scale="none")),
+        multi_reward_advantages(per_reward, w, 4, AdvantageSpec(normalization="sum_then_normalize", scale="none")))
     one = per_reward[:, :1]
-    torch.testing.assert_close(multi_reward_advantages(one, w[:1], 4, "normalize_each"),
-                               multi_reward_advantages(one, w[:1], 4, "sum_then_normalize"))
+    torch.testing.assert_close(
+        multi_reward_advantages(one, w[:1], 4, AdvantageSpec(normalization="normalize_each")),
+        multi_reward_advantages(one, w[:1], 4, AdvantageSpec(normalization="sum_then_normalize")))
 
 
 # ----------------------------------------------------------------------------------------
@@ -580,8 +591,8 @@ def test_rollout_correction_is_the_product_of_its_factors(is_level, rs_level):
     logp, old_logp, _, entropy_weights, adv, mask = random_batch(13)
     trainer = old_logp.nan_to_num(0.0)
     sampler = trainer + 0.4 * torch.randn(B, T, generator=torch.Generator().manual_seed(4), dtype=DTYPE)
-    weights, stats = rollout_correction(trainer, sampler, mask, entropy_weights, is_level=is_level, is_cap=1.3,
-                                        rs_level=rs_level, rs_low=0.6, rs_high=1.6)
+    spec = CorrectionSpec(is_level=is_level, is_cap=1.3, rs_level=rs_level, rs_low=0.6, rs_high=1.6)
+    weights, stats = rollout_correction(trainer, sampler, mask, entropy_weights, spec)
     lists = trainer.tolist(), sampler.tolist(), mask.tolist()
     is_logs = naive_log_weights(*lists, is_level) if is_level != "none" else None
     rs_logs = naive_log_weights(*lists, rs_level) if rs_level != "none" else None
@@ -611,9 +622,9 @@ def test_rollout_correction_off_is_the_identity_and_needs_the_sampler():
     assert rollout_correction(old_logp, None, mask, weights) == (weights, {})
     assert rollout_correction(old_logp, None, mask) == (None, {})
     with pytest.raises(ValueError, match="sampler"):
-        rollout_correction(old_logp, None, mask, is_level="token")
+        rollout_correction(old_logp, None, mask, spec=CorrectionSpec(is_level="token"))
     with pytest.raises(ValueError, match="importance-sampling level"):
-        rollout_correction(old_logp, old_logp, mask, is_level="tokens")
+        rollout_correction(old_logp, old_logp, mask, spec=CorrectionSpec(is_level="tokens"))
 
 
 # ----------------------------------------------------------------------------------------

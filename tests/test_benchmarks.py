@@ -209,3 +209,31 @@ def test_gpu_check_at_the_7b_widths_on_the_cpu(tmp_path):
     for phase in ("rollout", "update"):
         assert 0.85 <= lora["phases"][phase]["plan_over_measured"] <= 1.15, lora["phases"]
     assert "exceeds" in result["recipes"]["full"]["skipped"]
+
+
+def test_timed_steps_run_no_memory_probe(monkeypatch, tmp_path):
+    """The peak-memory reset (gc.collect, malloc_trim) falls inside the production step's timed
+    regions, so it runs only in the one memory step per mode after the timed ones."""
+    calls = []
+    real_reset = bench_step.reset_peak
+    real_step = bench_step.grpo_step
+
+    def counting_reset(device):
+        calls[-1][1] += 1
+        real_reset(device)
+
+    def recording_step(bench, mode, step, probe_memory=False):
+        calls.append([probe_memory, 0])
+        return real_step(bench, mode, step, probe_memory=probe_memory)
+
+    monkeypatch.setattr(bench_step, "reset_peak", counting_reset)
+    monkeypatch.setattr(bench_step, "grpo_step", recording_step)
+    r = bench_step.main(["--model", "tiny", "--mode", "both", "--device", "cpu", "--prompts", "1", "--group-size", "2",
+                         "--new-tokens", "2", "--threads", "1", "--repeats", "2", "--warmup", "1", "--no-check"])
+    timed_steps = [n for probe, n in calls if not probe]
+    probe_steps = [n for probe, n in calls if probe]
+    assert len(timed_steps) == 2 * 3 and all(n == 0 for n in timed_steps)  # 2 modes x (1 warm-up + 2 timed)
+    assert len(probe_steps) == 2 and all(n >= 4 for n in probe_steps)  # the memory step of each mode
+    for mode in r["modes"].values():
+        assert all(ph["peak_memory_gb"] > 0 for ph in mode["phases"].values())
+        assert len(mode["step"]["all_seconds"]) == 2

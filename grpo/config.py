@@ -98,6 +98,8 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature (log-probs use the same)
     top_k: int = 50  # 0 disables top-k
     top_p: float = 1.0  # nucleus sampling; 1.0 disables it
+    decoder: str = "static"  # decode loop: static (KV cache allocated once, written in place) or dynamic; same tokens
+    compile_decoder: str = "auto"  # torch.compile the static decode step: on, off, auto (on on CUDA, off on CPU)
 
 
 @dataclass
@@ -229,6 +231,8 @@ CHOICES = {
     "algorithm.rollout_rs_level": ROLLOUT_CORRECTION_MODES,
     "optimizer.schedule": ("constant", "linear", "cosine"),
     "distribution.fsdp": ("auto", "always", "never"),
+    "rollout.decoder": ("static", "dynamic"),
+    "rollout.compile_decoder": ("auto", "on", "off"),
 }
 
 
@@ -518,6 +522,7 @@ RESUME_FREE = {
     "run.output_dir", "run.overwrite", "model.build_tiny", "model.attn_implementation",
     "data.eval_path", "data.eval_every", "data.eval_samples", "data.synthetic_generate", "data.synthetic_eval_size",
     "rollout.generation_batch_prompts",  # counter-based sampling: batching does not change a completion
+    "rollout.decoder", "rollout.compile_decoder",  # the same tokens from either decode loop, eager or compiled
     "algorithm.micro_batch_prompts",  # the gradient is that of the whole batch, however it is split
     "logging", "checkpointing", "distribution",
 }

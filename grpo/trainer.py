@@ -35,7 +35,7 @@ from grpo.config import Config, ConfigError
 from grpo.heldout import greedy_accuracy
 from grpo.metrics import grpo_metrics, peak_memory_gb, sft_metrics
 from grpo.rewards import check_reward_names
-from grpo.rollout import sampling_settings
+from grpo.rollout import compile_decoder, sampling_settings
 from grpo.runlog import RunLog
 from grpo.rundir import prepare_run_dir, record_config, truncate_history
 from grpo.setup import (PromptLimit, check_inputs, load_policy_model, prepare_data, prepare_model,  # noqa: F401
@@ -137,7 +137,8 @@ class Trainer:
         r = cfg.rollout
         self.sampling = sampling_settings(self.processor.tokenizer, self.generation_config,
                                           max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                          top_k=r.top_k, top_p=r.top_p)
+                                          top_k=r.top_k, top_p=r.top_p, decoder=r.decoder,
+                                          compile_decoder=compile_decoder(r.compile_decoder, self.device))
         self.fsdp = use_fsdp(cfg, info)
         if cfg.lora.enabled:  # LoRA's dropout draws from the global RNG: seeded, so a LoRA run repeats exactly
             torch.manual_seed(cfg.run.seed + self.rank)

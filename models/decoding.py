@@ -94,6 +94,90 @@ class StaticKVCache:
         self.values = [v.index_select(0, rows) for v in self.values]
 
 
+class SharedPromptKVCache(StaticKVCache):
+    """The prompt's keys and values once per group ``[B, H_kv, P, D]`` (from the prefill, never
+    repeated), and each row's own completion in buffers ``[n, H_kv, T, D]`` written in place.
+
+    A decode step's attention (``shared_prompt_attention``) then reads each prompt's KV once
+    for its G rows instead of G copies: softmax over [prompt keys, own keys] computed as the
+    two parts' partial softmaxes, combined exactly through their log-sum-exp. ``rows`` [n]:
+    each batch row's completion index b * G + g, so its group b and place g.
+    """
+
+    def __init__(self, prefill_cache, group_size: int, length: int, prompt_mask: torch.Tensor):
+        self.prompt_keys = [layer.keys for layer in prefill_cache.layers]  # [B, H_kv, P, D] per layer
+        self.prompt_values = [layer.values for layer in prefill_cache.layers]
+        B, H, P, D = self.prompt_keys[0].shape
+        N = B * group_size
+        keys = [k.new_zeros(N, H, length, D) for k in self.prompt_keys]
+        values = [v.new_zeros(N, H, length, D) for v in self.prompt_values]
+        super().__init__(keys, values, torch.zeros(1, dtype=torch.long, device=keys[0].device))
+        self.group_size = group_size
+        self.prompt_bias = torch.zeros(B, P, dtype=torch.float32, device=prompt_mask.device).masked_fill(
+            ~prompt_mask.bool(), torch.finfo(torch.float32).min)  # [B, P]
+        self.set_rows(torch.arange(N, device=keys[0].device))
+
+    def set_rows(self, rows: torch.Tensor) -> None:
+        self.group, self.place = rows // self.group_size, rows % self.group_size  # [n], [n]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.prompt_keys[0].shape[2] + int(self.slot)
+
+
+_ACTIVE: list[SharedPromptKVCache] = []  # the cache of the decode step now running (shared_prompt_attention)
+SHARED_PROMPT_ATTENTION = "grpo_shared_prompt"
+
+
+def shared_prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of one new token per row over its prompt's keys (once per group) and its own.
+
+    query [n, H, 1, D]; key, value [n, H_kv, t, D] (the row's own completion so far);
+    attention_mask {additive [n, 1, 1, t]} over the own keys. Each part's scores s give
+    m = max s, l = sum exp(s - m) and o = sum exp(s - m) v; the whole softmax's output is
+
+        (e^(m_p - m) o_p + e^(m_o - m) o_o) / (e^(m_p - m) l_p + e^(m_o - m) l_o),  m = max(m_p, m_o)
+
+    the same value as one softmax over the concatenated keys (fp32 scores, as the eager
+    attention). Returns ([n, 1, H, D], None), as transformers' attention functions do.
+    """
+    cache = _ACTIVE[-1]
+    layer = module.layer_idx
+    Kp, Vp = cache.prompt_keys[layer], cache.prompt_values[layer]  # [B, H_kv, P, D]
+    n, H, _, D = query.shape
+    B, Hkv = Kp.shape[0], Kp.shape[1]
+    r = H // Hkv  # query heads per key/value head (head h reads key/value head h // r)
+    scaling = D ** -0.5 if scaling is None else scaling
+    q = query.reshape(n, Hkv, r, D)
+    # the prompt part, per group: the rows laid out [B, G] (absent ones zero), each prompt read once
+    grid = q.new_zeros(B, cache.group_size, Hkv, r, D)
+    grid[cache.group, cache.place] = q
+    s_p = torch.einsum("bgkrd,bkpd->bgkrp", grid, Kp).float() * scaling + cache.prompt_bias[:, None, None, None, :]
+    m_p = s_p.amax(-1, keepdim=True)  # [B, G, H_kv, r, 1]
+    e_p = (s_p - m_p).exp()
+    l_p = e_p.sum(-1, keepdim=True)
+    o_p = torch.einsum("bgkrp,bkpd->bgkrd", e_p.to(Vp.dtype), Vp).float()
+    m_p, l_p, o_p = (x[cache.group, cache.place] for x in (m_p, l_p, o_p))  # [n, H_kv, r, .]
+    # the row's own part
+    s_o = torch.einsum("nkrd,nktd->nkrt", q, key).float() * scaling + attention_mask.reshape(n, 1, 1, -1).float()
+    m_o = s_o.amax(-1, keepdim=True)
+    e_o = (s_o - m_o).exp()
+    l_o = e_o.sum(-1, keepdim=True)
+    o_o = torch.einsum("nkrt,nktd->nkrd", e_o.to(value.dtype), value).float()
+    m = torch.maximum(m_p, m_o)
+    a_p, a_o = (m_p - m).exp(), (m_o - m).exp()
+    out = (a_p * o_p + a_o * o_o) / (a_p * l_p + a_o * l_o)  # [n, H_kv, r, D]
+    return out.reshape(n, 1, H, D).to(query.dtype), None
+
+
+def _register_shared_prompt_attention():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
+
+
+_register_shared_prompt_attention()
+
+
 def decode_mask(prompt_mask: torch.Tensor, group_size: int, length: int, dtype) -> torch.Tensor:
     """The additive key mask ``[N, 1, 1, L]`` of the first decode step: the prompt's real tokens
     visible, every completion slot closed (each step opens its own slot in place)."""
@@ -142,11 +226,13 @@ def default_check_every(device: torch.device) -> int:
 def generate_static(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids, pad_token_id,
                     suppress_token_ids, temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None,
                     row_seeds=None, sync_ranks=False, group_size=1, return_logprobs=False, compile_step=False,
-                    check_every=None):
+                    check_every=None, shared_prompt=None):
     """``models.policy.generate``'s contract (same arguments, same outputs) on a static KV cache.
 
     Rows are dropped as they end when each row's draw is its own (greedy, or ``row_seeds``);
     with a shared ``generator`` the draw of a row depends on the batch, so every row stays.
+    ``shared_prompt`` (default: with G > 1): each prompt's KV once per group
+    (``SharedPromptKVCache``), else G copies (``StaticKVCache``).
     """
     from models.policy import decoder_positions, decoder_step, filter_logits, position_ids_from_mask, text_decoder
 
@@ -170,10 +256,18 @@ def generate_static(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_to
     mask = prompt_mask.long()  # [B, P]
     prefill, hidden = decoder_step(lm, None, inputs_embeds=prompt_embeds, attention_mask=mask,
                                    position_ids=decoder_positions(model, position_ids_from_mask(mask)))  # [B, H]
-    cache = StaticKVCache.from_prefill(prefill, G, P + T - 1)  # the last token is never fed back
+    shared_prompt = G > 1 if shared_prompt is None else shared_prompt
+    if shared_prompt:  # the last token is never fed back: T - 1 own slots
+        cache = SharedPromptKVCache(prefill, G, T - 1, mask)
+        key_mask = torch.full((N, 1, 1, T - 1), torch.finfo(prompt_embeds.dtype).min, dtype=prompt_embeds.dtype,
+                              device=device)  # [N, 1, 1, T - 1] over the own slots
+        window_start = 0
+    else:
+        cache = StaticKVCache.from_prefill(prefill, G, P + T - 1)
+        key_mask = decode_mask(mask, G, P + T - 1, prompt_embeds.dtype)  # [N, 1, 1, L]
+        window_start = P
     del prefill
     hidden = hidden.repeat_interleave(G, dim=0)  # [N, H]
-    key_mask = decode_mask(mask, G, P + T - 1, prompt_embeds.dtype)  # [N, 1, 1, L]
     position = mask.sum(-1, keepdim=True).repeat_interleave(G, dim=0)  # [N, 1]: the first new token's
     seeds = None if row_seeds is None else row_seeds.to(device)  # [N], once per rollout
     rows = torch.arange(N, device=device)  # [n]: the output row of each batch row
@@ -214,12 +308,14 @@ def generate_static(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_to
                     order = torch.cat([live, done.nonzero().squeeze(-1)])[:keep]
                     cache.compact(order)
                     key_mask = key_mask.index_select(0, order)
+                    if shared_prompt:
+                        cache.set_rows(rows[order])
                     rows, done, position, token = rows[order], done[order], position[order], token[order]
                     if seeds is not None:
                         seeds = seeds[order]
         # open the fed token's slot in the mask, feed it, advance
         key_mask.index_fill_(-1, cache.slot, 0.0)
-        cache.window = None if compile_step else P + step + 1
+        cache.window = None if compile_step else window_start + step + 1
         hidden = step_fn(lm, cache, name, embed(token[:, None]), key_mask, decoder_positions(model, position))  # [n, H]
         position += 1
         cache.slot += 1
@@ -245,8 +341,18 @@ def _eager_step(lm, cache, name, inputs_embeds, key_mask, position_ids):
     mask is built by transformers per step (nor its host-side checks)."""
     if cache.window is not None:
         key_mask = key_mask[..., :cache.window]
-    out = lm(inputs_embeds=inputs_embeds, attention_mask={"full_attention": key_mask}, position_ids=position_ids,
-             use_cache=True, **{name: cache})
+    shared = isinstance(cache, SharedPromptKVCache)
+    if shared:  # the decoder's layers read the attention function's name from their config at each call
+        config, before = lm.config, lm.config._attn_implementation_internal
+        config._attn_implementation_internal = SHARED_PROMPT_ATTENTION
+        _ACTIVE.append(cache)
+    try:
+        out = lm(inputs_embeds=inputs_embeds, attention_mask={"full_attention": key_mask}, position_ids=position_ids,
+                 use_cache=True, **{name: cache})
+    finally:
+        if shared:
+            config._attn_implementation_internal = before
+            _ACTIVE.pop()
     return out.last_hidden_state[:, -1]
 
 

@@ -377,11 +377,74 @@ def scenario_generation(env: Env) -> dict:
     return {"ranks": gathered}
 
 
+def scenario_static_decoding(env: Env) -> dict:
+    """(f) The static-cache decoder under sharding, sampled with counter-based row seeds and
+    ragged ends (rank 1's rows end sooner than rank 0's): the dynamic decoder's tokens and
+    log-probs on every rank, the same number of decoder forwards on both ranks (lockstep), and
+    the unsharded model's completions of the whole batch."""
+    from models.sampling import row_seed
+
+    def ragged_ends(model, end_id, modulus):
+        def hook(module, args, out):
+            top = out.max(-1, keepdim=True)
+            ending = top.indices % modulus == 0
+            return torch.where(ending & (torch.arange(out.shape[-1]) == end_id), top.values + 1.0, out)
+        return model.lm_head.register_forward_hook(hook)
+
+    tokenizer = env.processor.tokenizer
+    ends = end_token_ids(env.generation_config)
+    kw = dict(max_new_tokens=10, end_token_ids=ends, pad_token_id=env.generation_config.pad_token_id,
+              suppress_token_ids=policy.suppressed_token_ids(tokenizer), temperature=1.0, top_k=50,
+              group_size=GROUP, return_logprobs=True)
+    n = PROMPTS_PER_RANK * env.world
+    seeds = torch.tensor([row_seed(11, i) for i in range(n * GROUP)])
+    lo = env.rank * PROMPTS_PER_RANK * GROUP
+    local_seeds = seeds[lo:lo + PROMPTS_PER_RANK * GROUP]
+
+    # the unsharded model, the whole batch, each rank's prompts under that rank's end rule
+    plain = env.load().eval()
+    with torch.no_grad():
+        whole = []
+        for r in range(env.world):
+            part = select(env.batch, r * PROMPTS_PER_RANK, (r + 1) * PROMPTS_PER_RANK)
+            hook = ragged_ends(plain, ends[0], modulus=3 - r)
+            embeds = policy.prompt_embeddings(plain, **part)
+            rows = slice(r * PROMPTS_PER_RANK * GROUP, (r + 1) * PROMPTS_PER_RANK * GROUP)
+            whole.append(policy.generate(plain, embeds, part["attention_mask"], **kw, row_seeds=seeds[rows],
+                                         decoder="dynamic")[0])
+            hook.remove()
+    model = shard_model(env.load())
+    model.eval()
+    hook = ragged_ends(model, ends[0], modulus=3 - env.rank)
+    calls = []
+    counter = policy.text_decoder(model).register_forward_pre_hook(lambda m, a: calls.append(1))
+    out = {}
+    with torch.no_grad():
+        embeds = policy.prompt_embeddings(model, **env.local_batch)
+        for decoder in ("dynamic", "static"):
+            calls.clear()
+            ids, logp = policy.generate(model, embeds, env.local_batch["attention_mask"], **kw,
+                                        row_seeds=local_seeds, sync_ranks=True, decoder=decoder)
+            out[decoder] = (ids, logp, len(calls))
+    hook.remove(), counter.remove()
+    (ids_d, lp_d, calls_d), (ids_s, lp_s, calls_s) = out["dynamic"], out["static"]
+    reference = whole[env.rank]
+    T = min(reference.shape[1], ids_s.shape[1])
+    result = {"same_tokens": bool(torch.equal(ids_d, ids_s)), "width": ids_s.shape[1],
+              "logp_max_abs": (lp_d - lp_s).abs().max().item(), "forwards": [calls_d, calls_s],
+              "same_as_unsharded": bool(torch.equal(ids_s[:, :T], reference[:, :T])),
+              "ended_rows": int(torch.isin(ids_s, torch.tensor(ends)).any(-1).sum())}
+    gathered = [None] * env.world
+    dist.all_gather_object(gathered, result)
+    return {"ranks": gathered}
+
+
 SCENARIOS = {
     "grads": scenario_grads,
     "reference": scenario_reference,
     "optimizer": scenario_optimizer,
     "export": scenario_export,
+    "static_decoding": scenario_static_decoding,
     "generation": scenario_generation,  # last: the one that could hang
 }
 

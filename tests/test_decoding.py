@@ -137,14 +137,15 @@ def test_chunked_generation_gives_the_unchunked_completions(tiny_model, tiny_pro
 
 
 def test_buffers_are_allocated_once_and_written_in_place(tiny_model, tiny_processor, batch, monkeypatch):
-    """Every decode step writes into the same buffers (no reallocation, no torch.cat), of length
-    prompt + max_new_tokens - 1, while no row ends."""
+    """Every decode step writes into the same buffers (no reallocation, no torch.cat), allocated
+    for the whole rollout, while no row ends: prompt + max_new_tokens - 1 slots per row with G
+    copies of the prompt, max_new_tokens - 1 with the prompt once per group."""
     pointers = []
     update = decoding.StaticKVCache.update
 
     def recording(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx == 0:
-            pointers.append((self.keys[0].data_ptr(), self.keys[0].shape))
+            pointers.append((self.keys[0].data_ptr(), tuple(self.keys[0].shape)))
         return update(self, key_states, value_states, layer_idx, *args, **kwargs)
 
     monkeypatch.setattr(decoding.StaticKVCache, "update", recording)
@@ -152,11 +153,14 @@ def test_buffers_are_allocated_once_and_written_in_place(tiny_model, tiny_proces
         embeds = prompt_embeddings(tiny_model, **batch)
     kw = settings(tiny_processor, max_new_tokens=8, group_size=G, suppress_token_ids=[
         *suppressed_token_ids(tiny_processor), *settings(tiny_processor)["end_token_ids"]])  # no row can end
-    ids = generate(tiny_model, embeds, batch["attention_mask"], **kw, greedy=True)
-    assert ids.shape == (3 * G, 8)
-    assert len(pointers) == 7 and len(set(pointers)) == 1
     P = batch["input_ids"].shape[1]
-    assert pointers[0][1][0] == 3 * G and pointers[0][1][2] == P + 8 - 1
+    for shared, slots in ((False, P + 8 - 1), (True, 8 - 1)):
+        pointers.clear()
+        ids = decoding.generate_static(tiny_model, embeds, batch["attention_mask"], **kw, greedy=True,
+                                       shared_prompt=shared)
+        assert ids.shape == (3 * G, 8)
+        assert len(pointers) == 7 and len(set(pointers)) == 1
+        assert pointers[0][1][0] == 3 * G and pointers[0][1][2] == slots
 
 
 def test_ended_rows_do_no_more_work(tiny_model, tiny_processor, batch):
@@ -180,3 +184,20 @@ def test_ended_rows_do_no_more_work(tiny_model, tiny_processor, batch):
     for t, n in enumerate(steps):
         assert n == max(1, sum(e > t for e in ended_at)), (t, n, ended_at)
     assert min(steps) < 3 * G  # rows were really dropped
+
+
+def test_g_copies_of_the_prompt_kv_give_the_same_as_one_per_group(tiny_model, tiny_processor, batch):
+    """The static decoder with each prompt's KV repeated G times (no log-sum-exp combination)
+    and with it once per group: both the dynamic loop's tokens and log-probs."""
+    with torch.no_grad():
+        embeds = prompt_embeddings(tiny_model, **batch)
+    mask = batch["attention_mask"]
+    end_id = settings(tiny_processor)["end_token_ids"][0]
+    for seed in range(3):
+        handle = ragged_ends(tiny_model, end_id, modulus=4 + seed)
+        seeds = torch.tensor([row_seed(20 + seed, i) for i in range(3 * G)])
+        kw = settings(tiny_processor, group_size=G, row_seeds=seeds, temperature=0.8, top_k=40, return_logprobs=True)
+        dynamic = generate(tiny_model, embeds, mask, **kw, decoder="dynamic")
+        for shared in (False, True):
+            assert_same(dynamic, decoding.generate_static(tiny_model, embeds, mask, **kw, shared_prompt=shared))
+        handle.remove()

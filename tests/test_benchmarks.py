@@ -237,3 +237,19 @@ def test_timed_steps_run_no_memory_probe(monkeypatch, tmp_path):
     for mode in r["modes"].values():
         assert all(ph["peak_memory_gb"] > 0 for ph in mode["phases"].values())
         assert len(mode["step"]["all_seconds"]) == 2
+
+
+def test_decode_rate_times_both_decoders_beside_the_floor(tmp_path):
+    """benchmarks/decode_rate.py on the tiny model: every decoder timed (it checks that they
+    sample the same tokens), rates and the floor positive, the completions' lengths recorded."""
+    from benchmarks import decode_rate
+
+    r = decode_rate.main(["--shapes", "tiny", "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "d.json")])
+    shape = r["shapes"]["tiny"]
+    assert set(shape["decoders"]) == {"dynamic", "static", "static_g_copies"}
+    assert shape["generated_tokens"] == sum(shape["completion_lengths"]) > 0
+    assert shape["floor_decode_seconds"] > 0 and shape["memory_bandwidth_gb_s"] > 0
+    for d in shape["decoders"].values():
+        assert d["seconds"] > 0 and d["tokens_per_s"] > 0
+    assert json.loads((tmp_path / "d.json").read_text())["shapes"]["tiny"]["generated_tokens"] == \
+        shape["generated_tokens"]

@@ -39,6 +39,7 @@ P prompt length (left padded), T = max_new_tokens, L = P + T, H hidden size, V v
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 
@@ -231,7 +232,7 @@ def generate_static(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_to
 
     Rows are dropped as they end when each row's draw is its own (greedy, or ``row_seeds``);
     with a shared ``generator`` the draw of a row depends on the batch, so every row stays.
-    ``shared_prompt`` (default: with G > 1): each prompt's KV once per group
+    ``shared_prompt`` (default: with G > 1, eager): each prompt's KV once per group
     (``SharedPromptKVCache``), else G copies (``StaticKVCache``).
     """
     from models.policy import decoder_positions, decoder_step, filter_logits, position_ids_from_mask, text_decoder
@@ -256,7 +257,9 @@ def generate_static(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_to
     mask = prompt_mask.long()  # [B, P]
     prefill, hidden = decoder_step(lm, None, inputs_embeds=prompt_embeds, attention_mask=mask,
                                    position_ids=decoder_positions(model, position_ids_from_mask(mask)))  # [B, H]
-    shared_prompt = G > 1 if shared_prompt is None else shared_prompt
+    # compiled, the shared-prompt attention gave other tokens than eager on the CPU (inductor): the
+    # compiled step runs on G copies of the prompt's KV, which it reproduces exactly
+    shared_prompt = (G > 1 and not compile_step) if shared_prompt is None else shared_prompt
     if shared_prompt:  # the last token is never fed back: T - 1 own slots
         cache = SharedPromptKVCache(prefill, G, T - 1, mask)
         key_mask = torch.full((N, 1, 1, T - 1), torch.finfo(prompt_embeds.dtype).min, dtype=prompt_embeds.dtype,
@@ -362,6 +365,15 @@ def _compiled_step(model):
     fn = getattr(model, "_compiled_decode_step", None)
     if fn is None:
         mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
-        fn = torch.compile(_eager_step, mode=mode, dynamic=False)
+        compiled = torch.compile(_eager_step, mode=mode, dynamic=False)
+
+        def fn(*args):
+            try:
+                return compiled(*args)
+            except Exception as error:  # compiling failed (before the step ran): decode eagerly from now on
+                warnings.warn(f"models.decoding: torch.compile of the decode step failed ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); decoding eagerly")
+                model._compiled_decode_step = _eager_step
+                return _eager_step(*args)
         model._compiled_decode_step = fn
     return fn

@@ -138,7 +138,7 @@ def sample_completions(
     """
     n_prompts = prompts["input_ids"].shape[0]
     chunks, chunk_logprobs = [], []
-    with adapters_cast_once(model, model.get_input_embeddings().weight.dtype):  # LoRA: cast once per rollout
+    with adapters_cast_once(model):  # LoRA: the adapters cast to the compute dtype once per rollout
         for start in range(0, n_prompts, chunk_prompts):
             chunk = _sample_chunk(model, slice_prompts(prompts, start, start + chunk_prompts), settings,
                                   group_size=group_size, greedy=greedy, generator=generator,

@@ -164,15 +164,16 @@ def is_adapter_key(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def adapters_cast_once(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
-    """Inside the block each adapter's fp32 A and B are cast to `dtype` once, not at every call
+def adapters_cast_once(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
+    """Inside the block each adapter's fp32 A and B are cast to `dtype` (default: its base
+    weight's, the layer's compute dtype) once, not at every call
     (a rollout calls every adapted layer once per token: for the bf16 7B decoder's 196 adapters,
     two casts each per token). For blocks without gradients, where the weights do not change.
     Adapters sharded by FSDP2 are left alone (its mixed precision casts them when it gathers)."""
-    modules = [m for m in lora_modules(model)
-               if m.lora_A.dtype != dtype and type(m.lora_A.data).__name__ != "DTensor"]
+    modules = [m for m in (lora_modules(model) if isinstance(model, nn.Module) else [])
+               if m.lora_A.dtype != (dtype or m.weight.dtype) and type(m.lora_A.data).__name__ != "DTensor"]
     for m in modules:
-        m._cast = (m.lora_A.detach().to(dtype), m.lora_B.detach().to(dtype))
+        m._cast = (m.lora_A.detach().to(dtype or m.weight.dtype), m.lora_B.detach().to(dtype or m.weight.dtype))
     try:
         yield model
     finally:

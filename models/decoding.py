@@ -38,6 +38,7 @@ P prompt length (left padded), T = max_new_tokens, L = P + T, H hidden size, V v
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
@@ -319,7 +320,8 @@ def generate_static(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_to
         # open the fed token's slot in the mask, feed it, advance
         key_mask.index_fill_(-1, cache.slot, 0.0)
         cache.window = None if compile_step else window_start + step + 1
-        hidden = step_fn(lm, cache, name, embed(token[:, None]), key_mask, decoder_positions(model, position))  # [n, H]
+        with _attention_for(lm, cache):
+            hidden = step_fn(lm, cache, name, embed(token[:, None]), key_mask, decoder_positions(model, position))
         position += 1
         cache.slot += 1
 
@@ -344,19 +346,27 @@ def _eager_step(lm, cache, name, inputs_embeds, key_mask, position_ids):
     mask is built by transformers per step (nor its host-side checks)."""
     if cache.window is not None:
         key_mask = key_mask[..., :cache.window]
-    shared = isinstance(cache, SharedPromptKVCache)
-    if shared:  # the decoder's layers read the attention function's name from their config at each call
-        config, before = lm.config, lm.config._attn_implementation_internal
-        config._attn_implementation_internal = SHARED_PROMPT_ATTENTION
-        _ACTIVE.append(cache)
-    try:
-        out = lm(inputs_embeds=inputs_embeds, attention_mask={"full_attention": key_mask}, position_ids=position_ids,
-                 use_cache=True, **{name: cache})
-    finally:
-        if shared:
-            config._attn_implementation_internal = before
-            _ACTIVE.pop()
+    out = lm(inputs_embeds=inputs_embeds, attention_mask={"full_attention": key_mask}, position_ids=position_ids,
+             use_cache=True, **{name: cache})
     return out.last_hidden_state[:, -1]
+
+
+@contextlib.contextmanager
+def _attention_for(lm, cache):
+    """Around a decode step on a SharedPromptKVCache: the decoder's layers call
+    ``shared_prompt_attention`` (they read the attention function's name from their config at
+    each call), which finds the cache here. Set outside the (possibly compiled) step."""
+    if not isinstance(cache, SharedPromptKVCache):
+        yield
+        return
+    config, before = lm.config, lm.config._attn_implementation_internal
+    config._attn_implementation_internal = SHARED_PROMPT_ATTENTION
+    _ACTIVE.append(cache)
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = before
+        _ACTIVE.pop()
 
 
 def _compiled_step(model):

@@ -233,7 +233,7 @@ def generate_static(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_to
 
     Rows are dropped as they end when each row's draw is its own (greedy, or ``row_seeds``);
     with a shared ``generator`` the draw of a row depends on the batch, so every row stays.
-    ``shared_prompt`` (default: with G > 1, eager): each prompt's KV once per group
+    ``shared_prompt`` (default: with G > 1): each prompt's KV once per group
     (``SharedPromptKVCache``), else G copies (``StaticKVCache``).
     """
     from models.policy import decoder_positions, decoder_step, filter_logits, position_ids_from_mask, text_decoder
@@ -258,9 +258,7 @@ def generate_static(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_to
     mask = prompt_mask.long()  # [B, P]
     prefill, hidden = decoder_step(lm, None, inputs_embeds=prompt_embeds, attention_mask=mask,
                                    position_ids=decoder_positions(model, position_ids_from_mask(mask)))  # [B, H]
-    # compiled, the shared-prompt attention gave other tokens than eager on the CPU (inductor): the
-    # compiled step runs on G copies of the prompt's KV, which it reproduces exactly
-    shared_prompt = (G > 1 and not compile_step) if shared_prompt is None else shared_prompt
+    shared_prompt = G > 1 if shared_prompt is None else shared_prompt
     if shared_prompt:  # the last token is never fed back: T - 1 own slots
         cache = SharedPromptKVCache(prefill, G, T - 1, mask)
         key_mask = torch.full((N, 1, 1, T - 1), torch.finfo(prompt_embeds.dtype).min, dtype=prompt_embeds.dtype,

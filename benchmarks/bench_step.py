@@ -55,6 +55,9 @@ and optimizer state included). On CPU the peak resident set size (VmHWM of /proc
 reset at each phase start through /proc/self/clear_refs after malloc_trim; the whole process,
 libraries included); where that reset is not allowed, resource.getrusage's ru_maxrss, which
 never goes down, so later phases report at least the earlier peaks.
+The peaks come from one extra step of each mode after the timed ones: resetting a peak (a
+gc.collect and malloc_trim on the CPU) inside the production step's timed regions would add
+its own cost to the phase it falls in, so the timed steps carry no memory probe at all.
 
 --cpu-offload (or distribution.cpu_offload: true): the optimizer's state and the copy of the
 parameters it updates live on the CPU; after backward the gradients go to the CPU, the
@@ -425,14 +428,19 @@ def peak_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
-def timed(device, fn):
-    """fn() -> (result, seconds, peak GB within the call)."""
+def timed(device, fn, probe=True):
+    """fn() -> (result, seconds, peak GB within the call; 0.0 without `probe`).
+
+    The peak's reset (a gc.collect and malloc_trim on the CPU) runs before the clock starts,
+    but inside any region that encloses this call: steps timed for their speed pass
+    ``probe=False`` (see ``run_modes``)."""
     sync(device)
-    reset_peak(device)
+    if probe:
+        reset_peak(device)
     t0 = time.perf_counter()
     out = fn()
     sync(device)
-    return out, time.perf_counter() - t0, peak_gb(device)
+    return out, time.perf_counter() - t0, peak_gb(device) if probe else 0.0
 
 
 # --------------------------------------------------------------------------- one step
@@ -471,10 +479,11 @@ def as_entry_point(logprobs_fn):
 
 class TimedOptimizer:
     """The run's optimizer, its steps timed and their peak memory kept apart from the
-    forward/backward's (the step calls ``step`` once per pass, after clipping)."""
+    forward/backward's (the step calls ``step`` once per pass, after clipping). Without
+    `probe`, no peak is read or reset: the optimizer step sits inside the update's timed region."""
 
-    def __init__(self, optimizer, device):
-        self.optimizer, self.device = optimizer, device
+    def __init__(self, optimizer, device, probe=True):
+        self.optimizer, self.device, self.probe = optimizer, device, probe
         self.seconds, self.peak, self.forward_backward_peak = 0.0, 0.0, 0.0
 
     @property
@@ -487,23 +496,29 @@ class TimedOptimizer:
 
     def step(self):
         sync(self.device)
-        self.forward_backward_peak = max(self.forward_backward_peak, peak_gb(self.device))
-        reset_peak(self.device)
+        if self.probe:
+            self.forward_backward_peak = max(self.forward_backward_peak, peak_gb(self.device))
+            reset_peak(self.device)
         t0 = time.perf_counter()
         self.optimizer.step()
         sync(self.device)
         self.seconds += time.perf_counter() - t0
-        self.peak = max(self.peak, peak_gb(self.device))
-        reset_peak(self.device)
+        if self.probe:
+            self.peak = max(self.peak, peak_gb(self.device))
+            reset_peak(self.device)
 
     def zero_grad(self, set_to_none=True):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
-def grpo_step(bench, mode, step):
+def grpo_step(bench, mode, step, probe_memory=False):
     """One GRPO step in ``mode``: the trainer's own ``grpo.step.rollout`` and ``policy_update``,
     given the mode's pieces (how it samples, how it computes log-probs) and the benchmark's
-    fixed prompts with random 0/1 rewards. Returns {phase: (seconds, peak GB)} and the loss."""
+    fixed prompts with random 0/1 rewards. Returns {phase: (seconds, peak GB)} and the loss.
+
+    With `probe_memory`, each phase's peak memory is reset and read around it; those probes
+    (a gc.collect and malloc_trim each on the CPU) fall inside the production step's timed
+    regions, so such a step's seconds are not a speed figure. Without it, every peak is 0.0."""
     setup, cfg, device, G = bench.setup, bench.cfg, bench.device, bench.G
     model, prompts, s = setup.model, setup.prompts, setup.settings
     generate_fn, logprobs_fn = MODES[mode]
@@ -512,7 +527,7 @@ def grpo_step(bench, mode, step):
     def fixed_round(ctx, step_, round_):  # the step's stages 1-2: the benchmark's prompts, random rewards
         draw = step * 1000 + round_  # a dynamic-sampling round samples the same prompts again, other draws
         out, _, peak = timed(device, lambda: generate_fn(
-            model, prompts, s, G, draw, chunk_prompts=cfg.rollout.generation_batch_prompts))
+            model, prompts, s, G, draw, chunk_prompts=cfg.rollout.generation_batch_prompts), probe_memory)
         peaks["rollout"] = max(peaks.get("rollout", 0.0), peak)
         ids, sampler_logp = out if isinstance(out, tuple) else (out, None)  # naive: generate keeps none
         if ids.shape != (bench.N, bench.T):
@@ -525,11 +540,11 @@ def grpo_step(bench, mode, step):
     def logprobs(*args, **kwargs):  # the passes without gradients measured one by one (pi_old, then pi_ref)
         if torch.is_grad_enabled():
             return entry_point(*args, **kwargs)
-        out, _, peak = timed(device, lambda: entry_point(*args, **kwargs))
+        out, _, peak = timed(device, lambda: entry_point(*args, **kwargs), probe_memory)
         no_grad_peaks.append(peak)
         return out
 
-    optimizer = TimedOptimizer(bench.optimizer, device)
+    optimizer = TimedOptimizer(bench.optimizer, device, probe_memory)
     reference = FrozenCopy(model, model) if cfg.algorithm.beta > 0 else NoReference()
     ctx = StepContext(cfg=cfg, model=model, reference=reference,
                       optimizer=optimizer, sampling=s, stream=None, device=device,
@@ -538,7 +553,8 @@ def grpo_step(bench, mode, step):
                       correction=correction_spec(cfg),
                       rounds_from=fixed_round, logprobs=logprobs)
     traj, seen = rollout(ctx, step)  # the reference pass reuses the policy's weights: the same compute
-    reset_peak(device)
+    if probe_memory:
+        reset_peak(device)
     update = policy_update(ctx, Counters(), traj)
     phases = {"rollout": (seen.seconds["rollout"], peaks["rollout"])}
     if cfg.algorithm.beta > 0:
@@ -550,8 +566,8 @@ def grpo_step(bench, mode, step):
     return phases, update.losses[-1]
 
 
-def summarize(bench, steps, loss):
-    """Medians over the timed steps, throughputs and peaks of one mode."""
+def summarize(bench, steps, loss, memory):
+    """Medians over the timed steps, throughputs, and the peaks of the memory step `memory`."""
     mu = bench.cfg.algorithm.mu
     gen_tokens = bench.N * bench.T
     result = {"loss": loss, "phases": {}}
@@ -562,7 +578,7 @@ def summarize(bench, steps, loss):
                   "forward_backward": bench.pass_tokens * mu}.get(name)
         result["phases"][name] = {"seconds": med, "all_seconds": seconds,
                                   "tokens_per_s": tokens / med if tokens else None,
-                                  "peak_memory_gb": max(p[name][1] for p in steps)}
+                                  "peak_memory_gb": memory[name][1]}
     total = [sum(t for t, _ in p.values()) for p in steps]
     med = statistics.median(total)
     result["step"] = {
@@ -571,23 +587,30 @@ def summarize(bench, steps, loss):
         "generated_tokens_per_s": gen_tokens / med,
         # prompt + completion tokens through the policy forward/backward, per second of that phase
         "training_tokens_per_s": bench.pass_tokens * mu / result["phases"]["forward_backward"]["seconds"],
-        "peak_memory_gb": max(m for p in steps for _, m in p.values()),
+        "peak_memory_gb": max(m for _, m in memory.values()),
     }
     return result
 
 
 def run_modes(bench, modes, args):
-    """Warm-up steps of each mode, then `repeats` timed steps, the modes alternating step by step."""
+    """Warm-up steps of each mode, then `repeats` timed steps, the modes alternating step by step,
+    then one more step of each mode that measures the phases' peak memory (its seconds unused):
+    the timed steps run without any memory probe inside them."""
     steps = {m: [] for m in modes}
-    losses = {}
-    for i in range(args.warmup + args.repeats):
+    losses, memory = {}, {}
+    n = args.warmup + args.repeats
+    for i in range(n + 1):
         for mode in modes:
-            phases, losses[mode] = grpo_step(bench, mode, step=i)
+            phases, loss = grpo_step(bench, mode, step=i, probe_memory=i == n)
+            if i == n:
+                memory[mode] = phases
+                continue
+            losses[mode] = loss
             if i >= args.warmup:
                 steps[mode].append(phases)
             print(f"  {mode} step {i}{' (warm-up)' if i < args.warmup else ''}: "
                   + ", ".join(f"{k} {t:.3f} s" for k, (t, _) in phases.items()), file=sys.stderr, flush=True)
-    return {m: summarize(bench, steps[m], losses[m]) for m in modes}
+    return {m: summarize(bench, steps[m], losses[m], memory[m]) for m in modes}
 
 
 # --------------------------------------------------------------------------- correctness cross-check

@@ -335,7 +335,9 @@ def kv_read_per_step(text_config, *, rows: int, positions: float, element_size: 
 
 
 def decode_speed(trainer, device, tokens: int = 64) -> dict:
-    """Seconds per decoding step of G rows of one prompt, against the bandwidth floor."""
+    """Seconds per decoding step of G rows of one prompt, against the bandwidth floor: the
+    trainer's decoder (its rollout.decoder and compile_decoder), and under "decoders" each of
+    dynamic (transformers' growing cache), static eager and static compiled, interleaved."""
     from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions
 
     if device.type == "cpu":
@@ -346,10 +348,10 @@ def decode_speed(trainer, device, tokens: int = 64) -> dict:
     s = trainer.sampling
     model = trainer.model.eval()
 
-    def timed(n):
+    def timed(n, decoder=s.decoder, compiled=s.compile_decoder):
         settings = SamplingSettings(max_new_tokens=n, end_token_ids=s.end_token_ids, pad_token_id=s.pad_token_id,
                                     suppress_token_ids=s.suppress_token_ids, temperature=s.temperature,
-                                    top_k=s.top_k, top_p=s.top_p)
+                                    top_k=s.top_k, top_p=s.top_p, decoder=decoder, compile_decoder=compiled)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -369,11 +371,22 @@ def decode_speed(trainer, device, tokens: int = 64) -> dict:
                           element_size=next(lm.parameters()).element_size())
     bandwidth = copy_bandwidth(device, gib=1.0 if device.type == "cuda" else 0.25)
     floor = (read + kv) / bandwidth
+    variants = {"dynamic": ("dynamic", False), "static": ("static", False)}
+    if device.type == "cuda":  # compiling on the CPU takes minutes and does not pay there (benchmarks/RESULTS.md)
+        variants["static_compiled"] = ("static", True)
+    for decoder, compiled in variants.values():
+        timed(2, decoder, compiled)  # warm-up (and compilation)
+    steps = {name: [] for name in variants}
+    for _ in range(2):  # interleaved
+        for name, (decoder, compiled) in variants.items():
+            steps[name].append((timed(tokens, decoder, compiled) - timed(1, decoder, compiled)) / (tokens - 1))
+    decoders = {name: {"seconds_per_step": min(t), "tokens_per_second": G / min(t), "fraction_of_floor": floor / min(t)}
+                for name, t in steps.items()}
     return {"rows": G, "seconds_per_step": per_step, "tokens_per_second": G / per_step,
             "weights_read_per_step_gb": read / GB, "kv_read_per_step_gb": kv / GB,
             "copy_bandwidth_gb_per_s": bandwidth / GB,
             "floor_seconds_per_step": floor, "floor_tokens_per_second": G / floor,
-            "fraction_of_floor": floor / per_step}
+            "fraction_of_floor": floor / per_step, "decoders": decoders}
 
 
 def eval_mode_gap(trainer) -> dict:
@@ -421,6 +434,9 @@ def markdown(result: dict) -> str:
                      f"cache read at {d['copy_bandwidth_gb_per_s']:.0f} GB/s copy "
                      f"bandwidth) = {d['floor_tokens_per_second']:.0f} tokens/s; {100 * d['fraction_of_floor']:.0f} % "
                      f"of the floor")
+        for name, v in d.get("decoders", {}).items():
+            lines.append(f"decode ({name}): {v['seconds_per_step'] * 1e3:.1f} ms per step = "
+                         f"{v['tokens_per_second']:.0f} tokens/s, {100 * v['fraction_of_floor']:.0f} % of the floor")
     for name, r in result["recipes"].items():
         g = r.get("sampler_logprob_diff")
         if g and g["mean"] is not None:

@@ -101,6 +101,8 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature (log-probs use the same)
     top_k: int = 50  # 0 disables top-k
     top_p: float = 1.0  # nucleus sampling; 1.0 disables it
+    decoder: str = "static"  # decode loop: static (KV cache allocated once, written in place) or dynamic; same tokens
+    compile_decoder: str = "auto"  # torch.compile the static decode step: on, off, auto (on on CUDA, off on CPU)
 
 
 @dataclass
@@ -236,6 +238,8 @@ CHOICES = {
     "distribution.fsdp": ("auto", "always", "never"),
     "distribution.device": ("auto", "cuda", "cpu"),
     "checkpointing.export_dtype": ("model", "float32", "bfloat16", "float16"),
+    "rollout.decoder": ("static", "dynamic"),
+    "rollout.compile_decoder": ("auto", "on", "off"),
 }
 
 
@@ -582,6 +586,7 @@ RESUME_FREE = {
     "run.output_dir", "run.overwrite", "model.build_tiny", "model.attn_implementation",
     "data.eval_path", "data.eval_every", "data.eval_samples", "data.synthetic_generate", "data.synthetic_eval_size",
     "rollout.generation_batch_prompts",  # counter-based sampling: batching does not change a completion
+    "rollout.decoder", "rollout.compile_decoder",  # the same tokens from either decode loop, eager or compiled
     "algorithm.micro_batch_prompts",  # the gradient is that of the whole batch, however it is split
     "logging", "checkpointing", "distribution",
 }

@@ -20,6 +20,7 @@ from data.collate import collate_prompts
 from data.datasets import Sample
 from grpo.algorithm import completion_mask
 from models.loading import end_token_ids
+from models.lora import adapters_cast_once
 from models.policy import generate, prompt_embeddings, suppressed_token_ids
 from models.sampling import row_seed
 
@@ -35,10 +36,13 @@ class SamplingSettings:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    decoder: str = "static"  # models.policy.generate's decode loop: static (in-place KV cache) or dynamic
+    compile_decoder: bool = False  # torch.compile the static decoder's step
 
 
 def sampling_settings(tokenizer, generation_config, *, max_new_tokens: int, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0) -> SamplingSettings:
+                      top_k: int = 0, top_p: float = 1.0, decoder: str = "static",
+                      compile_decoder: bool = False) -> SamplingSettings:
     """The one rule for every generation, sampled or greedy: stop at the checkpoint's end ids,
     pad with its generation config's pad id (else the last end id), never produce the
     structural audio and chat tokens (a sampled ``<|AUDIO|>`` breaks the next forward)."""
@@ -46,7 +50,17 @@ def sampling_settings(tokenizer, generation_config, *, max_new_tokens: int, temp
     pad_id = generation_config.pad_token_id if generation_config.pad_token_id is not None else end_ids[-1]
     return SamplingSettings(max_new_tokens=max_new_tokens, end_token_ids=end_ids, pad_token_id=pad_id,
                             suppress_token_ids=suppressed_token_ids(tokenizer), temperature=temperature,
-                            top_k=top_k, top_p=top_p)
+                            top_k=top_k, top_p=top_p, decoder=decoder, compile_decoder=compile_decoder)
+
+
+def compile_decoder(setting: str, device) -> bool:
+    """``rollout.compile_decoder`` on a device: "on", "off", or "auto", what measured fastest there
+    (benchmarks/RESULTS.md): eager on a CPU, where compiling does not pay; compiled on CUDA, where
+    an eager decode step is bound by kernel launches. FSDP-sharded models decode eagerly whatever
+    the setting (``models.decoding``)."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return setting == "on"
 
 
 def prompt_batch(samples: list[Sample], waves: list[np.ndarray], processor, template: int, device) -> dict:
@@ -106,6 +120,7 @@ def sample_completions(
     sync_ranks: bool = False,
     real_frames: bool = True,
     return_logprobs: bool = False,
+    decoder: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """G completions per prompt, ordered group by group: completion_ids [B*G, T]
     (and, with ``return_logprobs``, the sampler's log-probs of those tokens [B*G, T], 0 after
@@ -119,38 +134,50 @@ def sample_completions(
     ``row_seeds`` [B*G] gives each completion its own counter-based random stream
     (``models.sampling``), so what is sampled does not depend on chunking or ranks.
     ``real_frames``: the encoder over each chunk's real frames, not the whole window (same result).
+    ``decoder``: the decode loop, "static" or "dynamic" (default: the settings'; same result).
     """
     n_prompts = prompts["input_ids"].shape[0]
     chunks, chunk_logprobs = [], []
-    for start in range(0, n_prompts, chunk_prompts):
-        part = slice_prompts(prompts, start, start + chunk_prompts)
-        embeds = prompt_embeddings(model, **part, real_frames=real_frames)  # [b, P, H]
-        out = (
-            generate(
-                model,
-                embeds,  # [b, P, H]: each prompt once, its cache shared by its G completions
-                part["attention_mask"],  # [b, P]
-                group_size=group_size,
-                max_new_tokens=settings.max_new_tokens,
-                end_token_ids=settings.end_token_ids,
-                pad_token_id=settings.pad_token_id,
-                suppress_token_ids=settings.suppress_token_ids,
-                temperature=settings.temperature,
-                top_k=settings.top_k,
-                top_p=settings.top_p,
-                greedy=greedy,
-                generator=generator,
-                row_seeds=None if row_seeds is None else row_seeds[start * group_size : (start + chunk_prompts) * group_size],
-                sync_ranks=sync_ranks,
-                return_logprobs=return_logprobs,
-            )
-        )
-        if return_logprobs:
-            chunk_logprobs.append(out[1])
-            out = out[0]
-        chunks.append(out)
+    with adapters_cast_once(model):  # LoRA: the adapters cast to the compute dtype once per rollout
+        for start in range(0, n_prompts, chunk_prompts):
+            chunk = _sample_chunk(model, slice_prompts(prompts, start, start + chunk_prompts), settings,
+                                  group_size=group_size, greedy=greedy, generator=generator,
+                                  row_seeds=None if row_seeds is None
+                                  else row_seeds[start * group_size:(start + chunk_prompts) * group_size],
+                                  sync_ranks=sync_ranks, real_frames=real_frames, return_logprobs=return_logprobs,
+                                  decoder=decoder or settings.decoder)
+            if return_logprobs:
+                chunk_logprobs.append(chunk[1])
+                chunk = chunk[0]
+            chunks.append(chunk)
     ids = pad_right(chunks, settings.pad_token_id)
     return (ids, pad_right(chunk_logprobs, 0.0)) if return_logprobs else ids
+
+
+def _sample_chunk(model, part, settings, *, group_size, greedy, generator, row_seeds, sync_ranks, real_frames,
+                  return_logprobs, decoder):
+    """One chunk of prompts: its prompt embeddings, then ``generate``."""
+    embeds = prompt_embeddings(model, **part, real_frames=real_frames)  # [b, P, H]
+    return generate(
+        model,
+        embeds,  # [b, P, H]: each prompt once, its cache shared by its G completions
+        part["attention_mask"],  # [b, P]
+        group_size=group_size,
+        max_new_tokens=settings.max_new_tokens,
+        end_token_ids=settings.end_token_ids,
+        pad_token_id=settings.pad_token_id,
+        suppress_token_ids=settings.suppress_token_ids,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        greedy=greedy,
+        generator=generator,
+        row_seeds=row_seeds,
+        sync_ranks=sync_ranks,
+        return_logprobs=return_logprobs,
+        decoder=decoder,
+        compile_step=settings.compile_decoder,
+    )
 
 
 @torch.no_grad()

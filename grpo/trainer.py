@@ -34,7 +34,7 @@ from grpo.heldout import greedy_accuracy
 from grpo.metrics import grpo_metrics, peak_memory_gb, sft_metrics
 from grpo.reference import choose_reference
 from grpo.rewards import check_reward_names
-from grpo.rollout import sampling_settings
+from grpo.rollout import compile_decoder, sampling_settings
 from grpo.runlog import RunLog
 from grpo.rundir import prepare_run_dir, record_config, truncate_history
 from grpo.runstate import RunState, SignalStop, Snapshot
@@ -104,7 +104,8 @@ class Trainer:
         r = cfg.rollout
         self.sampling = sampling_settings(self.processor.tokenizer, self.generation_config,
                                           max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                          top_k=r.top_k, top_p=r.top_p)
+                                          top_k=r.top_k, top_p=r.top_p, decoder=r.decoder,
+                                          compile_decoder=compile_decoder(r.compile_decoder, self.device))
         self.fsdp = use_fsdp(cfg, info)
         self.loss_spec, self.advantage_spec = loss_spec(cfg), advantage_spec(cfg)
         self.correction_spec = correction_spec(cfg)

@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 
-from models import omni
+from models import decoding, omni
 from models.sampling import gumbel_sample
 
 # Structural tokens that must never be sampled: a sampled <|AUDIO|> breaks the next forward
@@ -354,8 +354,13 @@ def _all_ranks_done(done, sync_ranks):
 @torch.no_grad()
 def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids, pad_token_id, suppress_token_ids,
              temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None, row_seeds=None,
-             sync_ranks=False, group_size=1, return_logprobs=False):
+             sync_ranks=False, group_size=1, return_logprobs=False, decoder="static", compile_step=False):
     """Sample completions with a KV cache: [N, T <= max_new_tokens] ids, `pad_token_id` after the first end token.
+
+    `decoder`: "static" (models.decoding: a KV cache allocated once and written in place, rows
+    dropped as they end, `compile_step` to torch.compile its decode step) or "dynamic" (the loop
+    below, on transformers' growing cache). Both give the same tokens and log-probs; "static"
+    falls back to "dynamic" where the decoder's attention takes no 4-D mask (flash attention).
 
     With `group_size` G > 1, prompt_embeds [B, P, H] and prompt_mask [B, P] hold each prompt
     once: the prompt is prefilled once and its KV cache repeated G times, so N = B * G rows
@@ -373,7 +378,15 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
     that it can be compared with the trainer's log-probs of the same tokens (the
     sampler/trainer gap). One logsumexp over the step's [N, V] logits, already computed.
     """
+    if decoder not in ("static", "dynamic"):
+        raise ValueError(f"decoder must be 'static' or 'dynamic', got {decoder!r}")
     lm, embed = text_decoder(model), model.get_input_embeddings()
+    if decoder == "static" and decoding.supports_static_cache(lm):
+        return decoding.generate_static(
+            model, prompt_embeds, prompt_mask, max_new_tokens=max_new_tokens, end_token_ids=end_token_ids,
+            pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids, temperature=temperature, top_k=top_k,
+            top_p=top_p, greedy=greedy, generator=generator, row_seeds=row_seeds, sync_ranks=sync_ranks,
+            group_size=group_size, return_logprobs=return_logprobs, compile_step=compile_step)
     device = prompt_embeds.device
     mask = prompt_mask.long()  # [B, P]
     ends = torch.as_tensor(list(end_token_ids), device=device, dtype=torch.long)

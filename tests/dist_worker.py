@@ -436,7 +436,8 @@ def scenario_update_straddle(env: Env) -> dict:
     of 8 rows and 2 rows per micro-batch (4 rows against 12 if each rank kept its own width:
     1 chunk against 2, one lm_head all-gather more on rank 1). Two updates; each update's
     collectives are recorded on every rank and compared on rank 0."""
-    from grpo.config import Config
+    from grpo.config import Config, advantage_spec, correction_spec, loss_spec
+    from grpo.reference import NoReference
     from grpo.step import Counters, StepContext, Trajectory, policy_update
 
     cfg = Config()
@@ -446,8 +447,10 @@ def scenario_update_straddle(env: Env) -> dict:
     cfg.optimizer.lr, cfg.optimizer.warmup_steps = 1e-3, 0
     model = shard_model(env.load())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ctx = StepContext(cfg, model, None, optimizer, processor=None, sampling=None, stream=None,
-                      device=torch.device("cpu"), total_updates=2, rank=env.rank, world=env.world, fsdp=True)
+    ctx = StepContext(cfg, model, NoReference(), optimizer, processor=None, sampling=None, stream=None,
+                      device=torch.device("cpu"), total_updates=2, loss=loss_spec(cfg),
+                      advantage=advantage_spec(cfg), correction=correction_spec(cfg),
+                      rank=env.rank, world=env.world, fsdp=True)
     T = env.local_ids.shape[1]
     last = 2 if env.rank == 0 else T  # loss tokens end by column 2 on rank 0, run to T on rank 1
     mask = (torch.arange(T)[None, :] < torch.tensor([1, last] * PROMPTS_PER_RANK)[:, None])  # [n, T]
@@ -466,11 +469,74 @@ def scenario_update_straddle(env: Env) -> dict:
             "losses_finite": bool(np.isfinite(record.losses).all()), "updates": counters.update}
 
 
+def scenario_static_decoding(env: Env) -> dict:
+    """(f) The static-cache decoder under sharding, sampled with counter-based row seeds and
+    ragged ends (rank 1's rows end sooner than rank 0's): the dynamic decoder's tokens and
+    log-probs on every rank, the same number of decoder forwards on both ranks (lockstep), and
+    the unsharded model's completions of the whole batch."""
+    from models.sampling import row_seed
+
+    def ragged_ends(model, end_id, modulus):
+        def hook(module, args, out):
+            top = out.max(-1, keepdim=True)
+            ending = top.indices % modulus == 0
+            return torch.where(ending & (torch.arange(out.shape[-1]) == end_id), top.values + 1.0, out)
+        return model.lm_head.register_forward_hook(hook)
+
+    tokenizer = env.processor.tokenizer
+    ends = end_token_ids(env.generation_config)
+    kw = dict(max_new_tokens=10, end_token_ids=ends, pad_token_id=env.generation_config.pad_token_id,
+              suppress_token_ids=policy.suppressed_token_ids(tokenizer), temperature=1.0, top_k=50,
+              group_size=GROUP, return_logprobs=True)
+    n = PROMPTS_PER_RANK * env.world
+    seeds = torch.tensor([row_seed(11, i) for i in range(n * GROUP)])
+    lo = env.rank * PROMPTS_PER_RANK * GROUP
+    local_seeds = seeds[lo:lo + PROMPTS_PER_RANK * GROUP]
+
+    # the unsharded model, the whole batch, each rank's prompts under that rank's end rule
+    plain = env.load().eval()
+    with torch.no_grad():
+        whole = []
+        for r in range(env.world):
+            part = select(env.batch, r * PROMPTS_PER_RANK, (r + 1) * PROMPTS_PER_RANK)
+            hook = ragged_ends(plain, ends[0], modulus=3 - r)
+            embeds = policy.prompt_embeddings(plain, **part)
+            rows = slice(r * PROMPTS_PER_RANK * GROUP, (r + 1) * PROMPTS_PER_RANK * GROUP)
+            whole.append(policy.generate(plain, embeds, part["attention_mask"], **kw, row_seeds=seeds[rows],
+                                         decoder="dynamic")[0])
+            hook.remove()
+    model = shard_model(env.load())
+    model.eval()
+    hook = ragged_ends(model, ends[0], modulus=3 - env.rank)
+    calls = []
+    counter = policy.text_decoder(model).register_forward_pre_hook(lambda m, a: calls.append(1))
+    out = {}
+    with torch.no_grad():
+        embeds = policy.prompt_embeddings(model, **env.local_batch)
+        for decoder in ("dynamic", "static"):
+            calls.clear()
+            ids, logp = policy.generate(model, embeds, env.local_batch["attention_mask"], **kw,
+                                        row_seeds=local_seeds, sync_ranks=True, decoder=decoder)
+            out[decoder] = (ids, logp, len(calls))
+    hook.remove(), counter.remove()
+    (ids_d, lp_d, calls_d), (ids_s, lp_s, calls_s) = out["dynamic"], out["static"]
+    reference = whole[env.rank]
+    T = min(reference.shape[1], ids_s.shape[1])
+    result = {"same_tokens": bool(torch.equal(ids_d, ids_s)), "width": ids_s.shape[1],
+              "logp_max_abs": (lp_d - lp_s).abs().max().item(), "forwards": [calls_d, calls_s],
+              "same_as_unsharded": bool(torch.equal(ids_s[:, :T], reference[:, :T])),
+              "ended_rows": int(torch.isin(ids_s, torch.tensor(ends)).any(-1).sum())}
+    gathered = [None] * env.world
+    dist.all_gather_object(gathered, result)
+    return {"ranks": gathered}
+
+
 SCENARIOS = {
     "grads": scenario_grads,
     "reference": scenario_reference,
     "optimizer": scenario_optimizer,
     "export": scenario_export,
+    "static_decoding": scenario_static_decoding,
     "generation": scenario_generation,  # the one that could hang in decoding
     "update_straddle": scenario_update_straddle,  # last: the one that fails or hangs if the widths disagree
 }

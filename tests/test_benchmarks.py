@@ -223,3 +223,47 @@ def test_gpu_check_kv_read_is_the_cache_a_decoding_step_reads():
 
     c = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32)
     assert kv_read_per_step(c, rows=8, positions=350, element_size=2) == pytest.approx(1.468e9, rel=1e-3)
+
+
+def test_timed_steps_run_no_memory_probe(monkeypatch, tmp_path):
+    """The peak-memory reset (gc.collect, malloc_trim) falls inside the production step's timed
+    regions, so it runs only in the one memory step per mode after the timed ones."""
+    calls = []
+    real_reset = bench_step.reset_peak
+    real_step = bench_step.grpo_step
+
+    def counting_reset(device):
+        calls[-1][1] += 1
+        real_reset(device)
+
+    def recording_step(bench, mode, step, probe_memory=False):
+        calls.append([probe_memory, 0])
+        return real_step(bench, mode, step, probe_memory=probe_memory)
+
+    monkeypatch.setattr(bench_step, "reset_peak", counting_reset)
+    monkeypatch.setattr(bench_step, "grpo_step", recording_step)
+    r = bench_step.main(["--model", "tiny", "--mode", "both", "--device", "cpu", "--prompts", "1", "--group-size", "2",
+                         "--new-tokens", "2", "--threads", "1", "--repeats", "2", "--warmup", "1", "--no-check"])
+    timed_steps = [n for probe, n in calls if not probe]
+    probe_steps = [n for probe, n in calls if probe]
+    assert len(timed_steps) == 2 * 3 and all(n == 0 for n in timed_steps)  # 2 modes x (1 warm-up + 2 timed)
+    assert len(probe_steps) == 2 and all(n >= 4 for n in probe_steps)  # the memory step of each mode
+    for mode in r["modes"].values():
+        assert all(ph["peak_memory_gb"] > 0 for ph in mode["phases"].values())
+        assert len(mode["step"]["all_seconds"]) == 2
+
+
+def test_decode_rate_times_both_decoders_beside_the_floor(tmp_path):
+    """benchmarks/decode_rate.py on the tiny model: every decoder timed (it checks that they
+    sample the same tokens), rates and the floor positive, the completions' lengths recorded."""
+    from benchmarks import decode_rate
+
+    r = decode_rate.main(["--shapes", "tiny", "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "d.json")])
+    shape = r["shapes"]["tiny"]
+    assert set(shape["decoders"]) == {"dynamic", "static", "static_g_copies"}
+    assert shape["generated_tokens"] == sum(shape["completion_lengths"]) > 0
+    assert shape["floor_decode_seconds"] > 0 and shape["memory_bandwidth_gb_s"] > 0
+    for d in shape["decoders"].values():
+        assert d["seconds"] > 0 and d["tokens_per_s"] > 0
+    assert json.loads((tmp_path / "d.json").read_text())["shapes"]["tiny"]["generated_tokens"] == \
+        shape["generated_tokens"]

@@ -394,3 +394,19 @@ def test_the_cpu_when_asked_for(no_cuda, ask):
         assert info.device == torch.device("cpu")
     finally:
         D.cleanup()
+
+
+@pytest.mark.slow
+@both_families
+def test_static_decoder_under_sharding_matches_the_dynamic_one_in_lockstep(two_ranks):
+    """(f) Sharded, sampled with row seeds, rows ending at different steps on the two ranks: the
+    static decoder gives the dynamic one's tokens and log-probs (within 1e-5) on each rank, and
+    the unsharded model's; both ranks run the same number of decoder forwards."""
+    ranks = result(two_ranks, "static_decoding")["ranks"]
+    for r in ranks:
+        assert r["same_tokens"] and r["same_as_unsharded"], r
+        assert r["logp_max_abs"] < 1e-5, r
+        assert r["forwards"][0] == r["forwards"][1], r  # the same steps as the dynamic loop
+    assert ranks[0]["forwards"] == ranks[1]["forwards"]  # lockstep
+    assert ranks[0]["width"] == ranks[1]["width"]
+    assert any(r["ended_rows"] for r in ranks)

@@ -13,6 +13,7 @@ import torch
 from conftest import both_families
 from models.lora import (
     LoRALinear,
+    adapters_cast_once,
     adapters_disabled,
     apply_lora,
     count_adapter_parameters,
@@ -72,6 +73,23 @@ def test_lora_linear_computes_the_equation():
     expected = x @ W.T + b + 3.0 * (x @ layer.lora_A.T @ layer.lora_B.T)
     torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
     assert layer.weight is base.weight  # the base parameter is taken over, not copied
+
+
+def test_adapters_cast_once_computes_the_same_from_one_cast(monkeypatch):
+    """Inside adapters_cast_once the bf16 layer gives what it gives outside, from A and B cast
+    once on entry (a later change of the fp32 masters is not seen until the block ends)."""
+    base = torch.nn.Linear(6, 4).to(torch.bfloat16)
+    layer = LoRALinear(base, rank=2, alpha=4.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 6, dtype=torch.bfloat16)
+    outside = layer(x)
+    with adapters_cast_once(layer, torch.bfloat16):
+        assert torch.equal(layer(x), outside)
+        with torch.no_grad():
+            layer.lora_B.mul_(2.0)
+        assert torch.equal(layer(x), outside)  # the cast copies, made once, are what the layer uses
+    assert not torch.equal(layer(x), outside)  # after the block: the masters again
 
 
 @both_families

@@ -72,11 +72,13 @@ def build_inputs(root: Path, p: dict, model_seed: int = 0) -> dict:
     if not (model / "config.json").is_file():
         build_tiny_checkpoint(model, seed=model_seed, corpus=suite_corpus(), audio_seconds=3.0)
     n_max = max(p["sizes"])
-    if not (data / "train.jsonl").is_file():
+    train_file = data / "train.jsonl"
+    if not train_file.is_file() or len(train_file.read_text().splitlines()) < n_max:  # a pool too small: rebuild
         write_suite(data, n=n_max, seed=0, split="train")
-    lines = (data / "train.jsonl").read_text().splitlines()
+    lines = train_file.read_text().splitlines()
     for n in p["sizes"]:  # the first n questions of the pool are the set of size n
         (data / f"train-{n}.jsonl").write_text("\n".join(lines[:n]) + "\n")
+        assert len(set(lines[:n])) == n, f"{train_file} holds fewer than {n} questions"
     if not (data / "warmup" / "train.jsonl").is_file():  # another RNG stream: no training question
         write_suite(data / "warmup", n=256, seed=100, split="train")
     e = p["eval_per_skill"] * len(SKILLS)

@@ -147,12 +147,34 @@ def split_scores(row: dict) -> dict:
     return out
 
 
-def run_job(job: dict, root: Path, warm: Path, inputs: dict, steps: int) -> dict:
-    out = root / "runs" / f"{job['name']}-n{job['n']}-seed{job['seed']}"
+def finished_history(out: Path, steps: int) -> list[dict] | None:
+    """The history of a run in ``out`` that reached ``steps`` and its final evaluation, or None."""
+    path = out / "history.jsonl"
+    if not path.is_file():
+        return None
+    history = [json.loads(line) for line in path.read_text().splitlines()]
+    done = history and history[-1]["step"] == steps and "eval/greedy_accuracy" in history[-1]
+    return history if done else None
+
+
+def run_job(job: dict, root: Path, warm: Path, inputs: dict, steps: int, reuse: str = "no") -> dict | None:
+    """Train one run (or, with ``reuse``, read one that finished: "yes" trains the rest, "only"
+    skips them) and score it."""
+    prefix = "" if job["group"] == "main" else f"{job['group']}-"  # the family's grpo (mu = 2) is another run
+    out = root / "runs" / f"{prefix}{job['name']}-n{job['n']}-seed{job['seed']}"
     overrides = [*base_overrides(warm, inputs["heldout"], steps),
                  f"data.train_path={inputs['data'] / ('train-%d.jsonl' % job['n'])}", f"run.seed={job['seed']}",
                  *job["overrides"]]
-    history, seconds = train(out, overrides)
+    history = finished_history(out, steps) if reuse != "no" else None
+    if history is not None:
+        wall = out / "wall.json"  # else: from the run directory's first and last writes (start-up left out)
+        seconds = (json.loads(wall.read_text())["wall_s"] if wall.is_file()
+                   else (out / "history.jsonl").stat().st_mtime - (out / "config.yaml").stat().st_mtime)
+    elif reuse == "only":
+        return None
+    else:
+        history, seconds = train(out, overrides)
+        (out / "wall.json").write_text(json.dumps({"wall_s": seconds}))
     last = [r for r in history if "eval/greedy_accuracy" in r][-1]
     scores = split_scores(last)
     step_seconds = sum(r.get("timing/step", 0.0) for r in history)
@@ -245,6 +267,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default=None, help="override the preset's N, e.g. 64,256")
     ap.add_argument("--seeds", default=None, help="override the preset's seeds, e.g. 0,1,2")
     ap.add_argument("--steps", type=int, default=None, help="override the preset's optimizer steps")
+    ap.add_argument("--reuse", choices=("no", "yes", "only"), default="no",
+                    help="yes: read the runs that already finished in --root, train the rest; only: report "
+                         "the finished runs, train nothing")
     args = ap.parse_args(argv)
     os.chdir(REPO)
     preset = "quick" if args.quick else "full"
@@ -265,15 +290,15 @@ def main(argv=None) -> int:
         jobs += [dict(group="family", name=name, n=p["variant_n"], seed=seed, overrides=["algorithm.mu=2", *keys])
                  for seed in p["variant_seeds"] for name, keys in VARIANTS.items()]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda j: run_job(j, root, warm, inputs, p["steps"]), jobs))
+        results = [r for r in pool.map(lambda j: run_job(j, root, warm, inputs, p["steps"], args.reuse), jobs) if r]
     wall = time.perf_counter() - t0
     header = (f"# The audio question suite: SFT against GRPO ({preset})\n\n"
               f"`python benchmarks/study.py{' --quick' if args.quick else ''}`: sizes {p['sizes']}, seeds {p['seeds']}, "
               f"{p['steps']} optimizer steps per run (16 questions a step; GRPO 4 completions each), "
               f"{p['warmup_steps']} warm-up steps once; held-out {p['eval_per_skill']} questions per skill per split; "
-              f"{len(jobs)} runs, {args.jobs} at a time at nice 19 with one thread each, on "
+              f"{len(results)} of {len(jobs)} runs, {args.jobs} at a time at nice 19 with one thread each, on "
               f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, shared), {date.today()}, "
-              f"{wall:.0f} s in all.\n\n![accuracy against N](study-{preset}.png)\n\n"
+              f"{wall:.0f} s in this invocation.\n\n![accuracy against N](study-{preset}.png)\n\n"
               "The plot: held-out greedy accuracy against N (log scale), in-distribution left, shifted right; "
               "SFT blue, GRPO red; dots the mean over seeds, bars min-max; dashed: chance.\n\n")
     after = json.loads((root / "warm" / "after.json").read_text())

@@ -18,8 +18,8 @@ One command, from one format-warmed model:
 Every run is a ``train.py`` process (the trainer's public entry: configs/tiny.yaml plus
 overrides), several at a time with one thread each, at the lowest CPU priority.
 
-    python benchmarks/study.py            # the full study (about an hour on 2 idle cores)
-    python benchmarks/study.py --quick    # fewer seeds and steps (about 15 minutes)
+    .venv/bin/python benchmarks/study.py            # the full study (about an hour on 2 idle cores)
+    .venv/bin/python benchmarks/study.py --quick    # fewer seeds and steps (about 15 minutes)
 """
 
 from __future__ import annotations

@@ -77,13 +77,17 @@ def check_inputs(cfg: Config, resume: str | None) -> None:
     rank stops alike, and before the run directory is touched): model.path, the data files,
     the checkpoint ``resume`` names, and whether a fresh run may use run.output_dir."""
     m, d = cfg.model, cfg.data
+    missing = []  # every missing input in one error: a first run may lack several
     if not m.build_tiny and not (Path(m.path) / "config.json").is_file():
-        raise CheckpointError(f"model.path {m.path}: " + ("no config.json in it (not a transformers-format "
-                              "checkpoint directory)" if Path(m.path).is_dir() else "directory not found"))
+        missing.append(f"model.path {m.path}: " + ("no config.json in it (not a transformers-format checkpoint "
+                       "directory)" if Path(m.path).is_dir() else "directory not found"))
     built = d.format == "synthetic" and d.synthetic_generate  # written at start when absent
-    for key, path in (("data.train_path", d.train_path), ("data.eval_path", d.eval_path)):
-        if path and not built and not Path(path).is_file():
-            raise DataError(f"{key} {path}: file not found")
+    data_missing = [f"{key} {path}: file not found" for key, path in
+                    (("data.train_path", d.train_path), ("data.eval_path", d.eval_path))
+                    if path and not built and not Path(path).is_file()]
+    if missing or data_missing:
+        error = DataError if data_missing else CheckpointError
+        raise error("; ".join(missing + data_missing))
     if resume:
         resolve_resume(cfg.run.output_dir, resume, verify=False)  # verified once the ranks can share the work
     check_run_dir(cfg.run.output_dir, resume=resume is not None, overwrite=cfg.run.overwrite)

@@ -123,10 +123,13 @@ def test_every_config_key_the_readme_names_exists():
 
 
 def _plan(argv: list[str], capsys) -> str:
+    """What ``--plan`` prints; its exit status says the verdict (0 fits, 1 does not)."""
     import train
 
-    assert train.main([*argv, "--plan"]) == 0
-    return capsys.readouterr().out
+    status = train.main([*argv, "--plan"])
+    out = capsys.readouterr().out
+    assert status == (1 if "does not fit" in out else 0), f"{' '.join(argv)} --plan exited {status}"
+    return out
 
 
 def _plan_rows() -> list[tuple[list[str], str, str]]:
@@ -260,3 +263,96 @@ def test_the_tiny_plan_check_row_is_what_plan_check_prints():
     assert [float(p[2]) for p in printed] == plans
     for (_, peak, _), quoted in zip(printed, measured):  # counted tensors: the same on any machine
         assert float(peak) == pytest.approx(quoted, rel=0.02)
+
+
+# --------------------------------------------------------------------------- the real run's inputs
+
+
+def test_the_real_run_names_its_inputs_and_the_fields_prepare_avqa_needs():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import prepare_avqa
+
+    section = _section("## A real run")
+    for name in ("Qwen2-Audio-7B-Instruct", "train_qa.json", "mmau-test-mini.json", "test-mini-audios"):
+        assert name in section, name
+    for field in prepare_avqa.REQUIRED:
+        assert f"`{field}`" in section, f"the README does not list prepare_avqa.py's field {field}"
+    from evaluation.config import load_eval_config
+
+    mmau = load_eval_config(REPO / "configs" / "eval_mmau_testmini.yaml")
+    expected = mmau.data.path.replace("{version}", mmau.data.version)
+    assert f"`{expected}`" in section  # the file name the evaluation config reads
+
+
+def test_a_run_missing_several_inputs_names_every_one(tmp_path):
+    from grpo.config import load_config
+    from grpo.setup import check_inputs
+
+    cfg = load_config(REPO / "configs" / "r1_aqa.yaml", [f"model.path={tmp_path / 'no_model'}",
+                                                         f"data.train_path={tmp_path / 'no_train.jsonl'}",
+                                                         f"run.output_dir={tmp_path / 'run'}"])
+    from data.datasets import DataError
+
+    with pytest.raises(DataError) as err:
+        check_inputs(cfg, None)
+    message = str(err.value)
+    assert f"model.path {tmp_path / 'no_model'}: directory not found" in message
+    assert f"data.train_path {tmp_path / 'no_train.jsonl'}: file not found" in message
+    assert "\n" not in message
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_help_shows_the_commands_as_the_readme_writes_them():
+    import train
+
+    assert ".venv/bin/python train.py --config" in train.__doc__
+    assert "python train.py" not in train.__doc__.replace(".venv/bin/python train.py", "")
+    assert "--resume latest" not in train.__doc__
+    assert "--resume\n" in train.__doc__ and "--resume" in README
+
+
+def test_a_bare_key_value_gets_the_section_key_hint(capsys):
+    import train
+
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--config", "configs/tiny.yaml", "group_size=4"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "an override is section.key=value; did you mean rollout.group_size=4?" in err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", "configs/tiny.yaml", "stpes=4"])
+    assert "did you mean run.steps=4?" in capsys.readouterr().err
+
+
+def test_resume_from_a_path_that_does_not_exist_says_not_found(tmp_path, capsys):
+    import train
+
+    status = train.main(["--config", "configs/tiny.yaml", f"run.output_dir={tmp_path / 'run'}",
+                         "--resume", str(tmp_path / "nope")])
+    assert status == 1
+    assert f"--resume {tmp_path / 'nope'}: not found" in capsys.readouterr().err
+
+
+def test_plan_without_a_gpu_says_its_memory_is_assumed_and_exits_1_when_it_does_not_fit(capsys, monkeypatch):
+    import train
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    status = train.main(["--config", "configs/r1_aqa.yaml", "--plan"])
+    out = capsys.readouterr().out
+    assert "per GPU (1 x 80 GB assumed: no GPU visible" in out
+    assert ("does not fit" in out) == (status == 1)
+    assert train.main(["--config", "configs/r1_aqa.yaml", "--plan", "--gpu-memory-gb", "1"]) == 1
+    assert "does not fit" in capsys.readouterr().out
+
+
+def test_the_plan_of_a_cpu_run_is_against_this_machines_ram():
+    from grpo.config import load_config
+    from grpo.memory_plan import host_memory_gb, plan_memory
+
+    ram = host_memory_gb()
+    assert 0.5 < ram < 100_000
+    plan = plan_memory(load_config(REPO / "configs" / "tiny.yaml"), world_size=1, device_type="cpu", gpu_memory_gb=ram)
+    out = plan.render()
+    assert f"of {ram:.0f} GB" in out and "80 GB" not in out.replace(f"{ram:.0f} GB", "")

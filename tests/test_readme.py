@@ -82,13 +82,37 @@ def test_every_script_the_readme_runs_has_the_options_it_passes():
     for script, options in re.findall(r"`(benchmarks/\w+\.py)((?: --[\w-]+(?: [\w.=-]+)?)*)`", README):
         wanted.setdefault(script, set()).update(re.findall(r"--[\w-]+", options))
     assert {"train.py", "evaluate.py", "scripts/prepare_avqa.py", "benchmarks/seeds.py"} <= set(wanted)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    helps = _helps(sorted(wanted))
     for script, options in sorted(wanted.items()):
-        proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, f"{script} --help: {proc.stderr[-2000:]}"
-        missing = [o for o in sorted(options) if not re.search(rf"{re.escape(o)}\b", proc.stdout)]
+        status, text = helps[script]
+        assert status == 0, f"{script} --help exited {status}: {text[-2000:]}"
+        missing = [o for o in sorted(options) if not re.search(rf"{re.escape(o)}\b", text)]
         assert not missing, f"the README passes {missing} to {script}, which has no such option"
+
+
+# each script's `--help` as its command line runs it, in one process: torch is imported once, not per script
+_HELP_ALL = """
+import contextlib, io, json, runpy, sys
+helps = {}
+for script in sys.argv[1:]:
+    sys.argv, out, status = [script, "--help"], io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as stop:
+            status = stop.code or 0
+    helps[script] = [status, out.getvalue()]
+print("HELPS " + json.dumps(helps))
+"""
+
+
+def _helps(scripts: list[str]) -> dict[str, tuple[int, str]]:
+    """script -> (the exit status of ``script --help``, what it printed)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", _HELP_ALL, *scripts], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("HELPS ")] or [proc.stderr[-2000:]]
+    return json.loads(line[len("HELPS "):])
 
 
 def test_every_path_the_readme_names_exists():

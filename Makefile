@@ -45,13 +45,14 @@ lock:
 train: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) train.py --config configs/tiny.yaml --resume auto run.overwrite=true
 
-# The whole test suite, slow tests included (this is what CI runs).
+# The whole test suite, slow tests included (this is what CI runs); one thread per process unless
+# OMP_NUM_THREADS says otherwise, as for `make train`.
 test: $(STAMP)
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests
 
 # Everything but the slow tests, for a quick loop while editing.
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests -m "not slow"
 
 # The same suite on the oldest releases pyproject.toml allows: torch 2.11 (the lock's) and
 # transformers 5.17 (the GPU image's), whose packages from requirements-oldest.lock are laid

@@ -352,6 +352,11 @@ def test_a_bare_key_value_gets_the_section_key_hint(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--config", "configs/tiny.yaml", "stpes=4"])
     assert "did you mean run.steps=4?" in capsys.readouterr().err
+    import evaluate
+
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--config", "configs/eval_tiny.yaml", "--checkpoint", "runs/tiny", "batch_size=4"])
+    assert "did you mean generation.batch_size=4?" in capsys.readouterr().err
 
 
 def test_resume_from_a_path_that_does_not_exist_says_not_found(tmp_path, capsys):

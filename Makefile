@@ -38,17 +38,21 @@ lock:
 	@echo "$(LOCK) refreshed: now run 'make clean test' and commit the lock only if it passes"
 
 # The whole pipeline on a tiny Qwen2-Audio and synthetic audio questions, on CPU.
-# run.overwrite: a second `make train` moves the previous runs/tiny aside (runs/tiny.replaced-<time>)
+# --resume auto run.overwrite=true: a stopped run (Ctrl-C) continues where it stopped; a finished
+# one is moved aside (runs/tiny.replaced-<time>) and a fresh run starts.
+# One thread unless OMP_NUM_THREADS says otherwise: the fastest setting for this model, idle or on
+# a busy machine (benchmarks/RESULTS.md, "Threads for the CPU demo").
 train: $(STAMP)
-	$(PY) train.py --config configs/tiny.yaml run.overwrite=true
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) train.py --config configs/tiny.yaml --resume auto run.overwrite=true
 
-# The whole test suite, slow tests included (this is what CI runs).
+# The whole test suite, slow tests included (this is what CI runs); one thread per process unless
+# OMP_NUM_THREADS says otherwise, as for `make train`.
 test: $(STAMP)
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests
 
 # Everything but the slow tests, for a quick loop while editing.
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests -m "not slow"
 
 # The same suite on the oldest releases pyproject.toml allows: torch 2.11 (the lock's) and
 # transformers 5.17 (the GPU image's), whose packages from requirements-oldest.lock are laid

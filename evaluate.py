@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-from grpo.cli import run_reporting_errors, split_overrides
+from grpo.cli import bare_override_hint, run_reporting_errors, split_overrides
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -34,6 +34,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--debug", action="store_true", help="show the traceback of configuration and data errors")
     # overrides are told apart by their shape first: --checkpoint takes any number of values
     rest, overrides = split_overrides(argv)
+    from evaluation.config import EvalConfig
+
+    hint = bare_override_hint(rest, EvalConfig)
+    if hint:
+        parser.error(hint)
     args = parser.parse_args(rest)
     if args.score_only:
         if args.config or args.checkpoint or overrides:

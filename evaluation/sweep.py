@@ -115,6 +115,14 @@ def _name_of(path: Path) -> str:
 
 
 
+# what train.py writes into a run directory (a model directory has config.json instead)
+_RUN_ENTRIES = ("checkpoints", "history.jsonl", "run.lock", "config.yaml")
+
+
+def _is_run_dir(path: Path) -> bool:
+    return not (path / "config.json").is_file() and any((path / name).exists() for name in _RUN_ENTRIES)
+
+
 def resolve_checkpoints(paths: Sequence[str | Path]) -> list[CheckpointRef]:
     """Checkpoint arguments -> checkpoints ordered by step (command-line order among equal steps).
 
@@ -129,9 +137,11 @@ def resolve_checkpoints(paths: Sequence[str | Path]) -> list[CheckpointRef]:
         exports = list_exports(path)
         if exports:
             found.extend(exports)
-        elif (path / "checkpoints").is_dir():
-            raise CheckpointError(f"--checkpoint {arg}: run directory without exported checkpoints "
-                                    "(checkpoints/step_<N>/hf)")
+        elif _is_run_dir(path):
+            busy = " (a run is training in it now)" if (path / "run.lock").is_file() else ""
+            raise CheckpointError(f"--checkpoint {arg}: the run has no export yet{busy}: no "
+                                  f"{Path(arg) / 'checkpoints' / 'step_<N>' / 'hf'} (a run exports one at each "
+                                  "checkpoint, checkpointing.every steps, and at its end)")
         else:
             found.append(path)
     refs, seen = [], {}

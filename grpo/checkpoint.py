@@ -389,6 +389,9 @@ def resolve_resume(run_dir: str | Path, resume: str, *, verify: bool = True) -> 
                  step_of(full[-1]))
         return full[-1]
     path = Path(resume)
+    if not path.exists():
+        raise ResumeError(f"--resume {resume}: not found (give a checkpoint folder, e.g. {run_dir}/checkpoints/"
+                          "step_<N>, or --resume alone for the run's latest)")
     if not (path / COMPLETE).is_file() or not (path / "state").is_dir():
         raise ResumeError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} or state/ in it)")
     if verify:

@@ -34,6 +34,30 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+# key=value without a section: a mistyped override, not a file or an option
+BARE_OVERRIDE = re.compile(r"^[A-Za-z_]\w*=")
+
+
+def bare_override_hint(argv: Sequence[str], config_class) -> str | None:
+    """For the first ``key=value`` in ``argv`` (no section), the line saying overrides are
+    ``section.key=value``, with the closest key of ``config_class`` (a dataclass of sections); or None."""
+    import dataclasses
+    import difflib
+
+    bare = next((a for a in argv if BARE_OVERRIDE.match(a)), None)
+    if bare is None:
+        return None
+    key, value = bare.split("=", 1)
+    dotted = {f"{s.name}.{k.name}": k.name for s in dataclasses.fields(config_class)
+              for k in dataclasses.fields(s.default_factory())}
+    same = [d for d, k in dotted.items() if k == key]
+    close = same or difflib.get_close_matches(key, list(dotted.values()), n=1, cutoff=0.5)
+    if close and not same:
+        same = [d for d, k in dotted.items() if k == close[0]]
+    hint = f"; did you mean {' or '.join(f'{d}={value}' for d in same)}?" if same else ""
+    return f"'{bare}': an override is section.key=value{hint}"
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message says what is wrong and how to fix it."""
     from data.audio import AudioError

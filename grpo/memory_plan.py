@@ -35,6 +35,7 @@ validated against measured peaks (benchmarks/plan_check.py, benchmarks/RESULTS.m
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCH_7B = ROOT / "configs" / "qwen2_audio_7b_random.yaml"
 GB = 2**30
 TEXT_TOKENS = 128  # prompt text around the audio (system line, question, choices, headers): an upper bound
+NO_GPU = "no GPU visible: assumed 80 GB (set --gpu-memory-gb)"
 CUDA_OVERHEAD_GB = 1.0  # CUDA context and library workspaces, outside the tensors counted here
 
 
@@ -72,10 +74,12 @@ class Plan:
     def fits(self) -> bool:
         return self.peak <= self.device_bytes
 
-    def render(self) -> str:
+    def render(self, assumed_memory: bool = False) -> str:
+        """The plan for people; ``assumed_memory``: the device size is a default, not one seen or given."""
         s = self.setting
-        where = (f"per GPU ({s['world']} x {self.device_bytes / GB:.0f} GB" if s["device"] == "cuda" else
-                 f"per process (CPU, {s['world']} process(es)")
+        size = f"{self.device_bytes / GB:.0f} GB" + (" assumed: no GPU visible" if assumed_memory else "")
+        where = (f"per GPU ({s['world']} x {size}" if s["device"] == "cuda" else
+                 f"per process (CPU, {s['world']} process(es) on {self.device_bytes / GB:.0f} GB of RAM")
         lines = [f"memory plan, {where}, {s['mode']}):",
                  f"  model {s['model']}: {s['params'] / 1e6:,.1f}M parameters, {s['trainable'] / 1e6:,.2f}M trainable"
                  f"{' (LoRA r=%d)' % s['lora_rank'] if s['lora_rank'] else ''}",
@@ -400,6 +404,11 @@ def plan_memory(cfg: Config, *, world_size: int = 1, device_type: str = "cuda", 
     return Plan(setting, persistent, rollout, update, overhead, device_bytes, notes)
 
 
+def host_memory_gb() -> float:
+    """This machine's RAM (what a CPU run's processes share)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+
+
 def device_memory_gb(cfg: Config, flag: float | None) -> tuple[float, str]:
     """The memory to plan against: the flag, the config key, the visible GPU's, or 80 GB."""
     if flag:
@@ -408,4 +417,4 @@ def device_memory_gb(cfg: Config, flag: float | None) -> tuple[float, str]:
         return cfg.distribution.gpu_memory_gb, "distribution.gpu_memory_gb"
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory / GB, torch.cuda.get_device_name(0)
-    return 80.0, "no GPU visible: assumed 80 GB (set --gpu-memory-gb)"
+    return 80.0, NO_GPU

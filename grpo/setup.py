@@ -15,7 +15,7 @@ from data.audio import AudioError
 from data.collate import prompt_length
 from data.datasets import DataError, Sample, read_dataset
 from data.quote import cut
-from grpo.checkpoint import resolve_resume
+from grpo.checkpoint import resolve_resume, step_of
 from grpo.cli import same_on_every_rank, user_errors
 from grpo.config import Config, ConfigError
 from grpo.rundir import check_run_dir
@@ -78,17 +78,54 @@ def check_inputs(cfg: Config, resume: str | None) -> None:
     rank stops alike, and before the run directory is touched): model.path, the data files,
     the checkpoint ``resume`` names, and whether a fresh run may use run.output_dir."""
     m, d = cfg.model, cfg.data
+    missing = []  # every missing input in one error: a first run may lack several
     if not m.build_tiny and not (Path(m.path) / "config.json").is_file():
-        raise CheckpointError(f"model.path {m.path}: " + ("no config.json in it (not a transformers-format "
-                              "checkpoint directory)" if Path(m.path).is_dir() else "directory not found"))
+        missing.append(f"model.path {m.path}: " + ("no config.json in it (not a transformers-format checkpoint "
+                       "directory)" if Path(m.path).is_dir() else "directory not found"))
     built = d.format == "synthetic" and d.synthetic_generate  # written at start when absent
-    for key, path in (("data.train_path", d.train_path), ("data.eval_path", d.eval_path)):
-        if path and not built and not Path(path).is_file():
-            raise DataError(f"{key} {path}: file not found")
-    # first: a directory another run is using is said before anything about what it holds
+    data_missing = [f"{key} {path}: file not found" for key, path in
+                    (("data.train_path", d.train_path), ("data.eval_path", d.eval_path))
+                    if path and not built and not Path(path).is_file()]
+    if missing or data_missing:
+        error = DataError if data_missing else CheckpointError
+        raise error("; ".join(missing + data_missing))
+    # then: a directory another run is using is said before anything about what it holds
     check_run_dir(cfg.run.output_dir, resume=resume is not None, overwrite=cfg.run.overwrite)
     if resume:
         resolve_resume(cfg.run.output_dir, resume, verify=False)  # verified once the ranks can share the work
+
+
+def planned_steps(cfg: Config) -> int:
+    """The steps a run takes in all: the format warm-up (GRPO only), then run.steps."""
+    warmup = cfg.algorithm.format_warmup_steps if cfg.algorithm.name == "grpo" else 0
+    return warmup + cfg.run.steps
+
+
+def settle_resume(cfg: Config, resume: str | None) -> tuple[str | None, str | None, bool]:
+    """What ``--resume`` comes to in run.output_dir: (the resume to start with, None for a fresh
+    start; a line to tell the user, or None; whether there is nothing to train).
+
+    * The checkpoint to continue from is at the run's last step (:func:`planned_steps`): the run
+      is finished. With ``--resume auto`` and run.overwrite=true (``make train``) a fresh run
+      starts (the finished one is moved aside); otherwise nothing is trained.
+    * ``--resume auto`` with run.overwrite=true and no checkpoint (a run stopped before its
+      first save, or none at all): a fresh start, an earlier run moved aside.
+    * Anything else: ``resume`` as given (a stopped run continues).
+    """
+    if not resume:
+        return resume, None, False
+    restart = resume == "auto" and cfg.run.overwrite
+    path = resolve_resume(cfg.run.output_dir, resume, verify=False)
+    if path is None:
+        return (None if restart else resume), None, False
+    step, total = step_of(path), planned_steps(cfg)
+    if step < total:
+        return resume, None, False
+    finished = f"{path}: the run is finished (step {step} of {total})"
+    if restart:
+        return None, f"{finished}: run.overwrite=true moves it aside, and a fresh run starts", False
+    return resume, (f"{finished}: nothing to train. Score it with evaluate.py, raise run.steps to train on, or "
+                    "pass --resume auto run.overwrite=true to move it aside and start afresh"), True
 
 
 def use_fsdp(cfg: Config, info: DistInfo) -> bool:

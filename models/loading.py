@@ -264,8 +264,9 @@ def load_processor(path):
     expects, which data.collate puts before each prompt); Qwen2-Audio's is None (its chat
     template's default system line)."""
     path = Path(path)
-    check_processor_files(path)
+    # config.json first: one that does not parse is the cause to report, not the files after it
     kind = model_type(path) if (path / "config.json").is_file() else "qwen2_audio"
+    check_processor_files(path)
     processor = _loading(path, "processor", lambda: Qwen2AudioProcessor.from_pretrained(path, local_files_only=True))
     processor.system_prompt = omni.SYSTEM_PROMPT if kind == omni.MODEL_TYPE else None
     # prompts are left padded so that every row's completion starts at the same column

@@ -338,8 +338,16 @@ def test_checkpoint_names_and_steps(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         ev.resolve_checkpoints([tmp_path / "nope"])
     (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="without exported checkpoints"):
+    with pytest.raises(FileNotFoundError, match=r"the run has no export yet: no .*empty_run/checkpoints/step_<N>/hf"):
         ev.resolve_checkpoints([tmp_path / "empty_run"])
+    # a run still training, before its first checkpoint: no checkpoints/ folder yet
+    training = tmp_path / "training_run"
+    training.mkdir()
+    for name in ("config.yaml", "history.jsonl", "run.lock"):
+        (training / name).write_text("")
+    with pytest.raises(FileNotFoundError, match=r"has no export yet \(a run is training in it now\): no "
+                                                r".*training_run/checkpoints/step_<N>/hf"):
+        ev.resolve_checkpoints([training])
 
 
 def test_config_errors_name_the_key_and_the_file(tmp_path):

@@ -123,6 +123,15 @@ def _not_json(path):
     path.write_text('{"model_type": "qwen2_audio", ')
 
 
+def test_an_unparsable_config_json_is_reported_before_missing_tokenizer_files(ckpt_copy):
+    """The processor is what a run loads first: a broken config.json is the cause to name, not
+    the files read after it."""
+    _not_json(ckpt_copy / "config.json")
+    (ckpt_copy / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json: model config cannot be read as JSON"):
+        load_processor(ckpt_copy)
+
+
 @pytest.mark.parametrize("name, harm, says", [
     ("model.safetensors", _cut, r"model\.safetensors is truncated: 1000 bytes, its header alone announces \d+"),
     ("model.safetensors", lambda p: _cut(p, p.stat().st_size - 1),

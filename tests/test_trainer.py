@@ -704,12 +704,13 @@ def test_sft_baseline_fits_the_answers(world, tmp_path):
 
 
 def learning_run(tmp_root: Path, name: str, *extra: str) -> list[dict]:
-    """configs/tiny.yaml as `make train` runs it (its own fresh model and data under tmp)."""
+    """configs/tiny.yaml as `make train` runs it (its own fresh model and data under tmp, one thread:
+    two threads on a shared 2-core machine made each step 5-20x slower, benchmarks/RESULTS.md)."""
     out = tmp_root / name
     train(["--config", str(TINY), f"run.output_dir={out}",
            f"model.path={tmp_root / 'model'}", f"data.train_path={tmp_root / 'data' / 'train.jsonl'}",
            f"data.eval_path={tmp_root / 'data' / 'eval.jsonl'}", "logging.progress_bar=false",
-           "checkpointing.export=false", *extra], timeout=1800, threads=None)
+           "checkpointing.export=false", *extra], timeout=1800, threads=1)  # one thread, as `make train`
     return history(out)
 
 

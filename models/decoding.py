@@ -44,7 +44,6 @@ import warnings
 
 import torch
 
-from models.sampling import gumbel_sample
 
 
 class StaticKVCache:
@@ -236,7 +235,7 @@ def generate_static(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_to
     ``shared_prompt`` (default: with G > 1): each prompt's KV once per group
     (``SharedPromptKVCache``), else G copies (``StaticKVCache``).
     """
-    from models.policy import decoder_positions, decoder_step, filter_logits, position_ids_from_mask, text_decoder
+    from models.policy import decoder_positions, decoder_step, next_tokens, position_ids_from_mask, text_decoder
 
     lm, embed, head = text_decoder(model), model.get_input_embeddings(), model.lm_head
     device = prompt_embeds.device
@@ -278,23 +277,12 @@ def generate_static(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_to
     step_fn = _compiled_step(model) if compile_step else _eager_step
 
     for step in range(T):
-        logits = head(hidden).float()  # [n, V]
-        if return_logprobs:  # before suppression and filtering: the loss scores the whole vocabulary
-            raw, log_norm = logits, (logits / temperature).logsumexp(-1)  # [n, V], [n]
-        if suppress.numel():
-            logits[:, suppress] = float("-inf")
-        if greedy:
-            token = logits.argmax(-1)
-        else:
-            logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
-            if seeds is not None:
-                token = gumbel_sample(logits, seeds, step)
-            else:
-                token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        token, chosen = next_tokens(head(hidden).float(), suppress=suppress, greedy=greedy, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, seeds=seeds, step=step, generator=generator,
+                                    with_logprobs=return_logprobs)  # [n], [n]
         token = token.masked_fill(done, pad_token_id)  # [n]
         tokens[rows, step] = token
-        if return_logprobs:  # a chosen token is never suppressed (set in place in raw) or filtered
-            chosen = raw.gather(-1, token[:, None]).squeeze(-1) / temperature - log_norm  # [n]
+        if return_logprobs:
             logprobs[rows, step] = chosen.masked_fill(done, 0.0)
         done = done | torch.isin(token, ends)
         if step == T - 1:

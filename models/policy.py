@@ -342,6 +342,29 @@ def filter_logits(logits, *, top_k=0, top_p=1.0):
     return logits
 
 
+def next_tokens(logits, *, suppress, greedy, temperature, top_k, top_p, seeds, step, generator, with_logprobs):
+    """One decoding step's choice. logits [n, V] fp32 (changed in place) -> token [n] and, with
+    ``with_logprobs``, log pi(token) [n] under logits / temperature over the whole vocabulary,
+    before suppression and filtering (what the loss scores; a chosen token is never suppressed
+    or filtered). The draw: argmax (greedy), counter-based Gumbel noise of each row's seed at
+    this step (``seeds`` [n]: a row's draw does not depend on the batch), or torch.multinomial
+    with ``generator``."""
+    if with_logprobs:
+        raw, log_norm = logits, (logits / temperature).logsumexp(-1)  # [n, V] (the same tensor), [n]
+    if suppress.numel():
+        logits[:, suppress] = float("-inf")
+    if greedy:
+        token = logits.argmax(-1)
+    else:
+        logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+        if seeds is not None:
+            token = gumbel_sample(logits, seeds, step)
+        else:
+            token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    chosen = raw.gather(-1, token[:, None]).squeeze(-1) / temperature - log_norm if with_logprobs else None
+    return token, chosen
+
+
 def _all_ranks_done(done, sync_ranks):
     if sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
         # every rank runs the same number of decoder steps, or the sharded forward would hang
@@ -402,25 +425,15 @@ def generate(model, prompt_embeds, prompt_mask, *, max_new_tokens, end_token_ids
     N = hidden.shape[0]
     position = mask.sum(-1, keepdim=True)  # [N, 1]: position of the first new token
     done = torch.zeros(N, dtype=torch.bool, device=device)
+    seeds = None if row_seeds is None else row_seeds.to(device)  # [N]
     tokens, logprobs = [], []
     for step in range(max_new_tokens):
-        logits = model.lm_head(hidden).float()  # [N, V]
-        if return_logprobs:  # before suppression and filtering: the loss scores the whole vocabulary
-            raw, log_norm = logits, (logits / temperature).logsumexp(-1)  # [N, V], [N]
-        if suppress.numel():
-            logits[:, suppress] = float("-inf")
-        if greedy:
-            token = logits.argmax(-1)
-        else:
-            logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
-            if row_seeds is not None:
-                token = gumbel_sample(logits, row_seeds.to(device), step)
-            else:
-                token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        token, chosen = next_tokens(model.lm_head(hidden).float(), suppress=suppress, greedy=greedy,
+                                    temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=step,
+                                    generator=generator, with_logprobs=return_logprobs)  # [N], [N]
         token = token.masked_fill(done, pad_token_id)  # [N]
         tokens.append(token)
-        if return_logprobs:  # a chosen token is never suppressed (set in place in raw) or filtered
-            chosen = raw.gather(-1, token[:, None]).squeeze(-1) / temperature - log_norm  # [N]
+        if return_logprobs:
             logprobs.append(chosen.masked_fill(done, 0.0))
         done = done | torch.isin(token, ends)
         if step == max_new_tokens - 1 or _all_ranks_done(done, sync_ranks):

@@ -232,6 +232,7 @@ class Trainer:
         path = save_training_state(self.run_dir, self.step, self.model, self.optimizer, trainer_state,
                                    {"stream": self.stream.state_dict()}, rank=self.rank,
                                    keep_last=self.cfg.checkpointing.keep_last,
+                                   keep_exports=self.cfg.checkpointing.keep_exports,
                                    export_fn=checkpoint_exports(self.model, self.processor, self.generation_config,
                                                                 self.cfg.lora, export=self.cfg.checkpointing.export,
                                                                 is_main=self.is_main, dtype=self.export_dtype()),

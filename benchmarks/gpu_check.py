@@ -35,6 +35,11 @@ and .md, <device> the GPU's name in lower case with '-' for spaces, or 'cpu'):
     device-to-device copy reads and writes 2 GiB; 0.25 GiB on the CPU).
  4. The sampler/trainer gap in bf16: the trainer's train/sampler_logprob_diff/{mean,max} of
     the measured step, and the same in eval mode (no LoRA dropout) on fresh completions.
+ 5. Where two GPUs are visible: two processes over NCCL run one FSDP2 policy update of the
+    tiny model whose loss tokens straddle the log-prob chunk on one rank only
+    (benchmarks/two_gpu_straddle.py): both ranks must issue the same collectives, or NCCL hangs
+    until the bounded timeout. Its result ("two_gpu_straddle": ok, updates, seconds, or the
+    error) is recorded; with fewer GPUs, or on the CPU, it is recorded as skipped, and why.
 
 Without a GPU (--device cuda, the default), it says so in one line and exits with status 2.
 """
@@ -402,6 +407,35 @@ def eval_mode_gap(trainer) -> dict:
 # --------------------------------------------------------------------------- report
 
 
+def two_rank_straddle(work: Path, device: str = "cuda", timeout_s: float = 300) -> dict:
+    """benchmarks/two_gpu_straddle.py on 2 local processes (NCCL on ``cuda``, gloo on ``cpu``):
+    its result, or {"ok": False, "error": ...} when it failed, hung or wrote nothing."""
+    import subprocess
+
+    from models.tiny import build_tiny_checkpoint
+
+    model_dir = build_tiny_checkpoint(work / "model-straddle", seed=0)
+    out = work / "two_gpu_straddle.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "benchmarks" / "two_gpu_straddle.py"), "--model-dir", str(model_dir), "--out", str(out),
+           "--device", device]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        log = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        log = f"killed after {timeout_s:.0f} s (a hang?) {err.stdout or ''}{err.stderr or ''}"
+    for path in [out, *sorted(work.glob("two_gpu_straddle.json.rank*"))]:
+        if path.exists():
+            result = json.loads(path.read_text())
+            if not result["ok"] or path == out:
+                return result
+    return {"ok": False, "error": log[-2000:]}
+
+
 def gb(x: float) -> str:
     return f"{x:.2f}" if x >= 1 else f"{x:.3g}"
 
@@ -443,6 +477,15 @@ def markdown(result: dict) -> str:
             e = r.get("sampler_logprob_diff_eval_mode")
             extra = f"; eval mode mean {e['mean']:.2e} max {e['max']:.2e}" if e else ""
             lines.append(f"sampler/trainer gap ({name}, bf16): mean {g['mean']:.2e} max {g['max']:.2e}{extra}")
+    s = result.get("two_gpu_straddle")
+    if s:
+        if "skipped" in s:
+            lines.append(f"two GPUs, FSDP2 update straddling the log-prob chunk: skipped ({s['skipped']})")
+        elif s["ok"]:
+            lines.append(f"two GPUs ({s['backend']}), FSDP2 update straddling the log-prob chunk on one rank: "
+                         f"{s['updates']} updates in {s['seconds']:.2f} s, losses finite: {s['losses_finite']}")
+        else:
+            lines.append(f"two GPUs, FSDP2 update straddling the log-prob chunk: FAILED ({(s['error'].strip().splitlines() or [''])[-1]})")
     return "\n".join(lines) + "\n"
 
 
@@ -489,6 +532,12 @@ def main(argv=None) -> int:
             result["recipes"][recipe] = r
             print(f"{recipe}: {r['layers']} decoder layers, step {r['step_seconds']:.1f} s, peak "
                   f"{gb(r['measured_peak_gb'])} GB (plan {gb(r['plan_peak_tensors_gb'])} GB)")
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        if gpus >= 2:
+            result["two_gpu_straddle"] = two_rank_straddle(work, "cuda")
+            print(f"two GPUs: {result['two_gpu_straddle']}")
+        else:
+            result["two_gpu_straddle"] = {"skipped": f"needs 2 GPUs, {gpus} visible"}
     result["seconds"] = time.perf_counter() - t_start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ Layout of a run directory::
 
 A checkpoint is written under a temporary name and renamed when every rank has finished,
 so a run killed mid-save never leaves a checkpoint that looks complete. Only the last
-``keep_last`` full states are kept; the (much smaller) exports stay for evaluation sweeps.
+``keep_last`` full states are kept; the (much smaller) exports stay for evaluation sweeps, or
+only the newest ``keep_exports`` of them (and those of the kept full states: see _prune_exports).
 
 A failed save (no space, no permission, over quota) removes its temporary directory and
 raises SaveError on every rank, naming the path, the error and the newest complete checkpoint;
@@ -462,6 +463,7 @@ def save_training_state(
     *,
     rank: int,
     keep_last: int,
+    keep_exports: int = 0,
     export_fn=None,
     extra_models: dict | None = None,
     with_frozen: bool = True,
@@ -475,7 +477,8 @@ def save_training_state(
       3. each rank writes its RNG states and data position;
       4. ``export_fn(dir)`` writes the transformers-format model (all ranks take part);
       5. rank 0 writes trainer_state.json, all ranks hash their share of the files, rank 0
-         writes manifest.json and renames the directory, then prunes old states.
+         writes manifest.json and renames the directory, then prunes old states (and old
+         exports beyond ``keep_exports``; 0 keeps every export).
 
     After each step the ranks agree on whether it failed: a failure on any rank (a full disk,
     no permission, a quota) removes the temporary directory and raises SaveError on every
@@ -504,6 +507,7 @@ def save_training_state(
     if rank == 0:
         try:
             _prune(run_dir, keep_last)
+            _prune_exports(run_dir, keep_exports)
         except OSError as err:  # the new checkpoint is complete: an old one left in place is only disk space
             log.warning("could not prune old checkpoints of %s: %s", run_dir, _describe(err)[0])
     barrier()
@@ -569,6 +573,32 @@ def _prune(run_dir: str | Path, keep_last: int) -> None:
         shutil.rmtree(path / "state", ignore_errors=True)
         for name in ranks:
             (path / name).unlink()
+
+
+def _prune_exports(run_dir: str | Path, keep_exports: int) -> None:
+    """Delete the ``hf/`` exports of all but the newest ``keep_exports`` checkpoints (0: keep all).
+
+    Never deleted: the newest ``keep_exports`` exports (so the newest checkpoint's, when it has
+    one), and the export of every checkpoint that still holds its full state (``keep_last``): a
+    run resumed from one of those, or a fallback to the older one, has its export to evaluate.
+    The small LoRA ``adapter/`` folders stay. As in ``_prune``, nothing is deleted through a
+    symbolic link (``checkpoints/``, the step folder, its ``hf/`` or ``manifest.json``).
+    """
+    if keep_exports <= 0:
+        return
+    exports = list_exports(run_dir)
+    resumable = {p.resolve() for p in full_states(run_dir)}
+    for hf in exports[: max(len(exports) - keep_exports, 0)]:
+        step_dir = hf.parent
+        if step_dir.resolve() in resumable:
+            continue
+        linked = [p for p in (step_dir.parent, step_dir, hf, step_dir / manifest.MANIFEST) if p.is_symlink()]
+        if linked:
+            log.warning("not pruning the export %s: %s is a symbolic link, and a prune never deletes through one",
+                        hf, linked[0])
+            continue
+        manifest.drop(step_dir, ["hf"])  # first: a manifest never lists a file that is gone
+        shutil.rmtree(hf)
 
 
 def _options(with_frozen: bool) -> StateDictOptions | None:

@@ -172,8 +172,9 @@ class LoggingConfig:
 @dataclass
 class CheckpointingConfig:
     every: int = 100  # save every N steps (0: only at the end)
-    keep_last: int = 2  # full training states kept (exports are kept)
+    keep_last: int = 2  # full training states kept (exports: keep_exports)
     export: bool = True  # also write a transformers-format model for evaluate.py
+    keep_exports: int = 0  # hf/ exports kept: the newest N and those of the kept full states (0: all)
     export_dtype: str = "model"  # the export's weights: model (model.dtype: bfloat16 on GPU, half of fp32), or a dtype
     save_on_signal: bool = True  # SIGTERM and SIGINT save a checkpoint before exit
 
@@ -334,6 +335,7 @@ RANGES = {
     "logging.num_samples": at_least(0),
     "checkpointing.every": at_least(0),
     "checkpointing.keep_last": at_least(1),
+    "checkpointing.keep_exports": at_least(0),
     "lora.rank": at_least(1),
     "lora.alpha": above(0),
     "lora.dropout": Range(0, 1, high_open=True),

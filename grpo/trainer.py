@@ -202,6 +202,7 @@ class Trainer:
         trainer_state, rank_state = self.state.saved(self.info.world_size)
         path = save_training_state(self.run_dir, self.step, self.model, self.optimizer, trainer_state, rank_state,
                                    rank=self.info.rank, keep_last=self.cfg.checkpointing.keep_last,
+                                   keep_exports=self.cfg.checkpointing.keep_exports,
                                    export_fn=checkpoint_exports(self.model, self.processor, self.generation_config,
                                                                 self.cfg.lora, export=self.cfg.checkpointing.export,
                                                                 is_main=self.info.is_main, dtype=self.export_dtype()),

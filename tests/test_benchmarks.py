@@ -195,6 +195,19 @@ def test_gpu_check_on_the_cpu_measures_both_recipes_and_writes_json_and_markdown
         for phase in ("rollout", "reference", "update"):
             assert f"| {recipe} | 2 | 1 x 2 x 4 " in table and f"| {phase} |" in table
     assert "decode:" in table and "sampler/trainer gap (lora, bf16)" in table
+    assert result["two_gpu_straddle"] == {"skipped": "needs 2 GPUs, 0 visible"}
+    assert "straddling the log-prob chunk: skipped (needs 2 GPUs, 0 visible)" in table
+
+
+@pytest.mark.slow
+def test_gpu_check_two_rank_straddle_runs_one_sharded_update_on_two_processes(tmp_path):
+    """The two-GPU check's launcher and worker, on 2 CPU processes over gloo: two FSDP2 updates
+    whose loss tokens straddle the log-prob chunk on one rank only, taken on both."""
+    from benchmarks import gpu_check
+
+    r = gpu_check.two_rank_straddle(tmp_path, "cpu")
+    assert r["ok"], r.get("error")
+    assert r["world"] == 2 and r["backend"] == "gloo" and r["updates"] == 2 and r["losses_finite"]
 
 
 @pytest.mark.slow

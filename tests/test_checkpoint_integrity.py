@@ -10,6 +10,7 @@ import errno
 import hashlib
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from grpo.checkpoint import (
     ResumeError,
     SaveError,
     checkpoint_problem,
+    list_exports,
     load_training_state,
     resolve_resume,
     save_training_state,
@@ -207,6 +209,41 @@ def test_the_manifest_lists_every_file_and_pruning_keeps_it_true(tmp_path):
     assert set(manifest.read(first)["files"]) == {"trainer_state.json", "hf/model.safetensors"}
     assert manifest.verify(first) is None  # the export is still checked
     assert "not listed" in checkpoint_problem(first)
+
+
+def test_old_exports_are_pruned_but_never_the_newest_nor_a_resumable_ones(tmp_path, caplog):
+    model, optimizer = _model_and_optimizer()
+    run = tmp_path / "run"
+    elsewhere = tmp_path / "someone_elses_export"
+    elsewhere.mkdir()
+    (elsewhere / "model.safetensors").write_bytes(b"theirs")
+
+    def export(out_dir):
+        out_dir.mkdir()
+        (out_dir / "model.safetensors").write_bytes(b"weights")
+
+    def hf_steps():
+        return [int(p.parent.name.split("_")[1]) for p in list_exports(run)]
+
+    for step in (1, 2, 3):
+        _save(run, step, model, optimizer, keep_last=1, keep_exports=2, export_fn=export)
+    assert hf_steps() == [2, 3]
+    step_1 = run / "checkpoints" / "step_1"
+    assert manifest.verify(step_1) is None and (step_1 / "trainer_state.json").is_file()  # the manifest follows
+    # a full state kept (keep_last=2) keeps its export even beyond keep_exports=1
+    _save(run, 4, model, optimizer, keep_last=2, keep_exports=1, export_fn=export)
+    assert hf_steps() == [3, 4]
+    # an export reached through a link is never deleted through it
+    shutil.rmtree(run / "checkpoints" / "step_3" / "hf")
+    (run / "checkpoints" / "step_3" / "hf").symlink_to(elsewhere)
+    with caplog.at_level("WARNING"):
+        _save(run, 5, model, optimizer, keep_last=1, keep_exports=1, export_fn=export)
+    assert (elsewhere / "model.safetensors").read_bytes() == b"theirs"
+    assert any("not pruning the export" in r.getMessage() for r in caplog.records)
+    assert hf_steps() == [3, 5]  # step 4's own export pruned, the linked one left, the newest kept
+    # 0 keeps every export
+    _save(run, 6, model, optimizer, keep_last=1, keep_exports=0, export_fn=export)
+    assert hf_steps() == [3, 5, 6]
 
 
 # --------------------------------------------------------------------------- a save that fails

@@ -57,6 +57,7 @@ def test_every_numeric_evaluation_key_rejects_a_negative_value_by_name():
     ("algorithm.beta=-0.01", "beta >= 0"),
     ("algorithm.advantage_eps=0", "advantage_eps > 0"),
     ("checkpointing.keep_last=0", "keep_last >= 1"),
+    ("checkpointing.keep_exports=-1", "keep_exports >= 0"),
     ("rollout.max_new_tokens=0", "max_new_tokens >= 1"),
     ("rollout.top_k=-5", "top_k >= 0"),
     ("rollout.top_p=0", "top_p in (0, 1]"),

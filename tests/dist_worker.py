@@ -440,7 +440,7 @@ def scenario_update_straddle(env: Env) -> dict:
     collectives are recorded on every rank and compared on rank 0."""
     from grpo.config import Config, advantage_spec, correction_spec, loss_spec
     from grpo.reference import NoReference
-    from grpo.step import Counters, StepContext, Trajectory, policy_update
+    from grpo.step import Counters, StepContext, StepSettings, Trajectory, policy_update
 
     cfg = Config()
     cfg.rollout.group_size, cfg.rollout.prompts_per_step = GROUP, PROMPTS_PER_RANK * env.world
@@ -449,8 +449,8 @@ def scenario_update_straddle(env: Env) -> dict:
     cfg.optimizer.lr, cfg.optimizer.warmup_steps = 1e-3, 0
     model = shard_model(env.load())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ctx = StepContext(cfg, model, NoReference(), optimizer, processor=None, sampling=None, stream=None,
-                      device=torch.device("cpu"), total_updates=2, loss=loss_spec(cfg),
+    ctx = StepContext(StepSettings.from_config(cfg), model, NoReference(), optimizer, processor=None, sampling=None,
+                      stream=None, device=torch.device("cpu"), total_updates=2, loss=loss_spec(cfg),
                       advantage=advantage_spec(cfg), correction=correction_spec(cfg),
                       rank=env.rank, world=env.world, fsdp=True)
     T = env.local_ids.shape[1]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from benchmarks.bench_step import BUILT_MODELS, checkpoint_setup, repeat_prompts, timed, write_json
 from grpo.rollout import completion_seeds
-from models.policy import generate, policy_logprobs, prompt_embeddings, token_logprobs
+from models.policy import embedding_inputs, generate, policy_logprobs, prompt_embeddings, token_logprobs
 
 
 def head_ours(model, hidden, ids, P, temperature):
@@ -72,7 +72,7 @@ def ablate(setup, G, repeats, device):
     gen = dict(end_token_ids=s.end_token_ids, pad_token_id=s.pad_token_id, suppress_token_ids=s.suppress_token_ids,
                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     with torch.no_grad():
-        embeds = prompt_embeddings(model, **prompts)  # [B, P, H]
+        embeds = prompt_embeddings(model, **embedding_inputs(prompts))  # [B, P, H]
     rows = {}
 
     def row(name, naive, ours, note):
@@ -88,13 +88,15 @@ def ablate(setup, G, repeats, device):
         return run
 
     model.eval()
-    row("encoder forward", no_grad(lambda: prompt_embeddings(model, **rep, real_frames=False)),
-        no_grad(lambda: prompt_embeddings(model, **prompts, real_frames=False).repeat_interleave(G, dim=0)),
+    row("encoder forward", no_grad(lambda: prompt_embeddings(model, **embedding_inputs(rep), real_frames=False)),
+        no_grad(lambda: prompt_embeddings(model, **embedding_inputs(prompts), real_frames=False)
+                .repeat_interleave(G, dim=0)),
         f"{N} vs {B} clips through the audio encoder")
 
     def enc_bwd(p, g, real_frames=True):
         def run():
-            prompt_embeddings(model, **p, real_frames=real_frames).repeat_interleave(g, dim=0).sum().backward()
+            embeds = prompt_embeddings(model, **embedding_inputs(p), real_frames=real_frames)  # [B, P, H]
+            embeds.repeat_interleave(g, dim=0).sum().backward()
             model.zero_grad(set_to_none=True)
         return run
 

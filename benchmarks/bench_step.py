@@ -105,7 +105,7 @@ import yaml
 from data.datasets import Sample
 from grpo.algorithm import LossSpec, completion_mask, group_advantages, policy_loss
 from grpo.reference import FrozenCopy, NoReference
-from grpo.step import Counters, Round, StepContext, policy_update, rollout
+from grpo.step import Counters, Round, StepContext, StepSettings, policy_update, rollout
 from grpo.config import Config, advantage_spec, correction_spec, load_config, loss_spec, to_dict
 from grpo.rollout import SamplingSettings, completion_seeds, prompt_batch, sample_completions, slice_prompts
 from models.loading import (enable_activation_checkpointing, end_token_ids, load_generation_config, load_model,
@@ -546,7 +546,7 @@ def grpo_step(bench, mode, step, probe_memory=False):
 
     optimizer = TimedOptimizer(bench.optimizer, device, probe_memory)
     reference = FrozenCopy(model, model) if cfg.algorithm.beta > 0 else NoReference()
-    ctx = StepContext(cfg=cfg, model=model, reference=reference,
+    ctx = StepContext(settings=StepSettings.from_config(cfg), model=model, reference=reference,
                       optimizer=optimizer, sampling=s, stream=None, device=device,
                       processor=SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=s.pad_token_id)),
                       total_updates=10**9, loss=loss_spec(cfg), advantage=advantage_spec(cfg),

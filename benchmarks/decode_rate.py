@@ -55,7 +55,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.bench_step import BUILT_MODELS, checkpoint_setup, write_json  # noqa: E402
 from grpo.rollout import SamplingSettings, completion_seeds  # noqa: E402
 from models.decoding import generate_static  # noqa: E402
-from models.policy import generate, prompt_embeddings, text_decoder  # noqa: E402
+from models.policy import embedding_inputs, generate, prompt_embeddings, text_decoder  # noqa: E402
 
 SHAPES = {
     "anchor": dict(model="anchor", prompts=2, group=8, tokens=32, ends=False, dtype=torch.float32),
@@ -168,7 +168,7 @@ def run_shape(shape, args, device):
     G = spec["group"]
     hook = end_at_spread_lengths(model, s.end_token_ids[0]) if spec["ends"] else None
     with torch.no_grad():
-        embeds = prompt_embeddings(model, **prompts)  # [B, P, H]
+        embeds = prompt_embeddings(model, **embedding_inputs(prompts))  # [B, P, H]
     mask = prompts["attention_mask"]
     B, P = mask.shape
     N = B * G

@@ -21,7 +21,7 @@ from data.datasets import Sample
 from grpo.algorithm import completion_mask
 from models.loading import end_token_ids
 from models.lora import adapters_cast_once
-from models.policy import generate, prompt_embeddings, suppressed_token_ids
+from models.policy import embedding_inputs, generate, prompt_embeddings, suppressed_token_ids
 from models.sampling import row_seed
 
 
@@ -157,7 +157,7 @@ def sample_completions(
 def _sample_chunk(model, part, settings, *, group_size, greedy, generator, row_seeds, sync_ranks, real_frames,
                   return_logprobs, decoder):
     """One chunk of prompts: its prompt embeddings, then ``generate``."""
-    embeds = prompt_embeddings(model, **part, real_frames=real_frames)  # [b, P, H]
+    embeds = prompt_embeddings(model, **embedding_inputs(part), real_frames=real_frames)  # [b, P, H]
     return generate(
         model,
         embeds,  # [b, P, H]: each prompt once, its cache shared by its G completions

@@ -59,19 +59,19 @@ def sft_step(ctx: StepContext, counters: Counters, label_free: bool, lr: float |
          share of the whole batch, backward;
       3. clip and the AdamW step (``lr``: the warm-up's rate, which does not move the schedule).
     """
-    cfg = ctx.cfg
+    settings = ctx.settings
     samples, waves = ctx.stream.take(ctx.local_prompts)
     answers = [s.choices if label_free else [s.answer] for s in samples]  # targets of each question
-    ids, mask, K = sft_targets(ctx.processor.tokenizer, answers, cfg.data.prompt_template,
+    ids, mask, K = sft_targets(ctx.processor.tokenizer, answers, settings.prompt_template,
                                ctx.sampling.end_token_ids[0], ctx.sampling.pad_token_id,
                                agree=lambda shape: tuple(all_reduce(torch.tensor(shape), ctx.device, "max").tolist())
                                )  # [B*K, T] each, K and T the same on every rank
     ids, mask = ids.to(ctx.device), mask.to(ctx.device)
-    prompts = prompt_batch(samples, waves, ctx.processor, cfg.data.prompt_template, ctx.device)
+    prompts = prompt_batch(samples, waves, ctx.processor, settings.prompt_template, ctx.device)
     total_tokens = int(all_reduce(mask.sum().reshape(1).cpu(), ctx.device).item())
     t0 = time.perf_counter()
     loss_total = 0.0
-    for lo, hi in micro_batches(len(samples), cfg.algorithm.micro_batch_prompts):
+    for lo, hi in micro_batches(len(samples), settings.micro_batch_prompts):
         logp = ctx.logprobs(ctx.model, slice_prompts(prompts, lo, hi), ids[lo * K : hi * K],
                             **ctx.pass_options(temperature=1.0))  # [(hi-lo)*K, T]
         loss = sft_loss(logp, mask[lo * K : hi * K], total_tokens)

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
@@ -47,11 +47,51 @@ from models.policy import policy_logprobs
 if TYPE_CHECKING:  # the types of StepContext's fields
     from transformers import ProcessorMixin
 
-    from grpo.config import Config
+    from grpo.config import Config, OptimizerConfig
     from grpo.rollout import SamplingSettings
     from grpo.stream import PromptStream
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The configuration keys a step reads beyond the loss, advantage and correction specs,
+    resolved once at set-up (``from_config``) so that the step does not carry the whole ``Config``."""
+
+    group_size: int  # G: completions per prompt
+    prompts_per_step: int  # B over all ranks
+    temperature: float  # sampling temperature; the log-prob passes use the same
+    max_new_tokens: int  # completion length limit (the overlong reward's end)
+    generation_batch_prompts: int  # prompts generated together on a rank
+    prompt_template: int  # the R1-AQA prompt
+    seed: int  # the run's seed: the completions' sampling seeds
+    dynamic_sampling: bool  # resample until every group's rewards differ
+    max_sampling_rounds: int
+    mask_truncated: bool  # leave completions cut at max_new_tokens out of the loss
+    rewards: dict[str, float]  # reward name -> weight
+    overlong_buffer: int  # the soft overlong punishment's buffer (0: off)
+    overlong_penalty: float  # its weight
+    micro_batch_prompts: int  # prompts (with their G completions) per forward/backward
+    mu: int  # optimizer updates per rollout
+    top_entropy_fraction: float  # train on this fraction of highest-entropy loss tokens
+    shared_prefix: bool  # log-prob passes: each prompt through the decoder once per group
+    audio_real_frames: bool  # the encoder over the clips' real frames only
+    logprob_chunk_rows: int  # rows per lm_head + log_softmax chunk
+    optimizer: OptimizerConfig  # a copy: the gradient clip, the non-finite limit, the learning-rate schedule
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> StepSettings:
+        r, a, m = cfg.rollout, cfg.algorithm, cfg.model
+        return cls(group_size=r.group_size, prompts_per_step=r.prompts_per_step, temperature=r.temperature,
+                   max_new_tokens=r.max_new_tokens, generation_batch_prompts=r.generation_batch_prompts,
+                   prompt_template=cfg.data.prompt_template, seed=cfg.run.seed,
+                   dynamic_sampling=a.dynamic_sampling, max_sampling_rounds=a.max_sampling_rounds,
+                   mask_truncated=a.mask_truncated, rewards=dict(a.rewards), overlong_buffer=a.overlong_buffer,
+                   overlong_penalty=a.overlong_penalty, micro_batch_prompts=a.micro_batch_prompts, mu=a.mu,
+                   top_entropy_fraction=a.top_entropy_fraction, shared_prefix=m.shared_prefix,
+                   audio_real_frames=m.audio_real_frames, logprob_chunk_rows=m.logprob_chunk_rows,
+                   optimizer=replace(cfg.optimizer))
 
 
 @dataclass
@@ -62,7 +102,7 @@ class StepContext:
     this same code: two fields with the production pieces as defaults are a smaller seam than
     patching the module's globals; everything else is the run's state."""
 
-    cfg: Config  # the step reads rollout, algorithm (beyond the specs), optimizer, data.prompt_template, run.seed
+    settings: StepSettings  # the configuration keys the step reads (StepSettings.from_config)
     model: torch.nn.Module  # the policy pi_theta
     reference: NoReference  # pi_ref (grpo.reference: none, a frozen copy, or the policy with its adapters off)
     optimizer: torch.optim.Optimizer
@@ -82,14 +122,14 @@ class StepContext:
 
     @property
     def local_prompts(self) -> int:
-        return self.cfg.rollout.prompts_per_step // self.world
+        return self.settings.prompts_per_step // self.world
 
     def pass_options(self, temperature: float | None = None) -> dict:
         """The log-prob pass's settings: the sampling temperature, the two exact savings and the
         lm_head chunk (rows per chunk: with the agreed widths, the same chunk count on every rank)."""
-        m = self.cfg.model
-        return dict(temperature=self.cfg.rollout.temperature if temperature is None else temperature,
-                    shared_prefix=m.shared_prefix, real_frames=m.audio_real_frames, chunk_size=m.logprob_chunk_rows)
+        s = self.settings
+        return dict(temperature=s.temperature if temperature is None else temperature,
+                    shared_prefix=s.shared_prefix, real_frames=s.audio_real_frames, chunk_size=s.logprob_chunk_rows)
 
 
 @dataclass
@@ -170,7 +210,7 @@ def grpo_step(ctx: StepContext, counters: Counters, step: int) -> StepRecord:
 @torch.no_grad()
 def rollout(ctx: StepContext, step: int) -> tuple[Trajectory, RolloutRecord]:
     """Stages 1-5: the completions, their advantages, and the log-probs the loss compares against."""
-    a, G = ctx.cfg.algorithm, ctx.cfg.rollout.group_size
+    a, G = ctx.settings, ctx.settings.group_size
     ctx.model.eval()
     t0 = time.perf_counter()
 
@@ -222,7 +262,7 @@ def rollout(ctx: StepContext, step: int) -> tuple[Trajectory, RolloutRecord]:
 def policy_update(ctx: StepContext, counters: Counters, traj: Trajectory) -> UpdateRecord:
     """Stages 6-7: mu passes over the batch; in each, micro-batch by micro-batch, log pi_theta,
     the loss (this micro-batch's share of the whole batch's), backward; then one optimizer step."""
-    a, G = ctx.cfg.algorithm, ctx.cfg.rollout.group_size
+    a, G = ctx.settings, ctx.settings.group_size
     B = len(traj.samples)
     t0 = time.perf_counter()
     sums: dict[str, float] = {}  # token-weighted statistics of all passes, this rank
@@ -266,7 +306,7 @@ def optimizer_step(ctx: StepContext, counters: Counters, loss_value: float, lr: 
     stop after optimizer.max_nonfinite_steps such in a row), else set the learning rate (the
     schedule's at ``counters.update``, or ``lr``: the warm-up's, which does not advance the
     schedule) and step. Returns the global gradient norm."""
-    o = ctx.cfg.optimizer
+    o = ctx.settings.optimizer
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -298,24 +338,23 @@ def optimizer_step(ctx: StepContext, counters: Counters, loss_value: float, lr: 
 @torch.no_grad()
 def sample_round(ctx: StepContext, step: int, round_: int) -> Round:
     """Take B questions from the stream, sample G completions each, decode and score them."""
-    cfg, G = ctx.cfg, ctx.cfg.rollout.group_size
+    settings, G = ctx.settings, ctx.settings.group_size
     samples, waves = ctx.stream.take(ctx.local_prompts)
-    prompts = prompt_batch(samples, waves, ctx.processor, cfg.data.prompt_template, ctx.device)
+    prompts = prompt_batch(samples, waves, ctx.processor, settings.prompt_template, ctx.device)
     with gathered_params(ctx.model) if ctx.fsdp else nullcontext():
         ids, sampler_logp = sample_completions(
-            ctx.model, prompts, ctx.sampling, group_size=G, chunk_prompts=cfg.rollout.generation_batch_prompts,
-            row_seeds=completion_seeds(cfg.run.seed, step, round_, ctx.stream.positions, G),
-            sync_ranks=ctx.fsdp, real_frames=cfg.model.audio_real_frames, return_logprobs=True,
+            ctx.model, prompts, ctx.sampling, group_size=G, chunk_prompts=settings.generation_batch_prompts,
+            row_seeds=completion_seeds(settings.seed, step, round_, ctx.stream.positions, G),
+            sync_ranks=ctx.fsdp, real_frames=settings.audio_real_frames, return_logprobs=True,
         )  # [N, T] each
     end_ids = ctx.sampling.end_token_ids
     texts = decode_completions(ctx.processor.tokenizer, ids, end_ids)
-    rewards, per_reward = compute_rewards(texts, [s for s in samples for _ in range(G)], cfg.algorithm.rewards)
-    a = cfg.algorithm
-    if a.overlong_buffer > 0:  # DAPO's length reward: on token counts, so computed here
+    rewards, per_reward = compute_rewards(texts, [s for s in samples for _ in range(G)], settings.rewards)
+    if settings.overlong_buffer > 0:  # DAPO's length reward: on token counts, so computed here
         lengths = completion_mask(ids, end_ids).sum(dim=1).tolist()  # [N], end token included
-        per_reward["overlong"] = [soft_overlong_punishment(n, cfg.rollout.max_new_tokens, a.overlong_buffer)
+        per_reward["overlong"] = [soft_overlong_punishment(n, settings.max_new_tokens, settings.overlong_buffer)
                                   for n in lengths]
-        rewards = [r + a.overlong_penalty * p for r, p in zip(rewards, per_reward["overlong"])]
+        rewards = [r + settings.overlong_penalty * p for r, p in zip(rewards, per_reward["overlong"])]
     return Round(samples, waves, prompts, ids, texts, torch.tensor(rewards).view(-1, G), per_reward, sampler_logp)
 
 

@@ -41,7 +41,7 @@ from grpo.runstate import RunState, SignalStop, Snapshot
 from grpo.setup import (PromptLimit, load_policy_model, prepare_data, prepare_model, rank_0_first, read_datasets,
                         usable_eval_samples, use_fsdp)
 from grpo.sft import sft_step
-from grpo.step import Counters, StepContext, grpo_step
+from grpo.step import Counters, StepContext, StepSettings, grpo_step
 from grpo.stream import PromptStream
 from models.distributed import DistInfo
 from models.loading import load_generation_config, load_processor, resolve_dtype
@@ -109,6 +109,7 @@ class Trainer:
         self.fsdp = use_fsdp(cfg, info)
         self.loss_spec, self.advantage_spec = loss_spec(cfg), advantage_spec(cfg)
         self.correction_spec = correction_spec(cfg)
+        self.step_settings = StepSettings.from_config(cfg)
         if cfg.lora.enabled:  # LoRA's dropout draws from the global RNG: seeded, so a LoRA run repeats exactly
             torch.manual_seed(cfg.run.seed + info.rank)
         grpo = cfg.algorithm.name == "grpo"
@@ -144,10 +145,10 @@ class Trainer:
 
     def context(self) -> StepContext:
         """What a step reads and acts on, from the run's current state."""
-        return StepContext(cfg=self.cfg, model=self.model, reference=self.reference, optimizer=self.optimizer,
-                           processor=self.processor, sampling=self.sampling, stream=self.stream, device=self.device,
-                           total_updates=self.total_updates, loss=self.loss_spec, advantage=self.advantage_spec,
-                           correction=self.correction_spec,
+        return StepContext(settings=self.step_settings, model=self.model, reference=self.reference,
+                           optimizer=self.optimizer, processor=self.processor, sampling=self.sampling,
+                           stream=self.stream, device=self.device, total_updates=self.total_updates,
+                           loss=self.loss_spec, advantage=self.advantage_spec, correction=self.correction_spec,
                            rank=self.info.rank, world=self.info.world_size, fsdp=self.fsdp)
 
     def train_step(self) -> dict:

@@ -140,12 +140,20 @@ def audio_features(model, input_features, feature_attention_mask, dtype, *, real
     return inner.multi_modal_projector(hidden), out_lengths  # [B, S/2, H], [B]
 
 
-def prompt_embeddings(model, input_ids, attention_mask, input_features, feature_attention_mask, *,
-                      real_frames=True):
+EMBEDDING_KEYS = ("input_ids", "input_features", "feature_attention_mask")  # what prompt_embeddings reads
+
+
+def embedding_inputs(prompts: dict) -> dict:
+    """The keys of a prompt batch that ``prompt_embeddings`` reads: the batch minus its
+    ``attention_mask``, which only the decoder needs."""
+    return {k: prompts[k] for k in EMBEDDING_KEYS}
+
+
+def prompt_embeddings(model, input_ids, input_features, feature_attention_mask, *, real_frames=True):
     """[B, P, H] prompt embeddings: text embeddings with each clip's audio features scattered
     into its <|AUDIO|> positions, exactly as Qwen2AudioModel.forward does, each clip through the
     encoder once (over its real frames only, with `real_frames`: see `audio_features`).
-    `attention_mask` is not needed (the decoder gets it later); kept for symmetry.
+    Call it on a prompt batch as ``prompt_embeddings(model, **embedding_inputs(prompts))``.
     """
     embeds = model.get_input_embeddings()(input_ids)  # [B, P, H]
     if input_features is None:
@@ -320,7 +328,7 @@ def policy_logprobs(model, prompts, completion_ids, *, temperature=1.0, with_ent
                                  real_frames=real_frames, **kw)
                  for lo in range(0, B, micro_batch_prompts)]
         return tuple(torch.cat(p) for p in zip(*parts)) if with_entropy else torch.cat(parts)
-    embeds = prompt_embeddings(model, **prompts, real_frames=real_frames)  # [B, P, H]
+    embeds = prompt_embeddings(model, **embedding_inputs(prompts), real_frames=real_frames)  # [B, P, H]
     if shared_prefix:
         return group_logprobs(model, embeds, prompts["attention_mask"], completion_ids, **kw)
     return completion_logprobs(model, embeds.repeat_interleave(G, dim=0),

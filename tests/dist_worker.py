@@ -91,7 +91,8 @@ def token_mean_loss(model, batch, ids, mask, advantages, total_tokens, shared_pr
     if shared_prefix:
         logp = policy.policy_logprobs(model, batch, ids, shared_prefix=True, real_frames=True)
     else:
-        embeds = policy.prompt_embeddings(model, **batch, real_frames=False).repeat_interleave(GROUP, dim=0)
+        embeds = policy.prompt_embeddings(model, **policy.embedding_inputs(batch), real_frames=False)
+        embeds = embeds.repeat_interleave(GROUP, dim=0)
         pmask = batch["attention_mask"].repeat_interleave(GROUP, dim=0)
         logp = policy.completion_logprobs(model, embeds, pmask, ids)
     return -(logp * advantages[:, None] * mask).sum() / total_tokens
@@ -286,11 +287,12 @@ def scenario_reference(env: Env) -> dict:
     """(d) A frozen reference sharded the same way: same log-probs as the policy at init, no grads."""
     policy_model = shard_model(env.load())
     reference = shard_model(env.load(), frozen=True)
-    embeds = policy.prompt_embeddings(policy_model, **env.local_batch).repeat_interleave(GROUP, dim=0)
+    inputs = policy.embedding_inputs(env.local_batch)
+    embeds = policy.prompt_embeddings(policy_model, **inputs).repeat_interleave(GROUP, dim=0)
     pmask = env.local_batch["attention_mask"].repeat_interleave(GROUP, dim=0)
     logp = policy.completion_logprobs(policy_model, embeds, pmask, env.local_ids)
     with torch.no_grad():
-        ref_embeds = policy.prompt_embeddings(reference, **env.local_batch).repeat_interleave(GROUP, dim=0)
+        ref_embeds = policy.prompt_embeddings(reference, **inputs).repeat_interleave(GROUP, dim=0)
         ref_logp = policy.completion_logprobs(reference, ref_embeds, pmask, env.local_ids)
     (-(logp * env.local_mask).sum()).backward()
     return {
@@ -395,7 +397,7 @@ def scenario_generation(env: Env) -> dict:
     max_new = 8
     results = {}
     with torch.no_grad():
-        embeds = policy.prompt_embeddings(model, **env.local_batch)
+        embeds = policy.prompt_embeddings(model, **policy.embedding_inputs(env.local_batch))
         pmask = env.local_batch["attention_mask"]
 
         def run(end_ids, sync):
@@ -438,7 +440,7 @@ def scenario_update_straddle(env: Env) -> dict:
     collectives are recorded on every rank and compared on rank 0."""
     from grpo.config import Config, advantage_spec, correction_spec, loss_spec
     from grpo.reference import NoReference
-    from grpo.step import Counters, StepContext, Trajectory, policy_update
+    from grpo.step import Counters, StepContext, StepSettings, Trajectory, policy_update
 
     cfg = Config()
     cfg.rollout.group_size, cfg.rollout.prompts_per_step = GROUP, PROMPTS_PER_RANK * env.world
@@ -447,8 +449,8 @@ def scenario_update_straddle(env: Env) -> dict:
     cfg.optimizer.lr, cfg.optimizer.warmup_steps = 1e-3, 0
     model = shard_model(env.load())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ctx = StepContext(cfg, model, NoReference(), optimizer, processor=None, sampling=None, stream=None,
-                      device=torch.device("cpu"), total_updates=2, loss=loss_spec(cfg),
+    ctx = StepContext(StepSettings.from_config(cfg), model, NoReference(), optimizer, processor=None, sampling=None,
+                      stream=None, device=torch.device("cpu"), total_updates=2, loss=loss_spec(cfg),
                       advantage=advantage_spec(cfg), correction=correction_spec(cfg),
                       rank=env.rank, world=env.world, fsdp=True)
     T = env.local_ids.shape[1]
@@ -500,7 +502,7 @@ def scenario_static_decoding(env: Env) -> dict:
         for r in range(env.world):
             part = select(env.batch, r * PROMPTS_PER_RANK, (r + 1) * PROMPTS_PER_RANK)
             hook = ragged_ends(plain, ends[0], modulus=3 - r)
-            embeds = policy.prompt_embeddings(plain, **part)
+            embeds = policy.prompt_embeddings(plain, **policy.embedding_inputs(part))
             rows = slice(r * PROMPTS_PER_RANK * GROUP, (r + 1) * PROMPTS_PER_RANK * GROUP)
             whole.append(policy.generate(plain, embeds, part["attention_mask"], **kw, row_seeds=seeds[rows],
                                          decoder="dynamic")[0])
@@ -512,7 +514,7 @@ def scenario_static_decoding(env: Env) -> dict:
     counter = policy.text_decoder(model).register_forward_pre_hook(lambda m, a: calls.append(1))
     out = {}
     with torch.no_grad():
-        embeds = policy.prompt_embeddings(model, **env.local_batch)
+        embeds = policy.prompt_embeddings(model, **policy.embedding_inputs(env.local_batch))
         for decoder in ("dynamic", "static"):
             calls.clear()
             ids, logp = policy.generate(model, embeds, env.local_batch["attention_mask"], **kw,

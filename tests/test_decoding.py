@@ -11,7 +11,7 @@ import torch
 from conftest import both_families
 from grpo.rollout import SamplingSettings, sample_completions
 from models import decoding
-from models.policy import generate, prompt_embeddings, suppressed_token_ids, text_decoder
+from models.policy import embedding_inputs, generate, prompt_embeddings, suppressed_token_ids, text_decoder
 from models.sampling import row_seed
 
 pytestmark = both_families
@@ -73,7 +73,7 @@ def test_static_decoder_gives_the_dynamic_decoders_tokens_and_logprobs(tiny_mode
     """Over 6 seeds, with rows ending at spread lengths (some never): identical tokens, and
     sampler log-probs within 1e-5."""
     with torch.no_grad():
-        embeds = prompt_embeddings(tiny_model, **batch)  # [3, P, H]
+        embeds = prompt_embeddings(tiny_model, **embedding_inputs(batch))  # [3, P, H]
     mask = batch["attention_mask"]
     end_id = settings(tiny_processor)["end_token_ids"][0]
     sampling = {"greedy": dict(greedy=True), "sampled": dict(temperature=1.0),
@@ -95,7 +95,7 @@ def test_static_decoder_gives_the_dynamic_decoders_tokens_and_logprobs(tiny_mode
 def test_no_end_and_one_token(tiny_model, tiny_processor, batch):
     """Rows that never end (the full max_new_tokens), and max_new_tokens of 1 and 0."""
     with torch.no_grad():
-        embeds = prompt_embeddings(tiny_model, **batch)
+        embeds = prompt_embeddings(tiny_model, **embedding_inputs(batch))
     mask = batch["attention_mask"]
     seeds = torch.tensor([row_seed(9, i) for i in range(3 * G)])
     for T in (0, 1, 9):
@@ -109,7 +109,7 @@ def test_shared_generator_keeps_every_row(tiny_model, tiny_processor, batch):
     """With torch.multinomial and one generator a row's draw depends on the batch, so the static
     decoder keeps every row: the same draws as the dynamic loop from the same generator state."""
     with torch.no_grad():
-        embeds = prompt_embeddings(tiny_model, **batch)
+        embeds = prompt_embeddings(tiny_model, **embedding_inputs(batch))
     mask = batch["attention_mask"]
     end_id = settings(tiny_processor)["end_token_ids"][0]
     handle = ragged_ends(tiny_model, end_id, modulus=4)
@@ -150,7 +150,7 @@ def test_buffers_are_allocated_once_and_written_in_place(tiny_model, tiny_proces
 
     monkeypatch.setattr(decoding.StaticKVCache, "update", recording)
     with torch.no_grad():
-        embeds = prompt_embeddings(tiny_model, **batch)
+        embeds = prompt_embeddings(tiny_model, **embedding_inputs(batch))
     kw = settings(tiny_processor, max_new_tokens=8, group_size=G, suppress_token_ids=[
         *suppressed_token_ids(tiny_processor), *settings(tiny_processor)["end_token_ids"]])  # no row can end
     P = batch["input_ids"].shape[1]
@@ -167,7 +167,7 @@ def test_ended_rows_do_no_more_work(tiny_model, tiny_processor, batch):
     """The decoder's batch shrinks as rows end: the rows it runs over are the unfinished ones."""
     end_id = settings(tiny_processor)["end_token_ids"][0]
     with torch.no_grad():
-        embeds = prompt_embeddings(tiny_model, **batch)
+        embeds = prompt_embeddings(tiny_model, **embedding_inputs(batch))
     rows_per_step = []
     lm = text_decoder(tiny_model)
     hook = lm.register_forward_pre_hook(lambda m, args, kw: rows_per_step.append(kw["inputs_embeds"].shape[0]),
@@ -190,7 +190,7 @@ def test_g_copies_of_the_prompt_kv_give_the_same_as_one_per_group(tiny_model, ti
     """The static decoder with each prompt's KV repeated G times (no log-sum-exp combination)
     and with it once per group: both the dynamic loop's tokens and log-probs."""
     with torch.no_grad():
-        embeds = prompt_embeddings(tiny_model, **batch)
+        embeds = prompt_embeddings(tiny_model, **embedding_inputs(batch))
     mask = batch["attention_mask"]
     end_id = settings(tiny_processor)["end_token_ids"][0]
     for seed in range(3):

@@ -265,7 +265,7 @@ def test_single_process_sharding(single_process_group, tiny_checkpoint, tmp_path
     ids = torch.arange(10, 16)[None, :]
 
     def loss_and_grads(model):
-        embeds = policy.prompt_embeddings(model, **batch)
+        embeds = policy.prompt_embeddings(model, **policy.embedding_inputs(batch))
         logp = policy.completion_logprobs(model, embeds, batch["attention_mask"], ids)
         logp.sum().backward()
         grads = {}
@@ -287,7 +287,7 @@ def test_single_process_sharding(single_process_group, tiny_checkpoint, tmp_path
         torch.testing.assert_close(sharded(**inputs).logits, plain(**inputs).logits, atol=1e-5, rtol=0)
 
     with torch.no_grad(), D.gathered_params(sharded):
-        embeds = policy.prompt_embeddings(sharded, **batch)
+        embeds = policy.prompt_embeddings(sharded, **policy.embedding_inputs(batch))
         generated = policy.generate(sharded, embeds, batch["attention_mask"], max_new_tokens=4,
                                     end_token_ids=[0], pad_token_id=0, suppress_token_ids=[], greedy=True)
     assert generated.shape == (1, 4)

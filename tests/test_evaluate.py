@@ -81,7 +81,7 @@ def last_choice_model(monkeypatch, tiny):
                                                          end_token_ids=end_ids, pad_token_id=pad_id,
                                                          suppress_token_ids=[])
 
-    def fake_embeddings(model, input_ids, attention_mask, input_features, feature_attention_mask, **kwargs):
+    def fake_embeddings(model, input_ids, input_features, feature_attention_mask, **kwargs):
         return input_ids  # the "embeddings" are the ids, so generate can read the prompt back
 
     def fake_generate(model, embeds, mask, *, max_new_tokens, end_token_ids, pad_token_id, **kwargs):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import omni
-from models.policy import decoder_positions, position_ids_from_mask, prompt_embeddings
+from models.policy import decoder_positions, embedding_inputs, position_ids_from_mask, prompt_embeddings
 
 SR = 16000
 
@@ -85,5 +85,5 @@ def test_prompt_embeddings_equal_the_stock_forwards(thinker):
     decoder.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs["inputs_embeds"]), with_kwargs=True)
     with torch.no_grad():
         model(**batch)
-        ours = prompt_embeddings(model, **batch)
+        ours = prompt_embeddings(model, **embedding_inputs(batch))
     torch.testing.assert_close(ours, seen[0], atol=0, rtol=0)

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from conftest import both_families
 from models import omni
-from models.policy import (completion_logprobs, generate, group_logprobs, prompt_embeddings, set_trainable,
-                           suppressed_token_ids, text_decoder)
+from models.policy import (completion_logprobs, embedding_inputs, generate, group_logprobs, prompt_embeddings,
+                           set_trainable, suppressed_token_ids, text_decoder)
 from models.sampling import row_seed
 
 pytestmark = both_families  # every test here runs on the tiny Qwen2-Audio and the tiny Qwen2.5-Omni thinker
@@ -59,8 +59,7 @@ def reference_logprobs(model, batch, completion_ids, temperature):
 
 
 def policy_logprobs(model, batch, completion_ids, temperature, shared=False, **kw):
-    embeds = prompt_embeddings(model, batch["input_ids"], batch["attention_mask"], batch["input_features"],
-                               batch["feature_attention_mask"])
+    embeds = prompt_embeddings(model, batch["input_ids"], batch["input_features"], batch["feature_attention_mask"])
     if shared:  # each prompt once, its G completions packed after it
         return group_logprobs(model, embeds, batch["attention_mask"], completion_ids, temperature=temperature, **kw)
     return completion_logprobs(model, embeds.repeat_interleave(G, 0), batch["attention_mask"].repeat_interleave(G, 0),
@@ -93,7 +92,7 @@ def test_encoder_runs_once_per_clip(tiny_model, batch):
     calls = []
     tower = omni.audio_tower(tiny_model) if omni.is_omni(tiny_model) else tiny_model.model.audio_tower
     tower.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs)), with_kwargs=True)
-    prompt_embeddings(tiny_model, **batch)
+    prompt_embeddings(tiny_model, **embedding_inputs(batch))
     assert len(calls) == 1
     (args, kwargs), = calls
     if omni.is_omni(tiny_model):  # the clips' real frames, packed: B clips, not B * G
@@ -107,8 +106,7 @@ def test_audio_token_mismatch_is_a_clear_error(tiny_model, batch):
     ids = batch["input_ids"].clone()
     ids[0, -1] = tiny_model.config.audio_token_id  # one <|AUDIO|> too many
     with pytest.raises(ValueError, match="AUDIO"):
-        prompt_embeddings(tiny_model, ids, batch["attention_mask"], batch["input_features"],
-                          batch["feature_attention_mask"])
+        prompt_embeddings(tiny_model, ids, batch["input_features"], batch["feature_attention_mask"])
 
 
 def test_chunking_gives_identical_results_and_bounded_memory(tiny_model, tiny_processor, batch):
@@ -162,7 +160,7 @@ def test_suppressed_token_ids(tiny_processor):
 
 def gen_inputs(model, batch):
     with torch.no_grad():
-        embeds = prompt_embeddings(model, **batch)
+        embeds = prompt_embeddings(model, **embedding_inputs(batch))
     return embeds.repeat_interleave(G, 0), batch["attention_mask"].repeat_interleave(G, 0)
 
 
@@ -265,7 +263,7 @@ def test_the_sampler_logprobs_are_the_loss_logprobs_of_the_same_tokens(tiny_mode
     from models.policy import group_logprobs
 
     with torch.no_grad():
-        embeds = prompt_embeddings(tiny_model, **batch)  # [2, P, H]
+        embeds = prompt_embeddings(tiny_model, **embedding_inputs(batch))  # [2, P, H]
     mask = batch["attention_mask"]
     kw = gen_kwargs(tiny_processor, max_new_tokens=10, temperature=0.7, top_k=50, top_p=0.9)
     seeds = torch.tensor([row_seed(3, i) for i in range(2 * G)])

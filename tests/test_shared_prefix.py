@@ -8,8 +8,8 @@ import torch
 from conftest import FAMILIES, both_families
 from models import omni
 from models.loading import enable_activation_checkpointing, load_model, load_processor
-from models.policy import (audio_features, completion_logprobs, group_logprobs, kept_frames, prompt_embeddings,
-                           text_decoder)
+from models.policy import (audio_features, completion_logprobs, embedding_inputs, group_logprobs, kept_frames,
+                           prompt_embeddings, text_decoder)
 from models.tiny import build_tiny_checkpoint
 
 SR = 16000
@@ -58,13 +58,14 @@ def ragged_completions(processor, n_rows, T, seed=0):
 
 def per_row_logprobs(model, batch, ids, G, **kw):
     """Today's path: the full 30 s window, the prompt repeated G times through the decoder."""
-    embeds = prompt_embeddings(model, **batch, real_frames=False)
+    embeds = prompt_embeddings(model, **embedding_inputs(batch), real_frames=False)
     return completion_logprobs(model, embeds.repeat_interleave(G, 0), batch["attention_mask"].repeat_interleave(G, 0),
                                ids, **kw)
 
 
 def shared_logprobs(model, batch, ids, **kw):
-    return group_logprobs(model, prompt_embeddings(model, **batch), batch["attention_mask"], ids, **kw)
+    embeds = prompt_embeddings(model, **embedding_inputs(batch))  # [B, P, H]
+    return group_logprobs(model, embeds, batch["attention_mask"], ids, **kw)
 
 
 def parameter_groups(model):
@@ -181,7 +182,7 @@ def test_an_attention_without_4d_masks_falls_back_to_the_per_row_path(tiny_model
         (embeds.shape[0], mask.shape[0], ids.shape[0])) or "per-row")
     monkeypatch.setattr(text_decoder(tiny_model).config, "_attn_implementation", "flash_attention_2")
     with torch.no_grad():
-        embeds = prompt_embeddings(tiny_model, **batch)
+        embeds = prompt_embeddings(tiny_model, **embedding_inputs(batch))
         assert policy.group_logprobs(tiny_model, embeds, batch["attention_mask"], ids) == "per-row"
     assert calls == [(2 * G, 2 * G, 2 * G)]
 

@@ -342,7 +342,7 @@ def test_micro_batching_inside_the_trainer_does_not_change_the_gradient(world, t
     for micro in (4, 2, 1):
         optimizer = Capture(trainer.model.parameters(), lr=0.0)
         ctx = replace(trainer.context(), optimizer=optimizer,
-                      cfg=replace(cfg, algorithm=replace(cfg.algorithm, micro_batch_prompts=micro)))
+                      settings=replace(trainer.step_settings, micro_batch_prompts=micro))
         policy_update(ctx, trainer.counters, traj)
         grads[micro] = optimizer.captured
     assert grads[4] and any(g.abs().max() > 0 for g in grads[4].values())

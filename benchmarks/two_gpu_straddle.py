@@ -43,8 +43,9 @@ def prompts(processor, n: int) -> dict:
 
 
 def straddling_update(model_dir: str, device: str) -> dict:
-    from grpo.config import Config
-    from grpo.step import Counters, StepContext, Trajectory, policy_update
+    from grpo.config import Config, advantage_spec, correction_spec, loss_spec
+    from grpo.reference import NoReference
+    from grpo.step import Counters, StepContext, StepSettings, Trajectory, policy_update
     from models import policy
     from models.distributed import shard_model
     from models.loading import load_model, load_processor
@@ -60,8 +61,9 @@ def straddling_update(model_dir: str, device: str) -> dict:
     policy.set_trainable(model)
     model = shard_model(model, device=on)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    ctx = StepContext(cfg, model, None, optimizer, processor=None, sampling=None, stream=None, device=on,
-                      total_updates=2, rank=rank, world=world, fsdp=True)
+    ctx = StepContext(StepSettings.from_config(cfg), model, NoReference(), optimizer, processor=None, sampling=None,
+                      stream=None, device=on, total_updates=2, loss=loss_spec(cfg), advantage=advantage_spec(cfg),
+                      correction=correction_spec(cfg), rank=rank, world=world, fsdp=True)
     batch = {k: v.to(on) for k, v in prompts(load_processor(model_dir), PROMPTS_PER_RANK).items()}
     n = PROMPTS_PER_RANK * GROUP
     ids = torch.randint(10, 200, (n, COMPLETION_LEN), generator=torch.Generator().manual_seed(rank)).to(on)

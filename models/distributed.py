@@ -50,7 +50,7 @@ from torch.distributed.fsdp import (
 )
 
 from models.collectives import broadcast_object
-from models.loading import empty_model, load_model, save_checkpoint
+from models.loading import RowReader, empty_model, load_model, save_checkpoint
 from models.policy import audio_tower, text_decoder
 
 __all__ = [
@@ -535,8 +535,8 @@ def _fill_shards(model: nn.Module, sources: dict, device: torch.device) -> None:
     """Materialise a model sharded on the meta device: storage for every parameter and buffer
     on ``device`` (``to_empty``), the buffers computed at construction put back, then each
     DTensor's local rows (its Shard(0): global offset and local shape from its placements) and
-    each whole tensor read from the safetensors file ``sources`` names, in the parameter's dtype."""
-    from safetensors import safe_open
+    each whole tensor read from the safetensors file ``sources`` names (``models.loading.RowReader``:
+    file reads, no memory map), cast to the parameter's dtype."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -551,19 +551,18 @@ def _fill_shards(model: nn.Module, sources: dict, device: torch.device) -> None:
             if clean in sources:
                 targets.setdefault(sources[clean][1], []).append((sources[clean][0], t))
         for file, entries in targets.items():
-            with safe_open(file, framework="pt") as f:
+            with RowReader(file) as f:
                 for key, t in entries:
                     if isinstance(t, DTensor):
+                        if any(not p.is_shard(0) for p in t.placements if not p.is_replicate()):
+                            raise RuntimeError(f"{key}: placements {t.placements} are not Shard(0)")
                         local = t.to_local()
                         shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
                         if local.numel() == 0:
                             continue
-                        if any(not p.is_shard(0) for p in t.placements if not p.is_replicate()):
-                            raise RuntimeError(f"{key}: placements {t.placements} are not Shard(0)")
-                        rows = f.get_slice(key)[offset[0]:offset[0] + shape[0]]
-                        local.copy_(rows.to(local.dtype))
+                        local.copy_(f.rows(key, offset[0], offset[0] + shape[0]))
                     else:
-                        t.copy_(f.get_tensor(key).to(t.dtype))
+                        t.copy_(f.rows(key, 0, f.shape(key)[0] if f.shape(key) else 1))
 
 
 @contextlib.contextmanager

@@ -485,3 +485,45 @@ def empty_model(path, *, dtype=torch.float32, attn_implementation="sdpa"):
         if stored != shapes[name]:
             return None, f"{file}: {key} has shape {list(stored)}, the model's {name} {list(shapes[name])}"
     return model, sources
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+class RowReader:
+    """Rows ``[start, stop)`` of the tensors of one safetensors file, read with plain file reads
+    at their byte offsets: nothing is mapped into the process, so a rank that reads half of a
+    tensor holds half of it (``safe_open``'s memory map would count every page it touched)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        check_safetensors(self.path)
+        with open(self.path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            self.header = json.loads(f.read(n).decode("utf-8"))
+        self.data_start = 8 + n
+        self.file = open(self.path, "rb")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def shape(self, key) -> tuple:
+        return tuple(self.header[key]["shape"])
+
+    def rows(self, key, start: int, stop: int) -> torch.Tensor:
+        info = self.header[key]
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {info['dtype']}, which is not read by rows")
+        shape = info["shape"] or [1]
+        row_bytes = math.prod(shape[1:]) * _SAFETENSORS_DTYPE_BYTES[info["dtype"]]
+        out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        self.file.seek(self.data_start + info["data_offsets"][0] + start * row_bytes)
+        if self.file.readinto(out.numpy()) != out.numel():
+            raise CheckpointError(f"{self.path}: tensor {key!r} ends before its rows {start}:{stop}")
+        return out.view(dtype).reshape([stop - start, *shape[1:]] if info["shape"] else [])

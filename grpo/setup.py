@@ -20,7 +20,7 @@ from grpo.cli import same_on_every_rank, user_errors
 from grpo.config import Config, ConfigError
 from grpo.rundir import check_run_dir
 from models.collectives import broadcast_object
-from models.distributed import DistInfo, shard_model
+from models.distributed import DistInfo, load_sharded, shard_model
 from models.loading import CheckpointError, enable_activation_checkpointing, load_model, resolve_dtype
 from models.lora import apply_lora
 from models.policy import set_trainable
@@ -172,8 +172,23 @@ def load_policy_model(cfg: Config, device: torch.device, *, fsdp: bool, trainabl
     dtype = torch.float32 if fsdp else resolve_dtype(cfg.model.dtype, device)
     if trainable and not fsdp and not cfg.lora.enabled and dtype != torch.float32:
         raise ConfigError(refused_low_precision_training(cfg, dtype))
+    if fsdp and not (trainable and cfg.lora.enabled):
+        # each rank reads only its own shards: no full fp32 copy per process in host memory
+        return load_sharded(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
+                            prepare=lambda model: _prepare(model, cfg, trainable), **_shard_options(cfg, device, trainable))
+    # LoRA adds its adapters (random, seeded) to a loaded model, so that model is loaded whole
     model = load_model(cfg.model.path, dtype=dtype, device="cpu" if fsdp else device,
                        attn_implementation=cfg.model.attn_implementation)
+    _prepare(model, cfg, trainable)
+    if fsdp:
+        model = shard_model(model, **_shard_options(cfg, device, trainable))
+    elif cfg.distribution.activation_checkpointing and trainable:
+        enable_activation_checkpointing(model)
+    return model
+
+
+def _prepare(model, cfg: Config, trainable: bool) -> None:
+    """What trains (LoRA's adapters, or the parts model.train_* name) and the mode, before sharding."""
     if trainable and cfg.lora.enabled:  # only the adapters train; before sharding and checkpoint wrappers
         lo = cfg.lora
         apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets, seed=cfg.run.seed)
@@ -185,19 +200,15 @@ def load_policy_model(cfg: Config, device: torch.device, *, fsdp: bool, trainabl
     else:
         model.requires_grad_(False)
         model.eval()
-    if fsdp:
-        param_dtype = resolve_dtype(cfg.model.dtype, device)
-        model = shard_model(
-            model,
-            device=device,
-            param_dtype=None if param_dtype == torch.float32 else param_dtype,
-            cpu_offload=cfg.distribution.cpu_offload,
-            activation_checkpointing=cfg.distribution.activation_checkpointing and trainable,
-            reshard_after_forward=cfg.distribution.reshard_after_forward,
-        )
-    elif cfg.distribution.activation_checkpointing and trainable:
-        enable_activation_checkpointing(model)
-    return model
+
+
+def _shard_options(cfg: Config, device: torch.device, trainable: bool) -> dict:
+    """shard_model's options: fp32 master weights, compute in model.dtype."""
+    param_dtype = resolve_dtype(cfg.model.dtype, device)
+    return dict(device=device, param_dtype=None if param_dtype == torch.float32 else param_dtype,
+                cpu_offload=cfg.distribution.cpu_offload,
+                activation_checkpointing=cfg.distribution.activation_checkpointing and trainable,
+                reshard_after_forward=cfg.distribution.reshard_after_forward)
 
 
 @dataclass

@@ -50,7 +50,7 @@ from torch.distributed.fsdp import (
 )
 
 from models.collectives import broadcast_object
-from models.loading import save_checkpoint
+from models.loading import RowReader, empty_model, load_model, save_checkpoint
 from models.policy import audio_tower, text_decoder
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "get_rank",
     "shard_model",
     "is_sharded",
+    "load_sharded",
     "gathered_params",
     "full_state_dict",
     "export_checkpoint",
@@ -400,6 +401,7 @@ def shard_model(
     reshard_after_forward: bool = True,
     frozen: bool = False,
     grad_reduce: str = "mean",
+    fill=None,
 ) -> nn.Module:
     """Shard a model of either family (Qwen2-Audio, Qwen2.5-Omni's thinker) over all ranks with FSDP2, in place, and return it.
 
@@ -438,6 +440,9 @@ def shard_model(
         grad_reduce: ``"mean"`` (default, stock FSDP2): gradients are averaged over ranks,
             so each rank's loss (its share of the global batch loss) must be multiplied by
             ``world_size``. ``"sum"``: gradients are summed; no ``world_size`` factor.
+        fill: for a model built on the meta device (``load_sharded``): ``fill(model, device)``
+            materialises this rank's shards after ``fully_shard`` and before FSDP's
+            initialisation, which refuses meta parameters.
 
     Returns:
         The same ``model`` object, now an ``FSDPModule`` with DTensor parameters.
@@ -479,6 +484,10 @@ def shard_model(
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
 
+    if fill is not None:
+        fill(model, torch.device("cpu") if cpu_offload or device_type == "cpu"
+             else torch.device(device_type, torch.cuda.current_device()))
+
     # 6. FSDP2 makes the first unit to run forward the root of its own subtree. The policy
     #    calls submodules directly, so without this the audio tower, the embeddings and the
     #    language model would each become separate roots, and a later ``model(...)`` (e.g.
@@ -487,6 +496,73 @@ def shard_model(
     #    FSDP2 has no public lazy-init; ``_lazy_init`` is idempotent.)
     model._get_fsdp_state()._lazy_init()
     return model
+
+
+_FALLBACKS_LOGGED: set = set()
+
+
+def load_sharded(path, *, attn_implementation: str = "sdpa", prepare=None, **shard_kwargs) -> nn.Module:
+    """The fp32 model of a checkpoint directory, sharded by ``shard_model``, with each rank
+    reading only its own shards from the safetensors files (no rank ever holds a full copy).
+
+    Steps:
+        1. Build the model with its parameters on the meta device (``models.loading.empty_model``:
+           buffers such as rotary ``inv_freq`` are computed as usual).
+        2. ``prepare(model)`` (which parts train, eval mode), as on a loaded model.
+        3. ``shard_model(model, **shard_kwargs)``: the same FSDP units, the same DTensors,
+           still on the meta device; then ``_fill_shards`` gives each parameter its storage
+           (``to_empty``) and reads this rank's rows of its Shard(0) from the file.
+
+    A checkpoint whose tensor names or shapes are not the model's one to one is loaded whole by
+    ``models.loading.load_model`` and sharded after (the reason logged once per process); so is
+    everything when ``shard_kwargs`` asks for nothing this path cannot give.
+    """
+    model, sources = empty_model(path, dtype=torch.float32, attn_implementation=attn_implementation)
+    if model is None:
+        if sources not in _FALLBACKS_LOGGED and is_main_process():
+            print(f"loading {path} whole on every rank, then sharding: {sources}", flush=True)
+        _FALLBACKS_LOGGED.add(sources)
+        model = load_model(path, dtype=torch.float32, device="cpu", attn_implementation=attn_implementation)
+        if prepare is not None:
+            prepare(model)
+        return shard_model(model, **shard_kwargs)
+    if prepare is not None:
+        prepare(model)
+    return shard_model(model, fill=lambda m, device: _fill_shards(m, sources, device), **shard_kwargs)
+
+
+def _fill_shards(model: nn.Module, sources: dict, device: torch.device) -> None:
+    """Materialise a model sharded on the meta device: storage for every parameter and buffer
+    on ``device`` (``to_empty``), the buffers computed at construction put back, then each
+    DTensor's local rows (its Shard(0): global offset and local shape from its placements) and
+    each whole tensor read from the safetensors file ``sources`` names (``models.loading.RowReader``:
+    file reads, no memory map), cast to the parameter's dtype."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    built = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(built[name])
+        targets = {}
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            clean = _strip_wrapper_prefixes(name)
+            if clean in sources:
+                targets.setdefault(sources[clean][1], []).append((sources[clean][0], t))
+        for file, entries in targets.items():
+            with RowReader(file) as f:
+                for key, t in entries:
+                    if isinstance(t, DTensor):
+                        if any(not p.is_shard(0) for p in t.placements if not p.is_replicate()):
+                            raise RuntimeError(f"{key}: placements {t.placements} are not Shard(0)")
+                        local = t.to_local()
+                        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+                        if local.numel() == 0:
+                            continue
+                        local.copy_(f.rows(key, offset[0], offset[0] + shape[0]))
+                    else:
+                        t.copy_(f.rows(key, 0, f.shape(key)[0] if f.shape(key) else 1))
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ Weights are read from safetensors only (``use_safetensors=True``): a ``pytorch_m
 is a pickle, which can run code when loaded, so it is never read, even next to safetensors.
 """
 
+import contextlib
 import json
 import math
 import warnings
@@ -407,3 +408,122 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# --- a model without weights, for loading each rank's shards only -------------------------------
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter a module registers inside the block lives on the meta device (no memory,
+    no initialisation work: an init function on a meta tensor does nothing); buffers stay real,
+    so the ones computed in ``__init__`` (rotary ``inv_freq``, sinusoid tables) are right."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def weight_files(path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (single file or index), checked whole."""
+    path = Path(path)
+    check_weights(path)
+    if (path / WEIGHTS_NAME).is_file():
+        from safetensors import safe_open
+
+        with safe_open(path / WEIGHTS_NAME, framework="pt") as f:
+            return {k: path / WEIGHTS_NAME for k in f.keys()}
+    weight_map = read_json_file(path / WEIGHTS_INDEX_NAME, "weights index")["weight_map"]
+    return {k: path / v for k, v in weight_map.items()}
+
+
+def empty_model(path, *, dtype=torch.float32, attn_implementation="sdpa"):
+    """The model of a local checkpoint, as ``load_model`` builds it, with every parameter on
+    the meta device (buffers real), plus, for each state-dict entry, the name and file of the
+    tensor that holds it (``{state_key: (file_key, file)}``); or ``(None, reason)`` where the
+    checkpoint's names or shapes are not the model's one to one (``load_model`` then applies)."""
+    path = Path(path)
+    _require(path, "checkpoint directory")
+    family = model_type(path)
+    cls = FAMILIES[family]
+    files = weight_files(path)
+    whole = read_json_file(path / "config.json", "model config").get("model_type") == OMNI_WHOLE
+    config = _loading(path, "model config", lambda: AutoConfig.from_pretrained(path, local_files_only=True))
+    if whole:
+        config = config.thinker_config
+    with _parameters_on_meta():
+        model = _loading(path, "model", lambda: cls._from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation))
+    model.eval()  # as from_pretrained returns it
+    if (path / "generation_config.json").is_file():
+        model.generation_config = load_generation_config(path)
+
+    from safetensors import safe_open
+
+    sources, shapes = {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        hub = to_hub_key(name, family=family)
+        candidates = [f"thinker.{hub}", f"thinker.{name}"] if whole else [hub, name]
+        found = next((k for k in candidates if k in files), None)
+        if found is None:
+            if isinstance(tensor, torch.nn.Parameter) or tensor.device.type == "meta":
+                return None, f"{name} is not in {path}'s weights (looked for {candidates})"
+            continue  # a persistent buffer the file lacks keeps its computed value, as from_pretrained's
+        sources[name] = (found, files[found])
+        shapes[name] = tuple(tensor.shape)
+    for name, (key, file) in sources.items():
+        with safe_open(file, framework="pt") as f:
+            stored = tuple(f.get_slice(key).get_shape())
+        if stored != shapes[name]:
+            return None, f"{file}: {key} has shape {list(stored)}, the model's {name} {list(shapes[name])}"
+    return model, sources
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+class RowReader:
+    """Rows ``[start, stop)`` of the tensors of one safetensors file, read with plain file reads
+    at their byte offsets: nothing is mapped into the process, so a rank that reads half of a
+    tensor holds half of it (``safe_open``'s memory map would count every page it touched)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        check_safetensors(self.path)
+        with open(self.path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            self.header = json.loads(f.read(n).decode("utf-8"))
+        self.data_start = 8 + n
+        self.file = open(self.path, "rb")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def shape(self, key) -> tuple:
+        return tuple(self.header[key]["shape"])
+
+    def rows(self, key, start: int, stop: int) -> torch.Tensor:
+        info = self.header[key]
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {info['dtype']}, which is not read by rows")
+        shape = info["shape"] or [1]
+        row_bytes = math.prod(shape[1:]) * _SAFETENSORS_DTYPE_BYTES[info["dtype"]]
+        out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        self.file.seek(self.data_start + info["data_offsets"][0] + start * row_bytes)
+        if self.file.readinto(out.numpy()) != out.numel():
+            raise CheckpointError(f"{self.path}: tensor {key!r} ends before its rows {start}:{stop}")
+        return out.view(dtype).reshape([stop - start, *shape[1:]] if info["shape"] else [])

@@ -33,8 +33,10 @@ from models.distributed import (  # noqa: E402
     export_checkpoint,
     gathered_params,
     init_distributed,
+    load_sharded,
     shard_model,
 )
+from models import distributed as D  # noqa: E402
 from models.loading import end_token_ids, load_generation_config, load_model, load_processor  # noqa: E402
 
 PROMPTS_PER_RANK = 2
@@ -533,6 +535,40 @@ def scenario_static_decoding(env: Env) -> dict:
     return {"ranks": gathered}
 
 
+def scenario_meta_load(env: Env) -> dict:
+    """Built on the meta device, each rank reading only its shards from the file: the same
+    sharded model as loading it whole and sharding it, bit for bit (the gathered state dict,
+    each rank's local shards, the buffers, which parameters train), for the policy, the frozen
+    reference and the checkpoint-wrapped policy."""
+    variants = {"policy": dict(), "reference": dict(frozen=True),
+                "checkpointing": dict(activation_checkpointing=True)}
+    results = {}
+    for name, kwargs in variants.items():
+        old = shard_model(env.load(), **kwargs)
+        new = load_sharded(env.checkpoint, prepare=policy.set_trainable, **kwargs)
+        local = {}
+        for (n_old, p_old), (n_new, p_new) in zip(old.named_parameters(), new.named_parameters()):
+            local[n_old] = (n_old == n_new and p_old.requires_grad == p_new.requires_grad
+                            and isinstance(p_new, DTensor) and p_old.placements == p_new.placements
+                            and torch.equal(p_old.to_local(), p_new.to_local()))
+        buffers = {n: torch.equal(b_old, b_new) for (n, b_old), (_, b_new)
+                   in zip(old.named_buffers(), new.named_buffers())}
+        full_old, full_new = D.full_state_dict(old), D.full_state_dict(new)  # rank 0 only
+        every = [None] * env.world
+        dist.all_gather_object(every, {"local_unequal": [n for n, ok in local.items() if not ok],
+                                       "n_local": len(local), "buffers_unequal": [n for n, ok in buffers.items() if not ok],
+                                       "n_buffers": len(buffers), "meta_left": any(p.is_meta for p in new.parameters())})
+        results[name] = {
+            "ranks": every,
+            "same_keys": sorted(full_old) == sorted(full_new),
+            "full_unequal": [k for k in full_old if k not in full_new or not torch.equal(full_old[k], full_new[k])],
+            "n_full": len(full_old),
+            "training": [old.training, new.training],
+        }
+    results["fallbacks"] = sorted(D._FALLBACKS_LOGGED)
+    return results
+
+
 SCENARIOS = {
     "grads": scenario_grads,
     "reference": scenario_reference,
@@ -540,6 +576,7 @@ SCENARIOS = {
     "export": scenario_export,
     "static_decoding": scenario_static_decoding,
     "generation": scenario_generation,  # the one that could hang in decoding
+    "meta_load": scenario_meta_load,
     "update_straddle": scenario_update_straddle,  # last: the one that fails or hangs if the widths disagree
 }
 

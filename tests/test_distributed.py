@@ -410,3 +410,22 @@ def test_static_decoder_under_sharding_matches_the_dynamic_one_in_lockstep(two_r
     assert ranks[0]["forwards"] == ranks[1]["forwards"]  # lockstep
     assert ranks[0]["width"] == ranks[1]["width"]
     assert any(r["ended_rows"] for r in ranks)
+
+
+@pytest.mark.slow
+@both_families
+def test_meta_device_loading_gives_the_same_sharded_model_bit_for_bit(two_ranks):
+    """Built on the meta device and sharded, each rank reading only its own rows from the
+    safetensors file: every rank's local shards, buffers (rotary tables recomputed) and
+    trainable flags, and the gathered state dict, equal loading the whole model and sharding
+    it, for the policy, the frozen reference and the checkpoint-wrapped policy; no fallback."""
+    r = result(two_ranks, "meta_load")
+    assert r["fallbacks"] == []
+    for variant in ("policy", "reference", "checkpointing"):
+        v = r[variant]
+        assert v["same_keys"] and v["full_unequal"] == [] and v["n_full"] > 50, (variant, v)
+        assert v["training"][0] == v["training"][1], (variant, v)
+        for rank in v["ranks"]:
+            assert rank["local_unequal"] == [] and rank["n_local"] > 50, (variant, rank)
+            assert rank["buffers_unequal"] == [] and rank["n_buffers"] >= 2, (variant, rank)
+            assert not rank["meta_left"], (variant, rank)

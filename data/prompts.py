@@ -54,3 +54,21 @@ def answer_target(answer, template):
     if t == 2:
         return f"<answer>{answer}</answer>"
     return f"<think></think><answer>{answer}</answer>"
+
+
+def prompt_corpus(choices: dict, questions: dict) -> list[str]:
+    """Every string a prompt or answer of these tasks can contain, for training a tiny tokenizer:
+    each task's choice words, each question alone and under each template (with the full choice
+    list, in both orders), and each answer target. ``choices``/``questions``: task -> its words /
+    its question wordings."""
+    texts = ["You are a helpful assistant."]
+    for task, options in choices.items():
+        words = list(options)
+        texts += words
+        for q in questions[task]:
+            texts.append(q)
+            for template in TEMPLATES:
+                texts.append(format_prompt(q, words, template))
+                texts.append(format_prompt(q, words[::-1], template))
+        texts += [answer_target(w, t) for w in words for t in TEMPLATES]
+    return texts

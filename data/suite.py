@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from data.prompts import TEMPLATES, answer_target, format_prompt
+from data.prompts import prompt_corpus
 
 SAMPLING_RATE = 16000
 SPLITS = ("train", "test", "shifted")
@@ -337,17 +337,7 @@ def write_suite(out_dir, *, n, seed, split, skills=None, subtype="PCM_16"):
 
 def suite_corpus():
     """Every string a suite prompt or answer can contain, for training a tiny tokenizer."""
-    texts = ["You are a helpful assistant."]
-    for skill in SKILLS:
-        words = list(OPTIONS[skill])
-        texts += words
-        for q in QUESTIONS[skill]:
-            texts.append(q)
-            for template in TEMPLATES:
-                texts.append(format_prompt(q, words, template))
-                texts.append(format_prompt(q, words[::-1], template))
-        texts += [answer_target(w, t) for w in words for t in TEMPLATES]
-    return texts
+    return prompt_corpus({t: OPTIONS[t] for t in SKILLS}, QUESTIONS)
 
 
 def main(argv=None):

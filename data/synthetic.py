@@ -27,7 +27,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from data.prompts import TEMPLATES, answer_target, format_prompt
+from data.prompts import prompt_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -260,18 +260,7 @@ def generate_synthetic(out_dir, *, n, seed, tasks=None, difficulty="easy", clip_
 def synthetic_corpus():
     """Every string a synthetic prompt or answer can contain, for training a tiny tokenizer:
     each question under each template (with its full choice list), and each answer target."""
-    texts = ["You are a helpful assistant."]
-    for task in SYNTHETIC_TASKS:
-        words = list(CHOICES[task])
-        texts += words
-        for q in QUESTIONS[task]:
-            texts.append(q)
-            for template in TEMPLATES:
-                texts.append(format_prompt(q, words, template))
-                texts.append(format_prompt(q, words[::-1], template))
-        for w in words:
-            texts += [answer_target(w, t) for t in TEMPLATES]
-    return texts
+    return prompt_corpus({t: CHOICES[t] for t in SYNTHETIC_TASKS}, QUESTIONS)
 
 
 def main(argv=None):
